@@ -1,0 +1,143 @@
+"""The map step: where should a tile (or a tail) run?  Pure functions only.
+
+Placement is earliest-finish-time (EFT): a device's estimated finish for a
+tile is when its committed work ends plus the tile's transfer and compute
+time on it.  Placing a batch of tiles greedily by EFT, one at a time and
+charging each choice to the chosen device, hands every device a number of
+tiles proportional to its speed; that is MoDNN's capability-proportional
+split, obtained without computing the proportions explicitly, and it keeps
+working when a device is slowed or already busy.
+
+Every choice goes through :func:`objective`, a tuple, so ties break the same
+way on every run: earlier finish, then the faster device, then the smaller id.
+Finish times are rounded to the nanosecond in that tuple so float noise from
+summation order cannot flip a tie between identical devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from scheduler.model import DeviceInfo, FrameSpec, TileSpec
+
+K = TypeVar("K")
+
+_TIE_DIGITS = 9
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A device as placement sees it: profile, current slowdown, and the time
+    its already-committed work is estimated to end."""
+
+    info: DeviceInfo
+    speed: float = 1.0
+    ready_at: float = 0.0
+
+
+def transfer_s(nbytes: int, info: DeviceInfo) -> float:
+    """Seconds to move ``nbytes`` over the device's link, latency included."""
+    return nbytes / info.link_bps + info.latency_s
+
+
+def compute_s(flops: int, info: DeviceInfo, speed: float = 1.0) -> float:
+    """Seconds of arithmetic: ``flops / (gflops * 1e9 / speed)``."""
+    return flops * speed / (info.gflops * 1e9)
+
+
+def tile_cost_s(tile: TileSpec, info: DeviceInfo, speed: float = 1.0) -> float:
+    """Estimated wall time of one tile on a device that starts it right away."""
+    return transfer_s(tile.in_bytes, info) + compute_s(tile.flops, info, speed) + info.tile_overhead_s
+
+
+def tail_cost_s(frame: FrameSpec, info: DeviceInfo, speed: float = 1.0) -> float:
+    """Estimated wall time of a frame's tail on a device."""
+    return (
+        transfer_s(frame.tail_in_bytes, info)
+        + compute_s(frame.tail_flops, info, speed)
+        + info.tile_overhead_s
+    )
+
+
+def effective_gflops(info: DeviceInfo, speed: float = 1.0) -> float:
+    """The rate the device delivers now, given its slowdown factor."""
+    return info.gflops / speed
+
+
+def fits(info: DeviceInfo, need_bytes: int) -> bool:
+    """Could the device hold ``need_bytes`` if it ran nothing else?"""
+    return need_bytes <= info.memory_bytes
+
+
+def finish_time(tile: TileSpec, cand: Candidate) -> float:
+    """EFT of ``tile`` on ``cand``."""
+    return cand.ready_at + tile_cost_s(tile, cand.info, cand.speed)
+
+
+def objective(finish: float, cand: Candidate) -> tuple[float, float, str]:
+    """Sort key for placement: earliest finish, fastest device, smallest id."""
+    return (round(finish, _TIE_DIGITS), -effective_gflops(cand.info, cand.speed), cand.info.id)
+
+
+def best_device(
+    tile: TileSpec, need_bytes: int, candidates: Iterable[Candidate]
+) -> tuple[Candidate, float] | None:
+    """The candidate with the best objective among those whose memory could
+    ever hold the tile, with its finish time; ``None`` when none can."""
+    best: tuple[tuple[float, float, str], Candidate, float] | None = None
+    for cand in candidates:
+        if not fits(cand.info, need_bytes):
+            continue
+        finish = finish_time(tile, cand)
+        key = objective(finish, cand)
+        if best is None or key < best[0]:
+            best = (key, cand, finish)
+    return None if best is None else (best[1], best[2])
+
+
+def plan_greedy(
+    items: Sequence[tuple[K, TileSpec, int]],
+    candidates: Mapping[str, Candidate],
+) -> tuple[list[tuple[K, str | None]], dict[str, Candidate]]:
+    """Place ``(key, tile, need_bytes)`` items in order, each on its EFT device.
+
+    Returns the choices (``None`` where no device can hold the item) and the
+    candidates with their ``ready_at`` advanced by what was placed, so a
+    caller can keep planning from there.
+    """
+    current = dict(candidates)
+    choices: list[tuple[K, str | None]] = []
+    for key, tile, need in items:
+        found = best_device(tile, need, current.values())
+        if found is None:
+            choices.append((key, None))
+            continue
+        cand, finish = found
+        current[cand.info.id] = replace(cand, ready_at=finish)
+        choices.append((key, cand.info.id))
+    return choices, current
+
+
+def tail_preference(cand: Candidate) -> tuple[bool, float, str]:
+    """Sort key for the tail: a GPU first, then the fastest now, then the id.
+
+    The tail is one dense, sequential piece of work, so raw device speed
+    matters more than queue length here.
+    """
+    return (not cand.info.gpu, -effective_gflops(cand.info, cand.speed), cand.info.id)
+
+
+def choose_tail_device(need_bytes: int, candidates: Iterable[tuple[Candidate, int]]) -> str | None:
+    """Best device for a tail among ``(candidate, free_bytes_now)`` pairs whose
+    free memory holds ``need_bytes``; ``None`` when none has room now."""
+    usable = [cand for cand, free in candidates if need_bytes <= free]
+    if not usable:
+        return None
+    return min(usable, key=tail_preference).info.id
+
+
+def largest_budget(infos: Iterable[DeviceInfo]) -> int:
+    """The largest memory budget among ``infos`` (0 when there are none)."""
+    return max((info.memory_bytes for info in infos), default=0)

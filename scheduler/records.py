@@ -1,0 +1,212 @@
+"""The state machine's mutable bookkeeping: one record per tile, frame, device.
+
+These records are private to :class:`~scheduler.state.Scheduler`; the shell
+only ever sees the frozen :class:`DeviceStats` snapshot.  Memory accounting
+lives on :class:`DeviceRecord` because it is the one number that must never
+drift: the scheduler's promise is that a device is never asked to hold more
+than its budget, and :mod:`scheduler.invariants` recomputes it from scratch
+to check the incremental bookkeeping here.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Literal
+
+from scheduler.model import DeviceInfo, FrameSpec, TileKey, TileRef, TileSpec
+
+TileState = Literal["waiting", "planned", "in_flight", "done"]
+"""waiting on deps -> planned on a device -> in flight (dispatched) -> done."""
+
+FrameStatus = Literal["active", "completed", "failed"]
+TailState = Literal["blocked", "pending", "running", "done"]
+"""blocked on tiles -> pending (no device has room yet) -> running -> done."""
+
+Priority = tuple[int, int, int]
+"""``(frame submission order, stage, index)``: older frames run first."""
+
+WeightKey = tuple[str, int]
+"""``(model, stage)``: weights shared by every frame of one deployment."""
+
+
+@dataclass(slots=True)
+class TileRecord:
+    """Where one tile stands.  ``device`` is set while planned or in flight,
+    and names the device whose result was accepted once done."""
+
+    key: TileKey
+    spec: TileSpec
+    weight_key: WeightKey
+    weights: int
+    priority: Priority
+    missing: set[TileRef]
+    dependents: list[TileRef] = field(default_factory=list)
+    state: TileState = "waiting"
+    device: str | None = None
+    retries: int = 0
+
+    @property
+    def need_bytes(self) -> int:
+        """Memory on an otherwise idle device: stage weights + peak."""
+        return self.weights + self.spec.peak_bytes
+
+
+@dataclass(slots=True)
+class FrameRecord:
+    """One frame: its tiles, per-stage progress, the tail, and how it ended."""
+
+    spec: FrameSpec
+    seq: int
+    submitted_t: float
+    tiles: dict[TileRef, TileRecord]
+    left_in_stage: dict[int, int]
+    stitched: list[int] = field(default_factory=list)
+    status: FrameStatus = "active"
+    reason: str = ""
+    tail: TailState = "blocked"
+    tail_device: str | None = None
+    tail_retries: int = 0
+    ended_t: float | None = None
+
+    @property
+    def frame_id(self) -> int:
+        return self.spec.frame_id
+
+
+@dataclass(slots=True)
+class DeviceRecord:
+    """A device, its queues and its memory in use.
+
+    ``in_flight`` is in dispatch order and its first tile is the one taken to
+    be running (devices run tiles first in, first out); ``planned`` is the
+    scheduler's own queue for the device, sorted by priority, and is the only
+    thing stealing may move.
+    """
+
+    info: DeviceInfo
+    alive: bool = True
+    speed: float = 1.0
+    in_flight: list[TileKey] = field(default_factory=list)
+    running_since: float = 0.0
+    planned: list[tuple[Priority, TileKey]] = field(default_factory=list)
+    tails: dict[int, int] = field(default_factory=dict)
+    weight_refs: dict[WeightKey, list[int]] = field(default_factory=dict)
+    peak_bytes: int = 0
+    # counters for DeviceStats
+    tiles_done: int = 0
+    tails_done: int = 0
+    busy_s: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    steals: int = 0
+    stolen_from: int = 0
+    retries: int = 0
+    failures: int = 0
+    cancelled: int = 0
+    requeued: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    # ----------------------------------------------------------- planned queue
+
+    def plan(self, priority: Priority, key: TileKey) -> None:
+        bisect.insort(self.planned, (priority, key))
+
+    def unplan(self, key: TileKey) -> None:
+        for i, (_, k) in enumerate(self.planned):
+            if k == key:
+                del self.planned[i]
+                return
+        raise KeyError(key)
+
+    def planned_keys(self) -> list[TileKey]:
+        return [k for _, k in self.planned]
+
+    # ------------------------------------------------------------------ memory
+
+    def weights_in_use(self) -> int:
+        return sum(max(refs) for refs in self.weight_refs.values() if refs)
+
+    def memory_in_use(self) -> int:
+        """Weights of every stage with a tile in flight (once each), plus the
+        peaks of the tiles in flight, plus running tails' reservations."""
+        return self.weights_in_use() + self.peak_bytes + sum(self.tails.values())
+
+    def extra_bytes_for(self, tile: TileRecord) -> int:
+        """How much ``memory_in_use`` would grow if ``tile`` were dispatched."""
+        refs = self.weight_refs.get(tile.weight_key)
+        held = max(refs) if refs else 0
+        return tile.spec.peak_bytes + max(0, tile.weights - held)
+
+    def has_room_for(self, tile: TileRecord) -> bool:
+        return self.memory_in_use() + self.extra_bytes_for(tile) <= self.info.memory_bytes
+
+    def reserve(self, tile: TileRecord) -> None:
+        self.weight_refs.setdefault(tile.weight_key, []).append(tile.weights)
+        self.peak_bytes += tile.spec.peak_bytes
+
+    def release(self, tile: TileRecord) -> None:
+        refs = self.weight_refs[tile.weight_key]
+        refs.remove(tile.weights)
+        if not refs:
+            del self.weight_refs[tile.weight_key]
+        self.peak_bytes -= tile.spec.peak_bytes
+
+    def free_bytes(self) -> int:
+        return self.info.memory_bytes - self.memory_in_use()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    """Per-device counters for the shell's dashboards and the benchmarks.
+
+    ``busy_s`` sums the ``compute_s`` the shell reported in accepted results;
+    ``steals`` counts tiles this device took from others, ``stolen_from``
+    tiles others took from it; ``retries`` counts failures here that were
+    re-run, ``failures`` all failures reported here; ``requeued`` counts
+    tiles moved away when it was lost or slowed; ``cancelled`` counts Cancel
+    instructions sent to it.
+    """
+
+    device_id: str
+    alive: bool
+    speed: float
+    tiles_done: int
+    tails_done: int
+    busy_s: float
+    bytes_in: int
+    bytes_out: int
+    steals: int
+    stolen_from: int
+    retries: int
+    failures: int
+    cancelled: int
+    requeued: int
+    in_flight: int
+    planned: int
+    memory_in_use: int
+
+    @classmethod
+    def of(cls, dev: DeviceRecord) -> DeviceStats:
+        return cls(
+            device_id=dev.id,
+            alive=dev.alive,
+            speed=dev.speed,
+            tiles_done=dev.tiles_done,
+            tails_done=dev.tails_done,
+            busy_s=dev.busy_s,
+            bytes_in=dev.bytes_in,
+            bytes_out=dev.bytes_out,
+            steals=dev.steals,
+            stolen_from=dev.stolen_from,
+            retries=dev.retries,
+            failures=dev.failures,
+            cancelled=dev.cancelled,
+            requeued=dev.requeued,
+            in_flight=len(dev.in_flight),
+            planned=len(dev.planned),
+            memory_in_use=dev.memory_in_use(),
+        )

@@ -1,0 +1,23 @@
+"""Typed errors of the tiling core: each says what was wrong and what is accepted."""
+
+from __future__ import annotations
+
+
+class TilingError(ValueError):
+    """Base of every error the tiling core raises on bad input."""
+
+
+class GridError(TilingError):
+    """A grid, weights or cuts that do not describe a partition of the output."""
+
+
+class InputMismatch(TilingError):
+    """A frame whose type, rank, channels, size or dtype differ from the plan's example."""
+
+
+class NotTileable(TilingError):
+    """A model (or ``upto=``/``stages=``) that leaves nothing to fuse into tiles."""
+
+
+class TraceFailure(TilingError):
+    """``torch.fx`` could not trace the model, even with untraceable submodules made leaves."""

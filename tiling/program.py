@@ -1,0 +1,206 @@
+"""Run one fused stage on one tile, from the cropped inputs only.
+
+A :class:`StageProgram` is an ``nn.Module`` holding exactly the weights of its stage (so ``.to()``
+moves them and pickling ships only them) and a list of :class:`OpSpec`. Window ops run with
+padding 0 on an input that the executor has cropped and, only where the window crosses the true
+image border, padded with the op's own fill value: zeros for convolution, minus infinity for max
+pooling, zeros plus whole-image divisors for average pooling. A cut never pads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .geometry import Box, need_box
+from .ops import Const, OpSpec, Ref
+from .regions import TileGeometry
+
+Value = tuple[torch.Tensor, Box]
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")
+
+
+class StageProgram(nn.Module):
+    """The weights and ops of one fused stage."""
+
+    def __init__(self, specs: Sequence[OpSpec], modules: Mapping[str, nn.Module],
+                 constants: Mapping[str, torch.Tensor], inputs: Sequence[str],
+                 input_hw: Mapping[str, tuple[int, int]]) -> None:
+        super().__init__()
+        self.specs = list(specs)
+        self.order = [s.name for s in self.specs]
+        self.stage_inputs = list(inputs)
+        self.input_hw = dict(input_hw)
+        self.mods = nn.ModuleDict({_key(k): v for k, v in modules.items()})
+        self._const_keys: dict[str, str] = {}
+        for i, (k, v) in enumerate(constants.items()):
+            self.register_buffer(f"const_{i}", v.detach().clone() if isinstance(v, torch.Tensor) else v)
+            self._const_keys[k] = f"const_{i}"
+        self._divisors: dict[tuple[str, int], torch.Tensor] = {}
+
+    # --- accounting helpers -----------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for t in [*self.parameters(), *self.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    # --- execution ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_tile(self, geo: TileGeometry, inputs: Mapping[str, torch.Tensor],
+                 pieces: Mapping[str, Sequence[tuple[Box, torch.Tensor]]] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        """Outputs of the tile (one tensor per stage output) and the pieces it hands to neighbours.
+
+        ``inputs`` hold exactly each stage input's ``geo.in_boxes`` region; ``pieces`` the reuse
+        pieces listed in ``geo.pieces_in``, by node.
+        """
+        values: dict[str, Value] = {}
+        for name in self.stage_inputs:
+            box = geo.in_boxes[name]
+            t = inputs[name]
+            if tuple(t.shape[-2:]) != (box.height, box.width):
+                raise ValueError(f"input '{name}' covers {tuple(t.shape[-2:])}, the tile needs {box} "
+                                 f"({box.height}x{box.width})")
+            values[name] = (t, box)
+        pieces = pieces or {}
+        for spec in self.specs:
+            comp, need = geo.compute[spec.name], geo.need[spec.name]
+            got = pieces.get(spec.name, ())
+            if need.empty:
+                continue
+            out = self._run_op(spec, comp, values) if not comp.empty else None
+            if got or (out is not None and comp != need):
+                out = self._assemble(spec, need, comp, out, got, values)
+                values[spec.name] = (out, need)
+            else:
+                assert out is not None
+                values[spec.name] = (out, comp)
+        outs = {o: _crop(values[o], b) for o, b in geo.out_boxes.items()}
+        exported = [_crop(values[p.node], p.box) for p in geo.pieces_out]
+        return outs, exported
+
+    def _assemble(self, spec: OpSpec, need: Box, comp: Box, out: torch.Tensor | None,
+                  got: Sequence[tuple[Box, torch.Tensor]], values: Mapping[str, Value]) -> torch.Tensor:
+        ref = out if out is not None else got[0][1]
+        full = ref.new_empty((ref.shape[0], ref.shape[1], need.height, need.width))
+        if out is not None:
+            hs, ws = comp.relative_to(need)
+            full[:, :, hs, ws] = out
+        for box, t in got:
+            hs, ws = box.relative_to(need)
+            full[:, :, hs, ws] = t
+        return full
+
+    def _run_op(self, spec: OpSpec, comp: Box, values: Mapping[str, Value]) -> torch.Tensor:
+        kind = spec.kind
+        if kind in ("conv", "maxpool", "avgpool", "pad"):
+            x = self._window_input(spec, comp, values[spec.inputs[0]])
+            if kind == "pad":
+                return x
+            if kind == "maxpool":
+                p = spec.params
+                return F.max_pool2d(x, p["kernel"], p["stride"], 0, p["dilation"])
+            if kind == "avgpool":
+                return self._avgpool(spec, comp, x)
+            return self._conv(spec, x)
+        if kind == "upsample":
+            return self._upsample(spec, comp, values[spec.inputs[0]])
+        return self._call(spec, comp, values)
+
+    def _window_input(self, spec: OpSpec, comp: Box, value: Value) -> torch.Tensor:
+        t, box = value
+        want = need_box(spec.maps, comp)
+        ih, iw = spec.in_hw
+        have = want.clip(ih, iw)
+        x = _crop(value, have)
+        pads = (have.w0 - want.w0, want.w1 - have.w1, have.h0 - want.h0, want.h1 - have.h1)
+        if any(pads):
+            x = F.pad(x, pads, value=spec.fill)
+        return x
+
+    def _conv(self, spec: OpSpec, x: torch.Tensor) -> torch.Tensor:
+        p = spec.params
+        if spec.how == "module":
+            mod = self.mods[_key(spec.target)]
+            w, b = mod.weight, mod.bias
+        else:
+            w = self._const(p["weight"])
+            b = self._const(p["bias"]) if p.get("bias") is not None else None
+        return F.conv2d(x, w, b, p["stride"], 0, p["dilation"], p["groups"])
+
+    def _avgpool(self, spec: OpSpec, comp: Box, x: torch.Tensor) -> torch.Tensor:
+        p = spec.params
+        total = F.avg_pool2d(x, p["kernel"], p["stride"], 0, False, True, 1)
+        if p["divisor_override"]:
+            return total / p["divisor_override"]
+        dh = _divisors(comp.h0, comp.h1, spec.in_hw[0], p["kernel"][0], p["stride"][0], p["padding"][0],
+                       p["count_include_pad"])
+        dw = _divisors(comp.w0, comp.w1, spec.in_hw[1], p["kernel"][1], p["stride"][1], p["padding"][1],
+                       p["count_include_pad"])
+        div = torch.tensor(dh, dtype=x.dtype, device=x.device)[:, None] * torch.tensor(
+            dw, dtype=x.dtype, device=x.device)[None, :]
+        return total / div
+
+    def _upsample(self, spec: OpSpec, comp: Box, value: Value) -> torch.Tensor:
+        want = need_box(spec.maps, comp)
+        x = _crop(value, want)
+        fh, fw = spec.params["factor"]
+        x = x.repeat_interleave(fh, dim=2).repeat_interleave(fw, dim=3)
+        h0, w0 = comp.h0 - want.h0 * fh, comp.w0 - want.w0 * fw
+        return x[:, :, h0:h0 + comp.height, w0:w0 + comp.width]
+
+    def _call(self, spec: OpSpec, comp: Box, values: Mapping[str, Value]) -> torch.Tensor:
+        def resolve(a: Any) -> Any:
+            if isinstance(a, Ref):
+                return _crop(values[a.name], comp)
+            if isinstance(a, Const):
+                return self._const(a)
+            if isinstance(a, (list, tuple)) and not isinstance(a, torch.Size):
+                return type(a)(resolve(v) for v in a)
+            if isinstance(a, dict):
+                return {k: resolve(v) for k, v in a.items()}
+            return a
+
+        if spec.how == "module":
+            return self.mods[_key(spec.target)](*(resolve(a) for a in spec.args), **resolve(spec.kwargs))
+        args = [resolve(a) for a in spec.args]
+        kwargs = resolve(spec.kwargs)
+        if spec.how == "method":
+            return getattr(args[0], spec.target)(*args[1:], **kwargs)
+        return spec.target(*args, **kwargs)
+
+    def _const(self, c: Const) -> torch.Tensor:
+        return getattr(self, self._const_keys[c.name])
+
+
+def _crop(value: Value, want: Box) -> torch.Tensor:
+    t, box = value
+    if not box.contains(want):
+        raise AssertionError(f"region {want} is not inside the available {box}")  # pragma: no cover
+    hs, ws = want.relative_to(box)
+    return t[:, :, hs, ws]
+
+
+def _divisors(o0: int, o1: int, size: int, k: int, s: int, p: int, include_pad: bool) -> list[float]:
+    """Average-pool divisors of outputs ``o0..o1`` from whole-image coordinates (PyTorch's rule)."""
+    out = []
+    for o in range(o0, o1):
+        start = o * s - p
+        end = min(start + k, size + p)
+        if include_pad:
+            out.append(float(end - start))
+        else:
+            out.append(float(min(end, size) - max(start, 0)))
+    return out

@@ -1,0 +1,57 @@
+"""Readable tables of plans: what was fused, where fusion stopped, what tiles cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+MIB = 2**20
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain aligned text table (numbers right-aligned)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def fmt(r: Sequence[str], numeric: Sequence[bool]) -> str:
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric))
+
+    numeric = [all(_isnum(r[i]) for r in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
+    lines = [fmt(cells[0], numeric), "  ".join("-" * w for w in widths)]
+    lines += [fmt(r, numeric) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def _isnum(s: str) -> bool:
+    try:
+        float(s.rstrip("%x").replace(",", "").lstrip("+"))
+        return True
+    except ValueError:
+        return False
+
+
+def plan_table(plan: Plan) -> str:
+    rows = []
+    for s in plan.stages:
+        lo, hi = s.layers
+        c, h, w = s.shapes[s.reference]
+        rows.append([
+            s.index, f"{lo}-{hi - 1}", f"{s.grid[0]}x{s.grid[1]}", len(s.tiles), f"{c}x{h}x{w}",
+            f"{s.untiled_flops / 1e9:.2f}", f"{s.redundancy * 100:+.1f}%",
+            f"{max(t.peak_bytes for t in s.tiles) / MIB:.1f}",
+            f"{sum(t.in_bytes for t in s.tiles) / MIB:.1f}",
+            f"{s.weight_bytes / MIB:.1f}",
+        ])
+    out = table(["stage", "layers", "grid", "tiles", "output", "GFLOP", "redundancy", "worst peak MiB",
+                 "input sent MiB", "weights MiB"], rows)
+    stop = plan.stop
+    out += f"\nwhole plan: redundancy {plan.redundancy * 100:+.1f}%, " \
+           f"{len(plan.tail.nodes)} tail node(s) run whole"
+    if stop is not None:
+        out += f"\nfusion stops at {stop}"
+    if plan.leaves:
+        out += f"\nuntraceable submodules kept whole: {', '.join(plan.leaves)}"
+    return out

@@ -1,0 +1,108 @@
+"""Trace a model once, with shapes, robust to untraceable submodules.
+
+``torch.fx`` fails on data-dependent control flow or numpy calls. Rather than give up, a submodule
+whose ``forward`` cannot be traced becomes a leaf (one opaque node, so it ends fusion and runs in the
+tail), and tracing is retried. Only when the root's own ``forward`` is untraceable do we raise, naming
+the source line and pointing at ``upto=`` or ``leaf_modules=``.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections.abc import Iterable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceFailure
+
+MAX_LEAF_RETRIES = 32
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[str], leaf_types: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaves or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def eval_copy(model: nn.Module) -> nn.Module:
+    """A private eval-mode copy with in-place activations switched off.
+
+    In-place ops would write through the views that tiles crop out of shared intermediate results;
+    switching them off changes no value.
+    """
+    m = copy.deepcopy(model).eval()
+    for sub in m.modules():
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+    return m
+
+
+def trace(
+    model: nn.Module,
+    example: torch.Tensor,
+    leaf_modules: Iterable[str | type[nn.Module]] = (),
+) -> tuple[fx.GraphModule, list[str]]:
+    """Trace ``model`` (already an eval copy) and attach shapes to every node.
+
+    Returns the graph module and the qualified names of submodules that had to become leaves.
+    """
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    types = tuple(m for m in leaf_modules if isinstance(m, type))
+    auto: list[str] = []
+    by_id = {id(m): n for n, m in model.named_modules()}
+    for _ in range(MAX_LEAF_RETRIES):
+        tracer = _LeafTracer(names | set(auto), types)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as e:  # noqa: BLE001 - any trace failure is handled the same way
+            culprit = _innermost_submodule(e, by_id)
+            if culprit is None or culprit in auto:
+                raise TraceFailure(_trace_message(e)) from e
+            auto.append(culprit)
+    else:
+        raise TraceFailure(f"tracing still fails after making {len(auto)} submodules leaves: {auto}")
+    gm = fx.GraphModule(model, graph)
+    try:
+        ShapeProp(gm).propagate(example)
+    except Exception as e:  # noqa: BLE001
+        raise TraceFailure(
+            f"running the traced model on the example failed ({type(e).__name__}: {e}); "
+            f"check that the example has the shape the model expects"
+        ) from e
+    return gm, auto
+
+
+def _innermost_submodule(err: BaseException, by_id: dict[int, str]) -> str | None:
+    """Qualified name of the deepest non-root submodule whose ``forward`` is on the failing stack."""
+    found: str | None = None
+    tb = err.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        me = frame.f_locals.get("self")
+        if me is not None and frame.f_code.co_name == "forward":
+            name = by_id.get(id(me))
+            if name:  # '' is the root
+                found = name
+        tb = tb.tb_next
+    return found
+
+
+def _trace_message(err: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "torch/fx" not in f.filename
+              and "torch/nn/modules/module.py" not in f.filename]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    return (
+        f"torch.fx cannot trace the model's own forward{where} ({type(err).__name__}: {err}). "
+        f"Move the untraceable code into a submodule (it then runs whole in the tail), pass "
+        f"leaf_modules=[...] to keep a submodule opaque, or use upto= to stop fusion before it."
+    )
