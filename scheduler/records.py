@@ -16,8 +16,9 @@ from typing import Literal
 
 from scheduler.model import DeviceInfo, FrameSpec, TileKey, TileRef, TileSpec
 
-TileState = Literal["waiting", "planned", "in_flight", "done"]
-"""waiting on deps -> planned on a device -> in flight (dispatched) -> done."""
+TileState = Literal["waiting", "planned", "in_flight", "done", "dropped"]
+"""waiting on deps -> planned on a device -> in flight (dispatched) -> done;
+``dropped`` once its frame has failed and nothing of it runs any more."""
 
 FrameStatus = Literal["active", "completed", "failed"]
 TailState = Literal["blocked", "pending", "running", "done"]

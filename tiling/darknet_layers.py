@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ __all__ = [
     "Softmax",
     "Upsample",
     "YoloHead",
+    "build_uninitialised",
     "calibrate_",
     "make_activation",
     "seeded_init_",
@@ -324,6 +326,26 @@ _AFFINE_TYPES = (nn.Conv2d, nn.Linear)
 _LOG_STEPS = 16  # calibrated scales are rounded to 2^(k/16): see calibrate_
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_uninitialised(factory: Callable[[], M]) -> M:
+    """Construct a module without PyTorch's default initialisation, ready for :func:`seeded_init_`.
+
+    Default init of a large model (VGG-16's 138 M parameters) costs about a second and is thrown away
+    anyway; building on the meta device and materialising empty storage skips it.  Integer buffers
+    (BN's ``num_batches_tracked``) are zeroed; every float tensor must then be written by the caller.
+    """
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device="cpu")
+    with torch.no_grad():
+        for buf in module.buffers():
+            if not buf.is_floating_point():
+                buf.zero_()
+    return module
+
+
 def seeded_init_(
     model: nn.Module, seed: int, calibration_shape: Sequence[int] | None = None
 ) -> nn.Module:
@@ -340,6 +362,10 @@ def seeded_init_(
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for m in model.modules():
+            own = [t for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t.is_floating_point()]
+            if own and not isinstance(m, (*_AFFINE_TYPES, *_BN_TYPES)):
+                # Refuse rather than leave uninitialised (possibly empty) storage behind.
+                raise TypeError(f"seeded_init_ does not know how to initialise {type(m).__name__}")
             if isinstance(m, _AFFINE_TYPES):
                 fan_in = m.weight[0].numel()
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in))

@@ -77,7 +77,7 @@ def analyze(gm: fx.GraphModule, upto: int | str | None = None) -> Fusion:
     fusion = Fusion(gm, x.name, specs, layer_of, layers, stops, users)
     if upto is not None:
         fusion = _truncate(fusion, _layer_index(fusion, upto, "upto"))
-    if not any(s.kind != "pad" for s in fusion.specs.values()):
+    if not fusion.specs:
         why = "; ".join(str(s) for s in fusion.stops[:3]) or "no op reads the input"
         raise NotTileable(f"nothing in the model is spatially local, so there is nothing to tile ({why})")
     return fusion
@@ -114,7 +114,8 @@ def _number_layers(specs: dict[str, OpSpec], input_name: str,
 
 
 def _layer_index(fusion: Fusion, at: int | str, what: str) -> int:
-    """A layer boundary given as a layer index or as the name of a node or module in that layer."""
+    """A layer boundary: an index (the first layer after it), or a node or module name (the boundary
+    falls after the layer that holds it, so ``upto="layers.15"`` fuses through layer 15)."""
     n = len(fusion.layers)
     if isinstance(at, bool) or not isinstance(at, (int, str)):
         raise NotTileable(f"{what} must be a layer index or a node/module name, got {at!r}")
@@ -122,7 +123,8 @@ def _layer_index(fusion: Fusion, at: int | str, what: str) -> int:
         if not 0 <= at <= n:
             raise NotTileable(f"{what}={at} is outside the {n} fusible layers (0..{n})")
         return at
-    hits = [fusion.layer_of[nm] for nm in fusion.specs if nm == at or _module_path(fusion, nm).startswith(at)]
+    hits = [fusion.layer_of[nm] for nm in fusion.specs
+            if nm == at or _module_path(fusion, nm) == at or _module_path(fusion, nm).startswith(at + ".")]
     if not hits:
         known = ", ".join(f"{layer.index}:{layer.anchor}" for layer in fusion.layers[:12])
         raise NotTileable(f"{what}='{at}' names no fusible node or module; fusible layers: {known} ...")

@@ -59,10 +59,11 @@ class Box:
         return Box(0, height, 0, width)
 
     def clip(self, height: int, width: int) -> Box:
-        return Box(max(self.h0, 0), min(self.h1, height), max(self.w0, 0), min(self.w1, width))
+        return _norm(Box(max(self.h0, 0), min(self.h1, height), max(self.w0, 0), min(self.w1, width)))
 
     def intersect(self, other: Box) -> Box:
-        return Box(max(self.h0, other.h0), min(self.h1, other.h1), max(self.w0, other.w0), min(self.w1, other.w1))
+        return _norm(Box(max(self.h0, other.h0), min(self.h1, other.h1), max(self.w0, other.w0),
+                         min(self.w1, other.w1)))
 
     def union(self, other: Box) -> Box:
         """Bounding box of both; an empty operand contributes nothing."""
@@ -89,6 +90,11 @@ class Box:
 
 
 EMPTY = Box(0, 0, 0, 0)
+
+
+def _norm(b: Box) -> Box:
+    """One spelling of the empty box, so that slicing with it never wraps around."""
+    return EMPTY if b.empty else b
 
 
 def bbox_of_difference(box: Box, holes: Iterable[Box]) -> Box:
@@ -179,13 +185,15 @@ def weighted_cuts(size: int, weights: Sequence[float]) -> list[int]:
         if not (isinstance(w, (int, float)) and w > 0 and w == w and w != float("inf")):
             raise GridError(f"weights must be positive finite numbers, got {list(weights)}")
     total = float(sum(weights))
-    spare = size - parts  # every part gets 1, the rest is apportioned
-    quotas = [w / total * spare for w in weights]
-    sizes = [1 + int(q) for q in quotas]
-    left = size - sum(sizes)
-    order = sorted(range(parts), key=lambda i: (-(quotas[i] - int(quotas[i])), i))
-    for i in order[:left]:
+    quotas = [w / total * size for w in weights]
+    sizes = [int(q) for q in quotas]
+    order = sorted(range(parts), key=lambda i: (-(quotas[i] - sizes[i]), i))
+    for i in order[: size - sum(sizes)]:
         sizes[i] += 1
+    for i in range(parts):  # a tiny weight still gets one row: take it from the largest part
+        if sizes[i] == 0:
+            sizes[max(range(parts), key=lambda j: (sizes[j], -j))] -= 1
+            sizes[i] = 1
     cuts = [0]
     for s in sizes:
         cuts.append(cuts[-1] + s)

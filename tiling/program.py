@@ -67,6 +67,7 @@ class StageProgram(nn.Module):
         pieces listed in ``geo.pieces_in``, by node.
         """
         values: dict[str, Value] = {}
+        self._batch = next(iter(inputs.values())).shape[0] if inputs else 1
         for name in self.stage_inputs:
             box = geo.in_boxes[name]
             t = inputs[name]
@@ -106,7 +107,7 @@ class StageProgram(nn.Module):
     def _run_op(self, spec: OpSpec, comp: Box, values: Mapping[str, Value]) -> torch.Tensor:
         kind = spec.kind
         if kind in ("conv", "maxpool", "avgpool", "pad"):
-            x = self._window_input(spec, comp, values[spec.inputs[0]])
+            x = self._window_input(spec, comp, values.get(spec.inputs[0], self._nothing(values)))
             if kind == "pad":
                 return x
             if kind == "maxpool":
@@ -119,11 +120,18 @@ class StageProgram(nn.Module):
             return self._upsample(spec, comp, values[spec.inputs[0]])
         return self._call(spec, comp, values)
 
+    @staticmethod
+    def _nothing(values: Mapping[str, Value]) -> Value:
+        t = next(iter(values.values()))[0]
+        return (t.new_empty((0,)), Box(0, 0, 0, 0))
+
     def _window_input(self, spec: OpSpec, comp: Box, value: Value) -> torch.Tensor:
         t, box = value
         want = need_box(spec.maps, comp)
         ih, iw = spec.in_hw
         have = want.clip(ih, iw)
+        if have.empty:  # the window lies wholly in the border: nothing of the image is read
+            return t.new_full((self._batch, spec.in_channels, want.height, want.width), spec.fill)
         x = _crop(value, have)
         pads = (have.w0 - want.w0, want.w1 - have.w1, have.h0 - want.h0, want.h1 - have.h1)
         if any(pads):

@@ -9,6 +9,7 @@ the source line and pointing at ``upto=`` or ``leaf_modules=``.
 from __future__ import annotations
 
 import copy
+import operator
 import traceback
 from collections.abc import Iterable
 
@@ -71,6 +72,7 @@ def trace(
             auto.append(culprit)
     else:
         raise TraceFailure(f"tracing still fails after making {len(auto)} submodules leaves: {auto}")
+    _functionalize(graph)
     gm = fx.GraphModule(model, graph)
     try:
         ShapeProp(gm).propagate(example)
@@ -106,3 +108,23 @@ def _trace_message(err: BaseException) -> str:
         f"Move the untraceable code into a submodule (it then runs whole in the tail), pass "
         f"leaf_modules=[...] to keep a submodule opaque, or use upto= to stop fusion before it."
     )
+
+
+def _functionalize(graph: fx.Graph) -> None:
+    """Rewrite ``x.relu_()`` as ``y = x.relu()`` and point later readers of ``x`` at ``y``.
+
+    fx records in-place methods as nodes whose mutation is invisible to the graph's edges; tiles
+    crop views of shared values, so the mutation must become an explicit edge. Methods on views
+    (whose mutation reaches the base tensor) are left alone and end fusion instead.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op != "call_method" or not str(node.target).endswith("_") or str(node.target).startswith("__"):
+            continue
+        base = node.args[0] if node.args else None
+        if not isinstance(base, fx.Node) or base.op == "call_function" and base.target is operator.getitem:
+            continue
+        node.target = str(node.target)[:-1]
+        for user in list(base.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(base, node)

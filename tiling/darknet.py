@@ -1,0 +1,684 @@
+"""Darknet ``.cfg`` importer and ``.weights`` reader/writer (pjreddie/darknet semantics).
+
+DeepThings partitions YOLOv2 as Darknet runs it, so the importer reproduces Darknet's arithmetic rather
+than a "cleaned up" reading of the cfg: maxpool windows start at ``-padding // 2``, ``[reorg]`` is
+Darknet's memory reinterpretation (see :class:`~tiling.darknet_layers.Reorg`), and batch norm divides
+by ``sqrt(var) + 1e-6``.  The resulting module is an ordinary, fx-traceable ``nn.Module`` so the tiling
+core can cut it like any other model.
+
+Cfg parsing follows Darknet's reader: ``[section]`` headers, ``key=value`` lines (whitespace around
+``=`` tolerated), ``#``/``;`` comment lines, first occurrence of a key wins.  Unlike Darknet, which
+silently falls back to defaults, anything the importer cannot reproduce faithfully is a
+:class:`DarknetError` naming the layer, the section, the cfg line and what is accepted.
+
+``.weights`` trailing bytes are accepted with a :class:`DarknetWeightsWarning` (Darknet itself ignores
+them; a warning keeps truncated-cfg mistakes visible without refusing files Darknet would load).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .darknet_layers import (
+    ACTIVATIONS,
+    DarknetConv,
+    DarknetMaxPool,
+    GlobalAvgPool,
+    Passthrough,
+    Region,
+    Reorg,
+    Route,
+    Shortcut,
+    Softmax,
+    Upsample,
+    YoloHead,
+    build_uninitialised,
+    seeded_init_,
+)
+from .errors import TilingError
+
+__all__ = [
+    "CfgSection",
+    "DarknetError",
+    "DarknetModel",
+    "DarknetWeightsWarning",
+    "WeightsHeader",
+    "load_darknet",
+    "load_darknet_weights",
+    "parse_cfg",
+    "save_darknet_weights",
+]
+
+Shape = tuple[int, int, int]  # (C, H, W)
+
+
+class DarknetError(TilingError):
+    """A cfg or weights file the importer cannot reproduce faithfully (a ``ValueError``)."""
+
+
+class DarknetWeightsWarning(UserWarning):
+    """A ``.weights`` file that loads but has trailing bytes the cfg does not account for."""
+
+
+_ALIASES = {
+    "network": "net",
+    "conv": "convolutional",
+    "max": "maxpool",
+    "avg": "avgpool",
+    "soft": "softmax",
+}
+_SUPPORTED = (
+    "convolutional",
+    "maxpool",
+    "route",
+    "shortcut",
+    "upsample",
+    "reorg",
+    "region",
+    "yolo",
+    "softmax",
+    "avgpool",
+    "dropout",
+    "cost",
+)
+_KNOWN_UNSUPPORTED = frozenset(
+    {
+        "connected", "local", "deconvolutional", "batchnorm", "crnn", "rnn", "gru", "lstm", "crop",
+        "detection", "normalization", "lrn", "l2norm", "logistic", "iseg", "xor", "sam", "scale_channels",
+        "gaussian_yolo", "reorg3d", "reorg_old", "conv_lstm", "implicit_add", "implicit_mul", "empty",
+        "silence", "activation", "contrastive",
+    }
+)
+# Keys that change a layer's arithmetic in ways this importer does not reproduce: (key, harmless value).
+_UNSUPPORTED_KEYS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "convolutional": (
+        ("binary", "0"), ("xnor", "0"), ("dilation", "1"), ("antialiasing", "0"), ("deform", "0"),
+        ("share_index", None), ("numload", "0"), ("dontloadscales", "0"), ("dontload", "0"),
+    ),
+    "maxpool": (("maxpool_depth", "0"), ("antialiasing", "0")),
+    "reorg": (("flatten", "0"), ("extra", "0")),
+    "region": (("background", "0"), ("tree", None)),
+    "yolo": (("new_coords", "0"),),
+    "softmax": (("tree", None),),
+    "shortcut": (("weights_type", "none"),),
+    "route": (),
+}
+
+
+@dataclass
+class CfgSection:
+    """One ``[section]`` of a cfg with the line of its header and of each key, for error messages."""
+
+    name: str
+    line: int
+    options: dict[str, str] = field(default_factory=dict)
+    key_lines: dict[str, int] = field(default_factory=dict)
+    index: int | None = None  # Darknet layer index; None for [net]
+
+    def where(self, key: str | None = None) -> str:
+        head = f"section [{self.name}]" if self.index is None else f"layer {self.index} [{self.name}]"
+        if key is not None and key in self.key_lines:
+            return f"{head} at cfg line {self.line} (key '{key}' on line {self.key_lines[key]})"
+        return f"{head} at cfg line {self.line}"
+
+    def fail(self, message: str, key: str | None = None) -> DarknetError:
+        return DarknetError(f"{self.where(key)}: {message}")
+
+    # Typed option access.  ``required`` keys raise with the accepted form in the message.
+    def get_str(self, key: str, default: str | None = None) -> str:
+        if key in self.options:
+            return self.options[key]
+        if default is None:
+            raise self.fail(f"missing required key '{key}' (expected a line '{key}=...')")
+        return default
+
+    def get_int(self, key: str, default: int | None = None) -> int:
+        if key not in self.options:
+            if default is None:
+                raise self.fail(f"missing required key '{key}' (expected a line '{key}=<integer>')")
+            return default
+        try:
+            return int(self.options[key])
+        except ValueError:
+            raise self.fail(f"'{key}={self.options[key]}' is not an integer", key) from None
+
+    def get_float(self, key: str, default: float) -> float:
+        if key not in self.options:
+            return default
+        try:
+            return float(self.options[key])
+        except ValueError:
+            raise self.fail(f"'{key}={self.options[key]}' is not a number", key) from None
+
+    def get_ints(self, key: str, default: Sequence[int] | None = None) -> list[int]:
+        if key not in self.options:
+            if default is None:
+                raise self.fail(f"missing required key '{key}' (expected '{key}=<int>[,<int>...]')")
+            return list(default)
+        try:
+            return [int(v) for v in self.options[key].split(",") if v.strip()]
+        except ValueError:
+            raise self.fail(f"'{key}={self.options[key]}' is not a comma-separated integer list", key) from None
+
+    def get_floats(self, key: str) -> list[float]:
+        if key not in self.options:
+            return []
+        try:
+            return [float(v) for v in self.options[key].split(",") if v.strip()]
+        except ValueError:
+            raise self.fail(f"'{key}={self.options[key]}' is not a comma-separated number list", key) from None
+
+
+def parse_cfg(text: str) -> list[CfgSection]:
+    """Split cfg text into sections; the first must be ``[net]`` and every other one is numbered as a layer."""
+    sections: list[CfgSection] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            if not line.endswith("]") or len(line) < 3:
+                raise DarknetError(f"cfg line {lineno}: malformed section header {line!r}; expected '[name]'")
+            name = line[1:-1].strip().lower()
+            name = _ALIASES.get(name, name)
+            index = None if not sections else len(sections) - 1
+            if not sections and name != "net":
+                raise DarknetError(
+                    f"cfg line {lineno}: the first section must be [net] (or [network]), found [{name}]"
+                )
+            if sections and name == "net":
+                raise DarknetError(f"cfg line {lineno}: a second [net] section; only the first section may be [net]")
+            sections.append(CfgSection(name=name, line=lineno, index=index))
+            continue
+        if not sections:
+            raise DarknetError(f"cfg line {lineno}: {line!r} appears before any [section] header")
+        key, eq, value = line.partition("=")
+        if not eq:
+            raise sections[-1].fail(f"line {lineno} {line!r} is not 'key=value'")
+        value = value.split("#", 1)[0].strip()
+        key = key.strip()
+        if key not in sections[-1].options:  # Darknet's option_find returns the first occurrence
+            sections[-1].options[key] = value
+            sections[-1].key_lines[key] = lineno
+    if not sections:
+        raise DarknetError("empty cfg: expected a [net] section followed by layers")
+    return sections
+
+
+# --------------------------------------------------------------------------------------------------
+# Planning: shapes and module factories, computed without building any tensors
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Planned:
+    kind: str
+    inputs: tuple[int, ...]  # layer indices; -1 is the network input
+    shape: Shape
+    make: Callable[[], nn.Module]
+
+
+def _net_shape(net: CfgSection) -> Shape:
+    dims = []
+    for key in ("channels", "height", "width"):
+        if key not in net.options:
+            raise net.fail(f"missing required key '{key}' (the [net] section needs width, height and channels)")
+        v = net.get_int(key)
+        if v <= 0:
+            raise net.fail(f"'{key}={v}' must be positive", key)
+        dims.append(v)
+    return (dims[0], dims[1], dims[2])
+
+
+def _resolve(sec: CfgSection, key: str, refs: Sequence[int]) -> list[int]:
+    """Darknet's index rule: negative indices are relative to the current layer."""
+    assert sec.index is not None
+    out = []
+    for r in refs:
+        idx = sec.index + r if r < 0 else r
+        if not 0 <= idx < sec.index:
+            raise sec.fail(
+                f"'{key}' refers to layer {r} -> {idx}, which does not exist before this layer; "
+                f"accepted: absolute indices 0..{sec.index - 1} or relative indices -1..-{sec.index}",
+                key,
+            )
+        out.append(idx)
+    return out
+
+
+def _check_keys(sec: CfgSection) -> None:
+    for key, harmless in _UNSUPPORTED_KEYS.get(sec.name, ()):
+        if key in sec.options and (harmless is None or sec.options[key].lower() != harmless):
+            raise sec.fail(f"'{key}={sec.options[key]}' is not supported by this importer", key)
+
+
+def _activation(sec: CfgSection, default: str) -> str:
+    act = sec.get_str("activation", default).lower()
+    if act not in ACTIVATIONS:
+        raise sec.fail(f"unknown activation '{act}'; accepted: {', '.join(sorted(ACTIVATIONS))}", "activation")
+    return act
+
+
+def _plan(sections: Sequence[CfgSection], net_shape: Shape) -> list[_Planned]:
+    plan: list[_Planned] = []
+
+    def shape_of(i: int) -> Shape:
+        return net_shape if i < 0 else plan[i].shape
+
+    for sec in sections[1:]:
+        assert sec.index is not None
+        i = sec.index
+        if sec.name not in _SUPPORTED:
+            what = "is not supported" if sec.name in _KNOWN_UNSUPPORTED else "is an unknown section"
+            raise sec.fail(f"[{sec.name}] {what}; accepted sections: [net], " + ", ".join(f"[{s}]" for s in _SUPPORTED))
+        _check_keys(sec)
+        c, h, w = shape_of(i - 1)
+        inputs: tuple[int, ...] = (i - 1,)
+        make: Callable[[], nn.Module]
+        if sec.name == "convolutional":
+            filters = sec.get_int("filters")
+            size = sec.get_int("size")
+            stride = sec.get_int("stride", 1)
+            padding = size // 2 if sec.get_int("pad", 0) else sec.get_int("padding", 0)
+            groups = sec.get_int("groups", 1)
+            bn = bool(sec.get_int("batch_normalize", 0))
+            act = _activation(sec, "logistic")  # Darknet's default for [convolutional]
+            for k in ("stride_x", "stride_y"):
+                if k in sec.options and sec.get_int(k) != stride:
+                    raise sec.fail(f"'{k}' different from 'stride' is not supported", k)
+            if filters <= 0 or size <= 0 or stride <= 0 or groups <= 0 or padding < 0:
+                raise sec.fail("filters, size, stride and groups must be positive and padding non-negative")
+            if c % groups or filters % groups:
+                raise sec.fail(f"groups={groups} must divide both the input channels ({c}) and filters ({filters})")
+            oh, ow = (h + 2 * padding - size) // stride + 1, (w + 2 * padding - size) // stride + 1
+            shape = (filters, oh, ow)
+            make = lambda c=c, f=filters, k=size, s=stride, p=padding, g=groups, b=bn, a=act: DarknetConv(  # noqa: E731
+                c, f, k, s, p, g, b, a
+            )
+        elif sec.name == "maxpool":
+            stride = sec.get_int("stride", 1)
+            size = sec.get_int("size", stride)
+            padding = sec.get_int("padding", size - 1)
+            for k in ("stride_x", "stride_y"):
+                if k in sec.options and sec.get_int(k) != stride:
+                    raise sec.fail(f"'{k}' different from 'stride' is not supported", k)
+            if size <= 0 or stride <= 0 or padding < 0:
+                raise sec.fail("size and stride must be positive and padding non-negative")
+            shape = (c, (h + padding - size) // stride + 1, (w + padding - size) // stride + 1)
+            make = lambda k=size, s=stride, p=padding: DarknetMaxPool(k, s, p)  # noqa: E731
+        elif sec.name == "route":
+            inputs = tuple(_resolve(sec, "layers", sec.get_ints("layers")))
+            if not inputs:
+                raise sec.fail("'layers' is empty; expected layers=<int>[,<int>...]", "layers")
+            groups = sec.get_int("groups", 1)
+            group_id = sec.get_int("group_id", 0)
+            if groups <= 0 or not 0 <= group_id < groups:
+                raise sec.fail(f"need groups >= 1 and 0 <= group_id < groups, got {groups}, {group_id}")
+            shapes = [shape_of(j) for j in inputs]
+            if any(s[1:] != shapes[0][1:] for s in shapes):
+                raise sec.fail(f"inputs {list(inputs)} have different spatial sizes {[s[1:] for s in shapes]}")
+            if any(s[0] % groups for s in shapes):
+                raise sec.fail(f"groups={groups} must divide the channels of every input {[s[0] for s in shapes]}")
+            chans = [s[0] for s in shapes]
+            shape = (sum(ch // groups for ch in chans), shapes[0][1], shapes[0][2])
+            make = lambda ch=tuple(chans), g=groups, gi=group_id: Route(ch, g, gi)  # noqa: E731
+        elif sec.name == "shortcut":
+            others = _resolve(sec, "from", sec.get_ints("from"))
+            for j in others:
+                if shape_of(j) != (c, h, w):
+                    raise sec.fail(
+                        f"'from' layer {j} has shape {shape_of(j)} but the previous layer has {(c, h, w)}; "
+                        "only equal shapes are supported",
+                        "from",
+                    )
+            inputs = (i - 1, *others)
+            shape = (c, h, w)
+            act = _activation(sec, "linear")
+            alpha, beta = sec.get_float("alpha", 1.0), sec.get_float("beta", 1.0)
+            make = lambda a=act, al=alpha, be=beta: Shortcut(a, al, be)  # noqa: E731
+        elif sec.name == "upsample":
+            stride = sec.get_int("stride", 2)
+            if stride <= 0:
+                raise sec.fail(f"stride={stride}: only positive (upsampling) strides are supported", "stride")
+            scale = sec.get_float("scale", 1.0)
+            shape = (c, h * stride, w * stride)
+            make = lambda s=stride, sc=scale: Upsample(s, sc)  # noqa: E731
+        elif sec.name == "reorg":
+            stride = sec.get_int("stride", 1)
+            reverse = bool(sec.get_int("reverse", 0))
+            if stride <= 0 or c % (stride * stride):
+                raise sec.fail(f"stride={stride}: stride² must divide the input channels ({c})", "stride")
+            if reverse:
+                shape = (c // (stride * stride), h * stride, w * stride)
+            else:
+                if h % stride or w % stride:
+                    raise sec.fail(
+                        f"input {h}x{w} is not divisible by stride={stride}; Darknet's reorg needs that "
+                        "(choose a network size that is a multiple of the total stride)",
+                        "stride",
+                    )
+                shape = (c * stride * stride, h // stride, w // stride)
+            make = lambda s=stride, r=reverse: Reorg(s, r)  # noqa: E731
+        elif sec.name == "region":
+            coords = sec.get_int("coords", 4)
+            classes = sec.get_int("classes", 20)
+            num = sec.get_int("num", 1)
+            softmax = bool(sec.get_int("softmax", 0))
+            anchors = sec.get_floats("anchors")
+            if coords < 2 or classes < 0 or num <= 0:
+                raise sec.fail("need coords >= 2, classes >= 0 and num >= 1")
+            if c != num * (coords + 1 + classes):
+                raise sec.fail(
+                    f"input has {c} channels but num*(coords+1+classes) = {num}*({coords}+1+{classes}) "
+                    f"= {num * (coords + 1 + classes)}"
+                )
+            shape = (c, h, w)
+            make = lambda n=num, k=classes, co=coords, sm=softmax, an=tuple(anchors): Region(n, k, co, sm, an)  # noqa: E731
+        elif sec.name == "yolo":
+            classes = sec.get_int("classes", 20)
+            total = sec.get_int("num", 1)
+            mask = sec.get_ints("mask", range(total))
+            anchors = sec.get_floats("anchors")
+            if any(not 0 <= m < total for m in mask):
+                raise sec.fail(f"mask {mask} refers to anchors outside 0..{total - 1} (num={total})", "mask")
+            if c != len(mask) * (classes + 5):
+                raise sec.fail(
+                    f"input has {c} channels but len(mask)*(classes+5) = {len(mask)}*({classes}+5) "
+                    f"= {len(mask) * (classes + 5)}"
+                )
+            mask_anchors = tuple(v for m in mask for v in anchors[2 * m : 2 * m + 2])
+            scale_xy = sec.get_float("scale_x_y", 1.0)
+            shape = (c, h, w)
+            make = lambda k=classes, m=tuple(mask), an=mask_anchors, sxy=scale_xy: YoloHead(k, m, an, sxy)  # noqa: E731
+        elif sec.name == "softmax":
+            groups = sec.get_int("groups", 1)
+            if groups <= 0 or (c * h * w) % groups:
+                raise sec.fail(f"groups={groups} must divide C*H*W = {c * h * w}", "groups")
+            temperature = sec.get_float("temperature", 1.0)
+            spatial = bool(sec.get_float("spatial", 0.0))
+            shape = (c, h, w)
+            make = lambda g=groups, t=temperature, sp=spatial: Softmax(g, t, sp)  # noqa: E731
+        elif sec.name == "avgpool":
+            shape = (c, 1, 1)
+            make = GlobalAvgPool
+        else:  # dropout, cost: identities at inference
+            shape = (c, h, w)
+            make = Passthrough
+        if min(shape) <= 0:
+            raise sec.fail(f"output shape {shape} from input {(c, h, w)} is empty")
+        plan.append(_Planned(sec.name, inputs, shape, make))
+    if not plan:
+        raise DarknetError("the cfg has a [net] section but no layers")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class DarknetModel(nn.Module):
+    """A Darknet network as a flat ``ModuleList`` run in cfg order.
+
+    The forward loop is unrolled by fx (indices are plain Python data), and only outputs that a later
+    ``[route]``/``[shortcut]`` reads are kept alive.  The result is the last layer's output, or the
+    ``[yolo]`` heads' outputs (a tuple when there are several, in cfg order).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        inputs: Sequence[tuple[int, ...]],
+        input_shape: Shape,
+        layer_names: Sequence[str],
+        layer_shapes: Sequence[Shape],
+        output_indices: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.layer_inputs: tuple[tuple[int, ...], ...] = tuple(tuple(x) for x in inputs)
+        self.input_shape: Shape = tuple(input_shape)  # type: ignore[assignment]
+        self.layer_names: list[str] = list(layer_names)
+        self.layer_shapes: list[Shape] = list(layer_shapes)
+        self.output_indices: tuple[int, ...] = tuple(output_indices)
+        keep = {j for i, ins in enumerate(self.layer_inputs) for j in ins if j != i - 1}
+        self._keep = frozenset(keep | set(self.output_indices))
+
+    def _run(self, x: Tensor, keep_all: bool) -> list[Tensor | None]:
+        saved: dict[int, Tensor] = {-1: x}
+        outs: list[Tensor | None] = []
+        for i, layer in enumerate(self.layers):
+            args = [x if j == i - 1 else saved[j] for j in self.layer_inputs[i]]
+            x = layer(*args)
+            if i in self._keep:
+                saved[i] = x
+            outs.append(x if keep_all or i in self._keep else None)
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        outs = self._run(x, keep_all=False)
+        results = [outs[i] for i in self.output_indices]
+        if len(results) == 1:
+            return results[0]  # type: ignore[return-value]
+        return tuple(results)
+
+    def forward_all(self, x: Tensor) -> list[Tensor]:
+        """Every layer's output in order, for inspecting shapes and intermediate values (not traced)."""
+        return self._run(x, keep_all=True)  # type: ignore[return-value]
+
+
+def _read_cfg_text(cfg: str | os.PathLike[str]) -> str:
+    if isinstance(cfg, str) and "\n" in cfg:
+        return cfg
+    path = Path(cfg)
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise DarknetError(f"cannot read cfg file {str(path)!r}: {e.strerror or e}") from e
+
+
+def _calibration_size(sections: Sequence[CfgSection], shape: Shape) -> tuple[int, int]:
+    """Calibrate near the real input size (border effects shrink the measured variance at tiny sizes),
+    but reduced by the largest power of two that keeps the side >= 128 and the cfg valid, to keep builds cheap."""
+    c, h, w = shape
+    best = (h, w)
+    d = 2
+    while h % d == 0 and w % d == 0 and min(h, w) // d >= 128:
+        try:
+            _plan(sections, (c, h // d, w // d))
+        except DarknetError:
+            pass  # e.g. 608/2 breaks YOLOv2's reorg while 608/4 does not
+        else:
+            best = (h // d, w // d)
+        d *= 2
+    return best
+
+
+def load_darknet(
+    cfg: str | os.PathLike[str],
+    weights: str | os.PathLike[str] | bytes | None = None,
+    *,
+    seed: int = 0,
+    calibration_size: int | tuple[int, int] | None = None,
+) -> DarknetModel:
+    """Build an eval-mode :class:`DarknetModel` from a cfg path or cfg text (a ``str`` with a newline).
+
+    Without ``weights`` the weights are random but reproducible from ``seed`` and calibrated on a seeded
+    input of ``calibration_size`` (default: derived from the ``[net]`` size) so activations stay O(1).
+    Pass ``calibration_size`` explicitly to get the same weights whatever the ``[net]`` size is.
+    """
+    sections = parse_cfg(_read_cfg_text(cfg))
+    shape = _net_shape(sections[0])
+    plan = _plan(sections, shape)
+    yolo = [i for i, p in enumerate(plan) if p.kind == "yolo"]
+    model = build_uninitialised(  # every tensor is written below, by the seeded init or the weights file
+        lambda: DarknetModel(
+            layers=[p.make() for p in plan],
+            inputs=[p.inputs for p in plan],
+            input_shape=shape,
+            layer_names=[f"{p.kind}_{i}" for i, p in enumerate(plan)],
+            layer_shapes=[p.shape for p in plan],
+            output_indices=yolo or [len(plan) - 1],
+        )
+    )
+    if weights is None:
+        if calibration_size is None:
+            ch, cw = _calibration_size(sections, shape)
+        elif isinstance(calibration_size, int):
+            ch = cw = calibration_size
+        else:
+            ch, cw = calibration_size
+        seeded_init_(model, seed, calibration_shape=(2, shape[0], ch, cw))
+    else:
+        load_darknet_weights(model, weights)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# .weights files
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsHeader:
+    """The ``.weights`` header; ``seen`` (images seen in training) is int64 from version 0.2 on."""
+
+    major: int
+    minor: int
+    revision: int
+    seen: int
+
+    @property
+    def seen_is_int64(self) -> bool:
+        return _seen_is_int64(self.major, self.minor)
+
+
+def _seen_is_int64(major: int, minor: int) -> bool:
+    return (major * 10 + minor) >= 2 and major < 1000 and minor < 1000
+
+
+def _conv_blocks(model: nn.Module) -> list[DarknetConv]:
+    blocks = [m for m in model.modules() if isinstance(m, DarknetConv)]
+    return blocks
+
+
+def _conv_float_count(block: DarknetConv) -> int:
+    n = block.conv.out_channels
+    return n * (4 if block.batch_normalize else 1) + block.conv.weight.numel()
+
+
+def load_darknet_weights(model: nn.Module, weights: str | os.PathLike[str] | bytes) -> WeightsHeader:
+    """Read a Darknet ``.weights`` file (path or bytes) into ``model``'s ``[convolutional]`` layers in order.
+
+    Layout per conv: biases, then (if batch-normalised) scales, rolling mean, rolling variance, then the
+    ``filters × channels/groups × size × size`` kernel, all little-endian float32.  Darknet normalises
+    with ``(x - mean) / (sqrt(var) + 1e-6)``; the BN is loaded with ``eps=0`` and
+    ``running_var = (sqrt(var) + 1e-6)²`` (computed in float64) to reproduce it.
+    """
+    if isinstance(weights, (bytes, bytearray, memoryview)):
+        data, name = bytes(weights), "<bytes>"
+    else:
+        try:
+            data, name = Path(weights).read_bytes(), str(weights)
+        except OSError as e:
+            raise DarknetError(f"cannot read weights file {str(weights)!r}: {e.strerror or e}") from e
+    if len(data) < 16:
+        raise DarknetError(f"weights {name}: {len(data)} bytes is too short for a header (12 + 4 or 8 bytes)")
+    major, minor, revision = struct.unpack_from("<3i", data, 0)
+    if _seen_is_int64(major, minor):
+        (seen,), offset = struct.unpack_from("<q", data, 12), 20
+    else:
+        (seen,), offset = struct.unpack_from("<i", data, 12), 16
+    blocks = _conv_blocks(model)
+    need = sum(_conv_float_count(b) for b in blocks)
+    have = (len(data) - offset) // 4
+    if len(data) < offset + 4 * need:
+        raise DarknetError(
+            f"weights {name}: expected {offset + 4 * need} bytes ({offset}-byte header + {need} float32 for "
+            f"{len(blocks)} convolutional layers) but found {len(data)}; is this the cfg these weights belong to?"
+        )
+    if len(data) > offset + 4 * need:
+        warnings.warn(
+            f"weights {name}: {len(data) - offset - 4 * need} trailing bytes after the {need} float32 the cfg "
+            f"needs ({have} present); they were ignored, as Darknet does",
+            DarknetWeightsWarning,
+            stacklevel=2,
+        )
+    floats = np.frombuffer(data, dtype="<f4", count=need, offset=offset)
+    pos = 0
+
+    def take(count: int) -> np.ndarray:
+        nonlocal pos
+        chunk = floats[pos : pos + count]
+        pos += count
+        return chunk
+
+    with torch.no_grad():
+        for block in blocks:
+            conv = block.conv
+            n = conv.out_channels
+            biases = torch.from_numpy(take(n).astype(np.float32))
+            if block.batch_normalize:
+                bn = block.bn
+                scales, mean, var = take(n), take(n), take(n).astype(np.float64)
+                with np.errstate(invalid="ignore"):
+                    eff_var = (np.sqrt(var) + 1e-6) ** 2
+                bn.eps = 0.0
+                bn.weight.copy_(torch.from_numpy(scales.astype(np.float32)))
+                bn.bias.copy_(biases)
+                bn.running_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
+                bn.running_var.copy_(torch.from_numpy(eff_var.astype(np.float32)))
+            else:
+                assert conv.bias is not None
+                conv.bias.copy_(biases)
+            conv.weight.copy_(torch.from_numpy(take(conv.weight.numel()).astype(np.float32)).reshape(conv.weight.shape))
+    model.eval()
+    return WeightsHeader(major, minor, revision, seen)
+
+
+def save_darknet_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    version: tuple[int, int, int] = (0, 2, 0),
+    seen: int = 0,
+) -> None:
+    """Write ``model``'s ``[convolutional]`` layers as a Darknet ``.weights`` file (inverse of the reader).
+
+    The stored variance is recovered as ``(sqrt(running_var + eps) - 1e-6)²``, so a reader that follows
+    Darknet's formula gets back the normalisation this model computes.
+    """
+    major, minor, revision = version
+    chunks: list[bytes] = [struct.pack("<3i", major, minor, revision)]
+    chunks.append(struct.pack("<q" if _seen_is_int64(major, minor) else "<i", seen))
+    blocks = _conv_blocks(model)
+    if not blocks:
+        raise DarknetError("the model has no Darknet [convolutional] layers to save")
+
+    def f32(t: Tensor | np.ndarray) -> bytes:
+        arr = t.detach().cpu().double().numpy() if isinstance(t, Tensor) else t
+        return np.ascontiguousarray(arr, dtype="<f4").tobytes()
+
+    for block in blocks:
+        conv = block.conv
+        n = conv.out_channels
+        if block.batch_normalize:
+            bn = block.bn
+            rv = bn.running_var.detach().cpu().double().numpy() + float(bn.eps)
+            var = (np.sqrt(rv) - 1e-6) ** 2
+            chunks.append(f32(bn.bias if bn.bias is not None else torch.zeros(n)))
+            chunks.append(f32(bn.weight if bn.weight is not None else torch.ones(n)))
+            chunks.append(f32(bn.running_mean))
+            chunks.append(f32(var))
+        else:
+            chunks.append(f32(conv.bias if conv.bias is not None else torch.zeros(n)))
+        chunks.append(f32(conv.weight.reshape(-1)))
+    Path(path).write_bytes(b"".join(chunks))
