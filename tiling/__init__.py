@@ -11,21 +11,11 @@ from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
 from .plan import Plan, Stage, Tail, Tile, partition, rel_error, run_stage
 from .program import StageProgram
 from .regions import Piece, TileGeometry
+from . import zoo  # noqa: E402  (after the core: the zoo uses it)
+from .darknet import load_darknet  # noqa: E402
 
 __all__ = [
     "Box", "GridError", "InputMismatch", "NotTileable", "Piece", "Plan", "Stage", "StageProgram", "Tail",
     "Tile", "TileGeometry", "TilingError", "TraceFailure", "deepthings_cuts", "even_cuts", "load_darknet",
     "partition", "rel_error", "run_stage", "weighted_cuts", "zoo",
 ]
-
-
-def __getattr__(name: str):  # lazy: the importer and zoo are optional for most callers
-    if name == "load_darknet":
-        from .darknet import load_darknet
-
-        return load_darknet
-    if name == "zoo":
-        from . import zoo
-
-        return zoo
-    raise AttributeError(name)

@@ -8,7 +8,7 @@ reference runtime in one process; the distributed runtime runs the same programs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -207,7 +207,8 @@ class Plan:
         return plan_table(self)
 
 
-def run_stage(stage: Stage, env: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
+              on_tile: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Run every tile of a stage in dependency order and stitch its outputs."""
     first = env[stage.inputs[0]]
     n = first.shape[0]
@@ -225,7 +226,10 @@ def run_stage(stage: Stage, env: Mapping[str, torch.Tensor]) -> dict[str, torch.
             exported[(i, k)] = t
         for o, t in res.items():
             b = tile.out_boxes[o]
-            outs[o][:, :, b.h0:b.h1, b.w0:b.w1] = t
+            if not b.empty:
+                outs[o][:, :, b.h0:b.h1, b.w0:b.w1] = t
+        if on_tile is not None:
+            on_tile(i)
     return outs
 
 
@@ -379,9 +383,8 @@ def _build_stage(k: int, fusion: Fusion, part: StageNodes, gspec: Mapping[str, A
         tiles.append(Tile(k, t, i, j, geo.out_boxes[ref], geo.in_boxes[part.inputs[0]], c.flops, c.other_ops,
                           c.in_bytes, c.out_bytes, c.peak_bytes, geo, groups[t], deps[t],
                           c.reuse_in_bytes, c.reuse_out_bytes))
-    whole = propagate(specs, part.nodes, part.inputs, input_hw,
-                      {o: Box.full(*shapes[o][1:]) for o in part.outputs})
-    untiled = cost(specs, part.nodes, part.inputs, channels, users, whole, itemsize).flops
+    # what the model itself computes: every node over its whole map
+    untiled = sum(2 * s.macs_per_pixel * s.out_shape[1] * s.out_shape[2] for s in specs.values() if s.kind == "conv")
     program = _program(fusion, part, specs, input_hw)
     return Stage(k, part.nodes, part.inputs, part.outputs, ref, part.layers, rows, cols, tiles, program,
                  untiled, {n: shapes[n] for n in [*part.inputs, *part.outputs]}, reuse)

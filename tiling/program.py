@@ -88,7 +88,7 @@ class StageProgram(nn.Module):
             else:
                 assert out is not None
                 values[spec.name] = (out, comp)
-        outs = {o: _crop(values[o], b) for o, b in geo.out_boxes.items()}
+        outs = {o: _crop(values[o], b) if not b.empty else self._empty(o, values) for o, b in geo.out_boxes.items()}
         exported = [_crop(values[p.node], p.box) for p in geo.pieces_out]
         return outs, exported
 
@@ -119,6 +119,11 @@ class StageProgram(nn.Module):
         if kind == "upsample":
             return self._upsample(spec, comp, values[spec.inputs[0]])
         return self._call(spec, comp, values)
+
+    def _empty(self, name: str, values: Mapping[str, Value]) -> torch.Tensor:
+        """An output this tile owns no part of (cuts scaled onto a differently shaped output)."""
+        c = next(s for s in self.specs if s.name == name).out_shape[0]
+        return next(iter(values.values()))[0].new_empty((self._batch, c, 0, 0))
 
     @staticmethod
     def _nothing(values: Mapping[str, Value]) -> Value:

@@ -1,0 +1,148 @@
+"""What the CLI's subcommands do; kept apart from argument parsing so each is callable from Python."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+MIB = 2**20
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        r, c = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a grid looks like 5x5 (rows x cols), got {text!r}") from None
+    return (r, c)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tile", leave=False, dynamic_ncols=True)
+
+
+def run_with_progress(plan: Any, x: torch.Tensor) -> Any:
+    """``plan.run`` with a progress bar over tiles (same result, same order)."""
+    import tiling
+
+    total = sum(len(s.tiles) for s in plan.stages)
+    env = {plan.input_name: x}
+    with _progress(total, "tiles") as bar:
+        for stage in plan.stages:
+            env.update(tiling.run_stage(stage, env, on_tile=lambda _i: bar.update(1)))
+    return plan.tail.run(env)
+
+
+def tile_table(plan: Any) -> str:
+    from tiling.report import table
+
+    rows = []
+    for s in plan.stages:
+        for t in s.tiles:
+            rows.append([s.index, t.index, f"{t.row},{t.col}", str(t.out_box), str(t.in_box), f"{t.flops / 1e9:.3f}",
+                         f"{t.peak_bytes / MIB:.2f}", f"{t.in_bytes / 1024:.0f}", f"{t.reuse_in_bytes / 1024:.0f}",
+                         ",".join(map(str, t.deps)) or "-"])
+    return table(["stage", "tile", "row,col", "output box", "input box", "GFLOP", "peak MiB", "in KiB",
+                  "reuse in KiB", "after"], rows)
+
+
+def demo(args: argparse.Namespace) -> int:
+    import tiling
+    from tiling import zoo
+
+    zm = zoo.get("yolov2-16", input_size=args.size)
+    x = zoo.example(zm, batch=1, seed=1)
+    grid = _grid(args.grid)
+    print(f"tilefleet demo: {zm.name} ({zm.description}) at {args.size}x{args.size}, grid {grid[0]}x{grid[1]}"
+          f"{', overlap reuse' if args.reuse else ''}")
+    t0 = time.perf_counter()
+    plan = tiling.partition(zm.model, x, grid={"grid": grid, "deepthings": not args.even}, reuse=args.reuse)
+    t_plan = time.perf_counter() - t0
+    with torch.no_grad():
+        zm.model(x)  # warm-up, so both timings below see the same state
+        t0 = time.perf_counter()
+        ref = zm.model(x)
+        t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    y = run_with_progress(plan, x)
+    t_tiled = time.perf_counter() - t0
+    err = tiling.rel_error(y, ref)
+    print()
+    print(plan.summary())
+    if args.tiles:
+        print()
+        print(tile_table(plan))
+    tiles = plan.tiles
+    whole = tiling.partition(zm.model, x, grid=(1, 1)).tiles[0].peak_bytes
+    worst = max(t.peak_bytes for t in tiles)
+    sent = sum(t.in_bytes for t in tiles) / (x[0].numel() * x.element_size())
+    print()
+    print(f"memory: worst tile {worst / MIB:.1f} MiB vs {whole / MIB:.1f} MiB untiled "
+          f"({(1 - worst / whole) * 100:.0f}% less); input sent {sent:.2f}x the image")
+    print(f"time: plan {t_plan * 1e3:.0f} ms, untiled {t_ref * 1e3:.0f} ms, all tiles in this process "
+          f"{t_tiled * 1e3:.0f} ms ({torch.get_num_threads()} threads)")
+    ok = err <= 1e-4
+    print(f"check: relative error {err:.2e} against the untiled model: {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, torch.Tensor, str]:
+    from tiling import zoo
+
+    if args.cfg:
+        from tiling.darknet import load_darknet
+
+        model = load_darknet(args.cfg)
+        c, h, w = model.input_shape
+        if args.size:
+            h = w = args.size
+        torch.manual_seed(0)
+        return model, torch.randn(1, c, h, w), args.cfg
+    zm = zoo.get(args.model, input_size=args.size)
+    return zm.model, zoo.example(zm), zm.name
+
+
+def plan(args: argparse.Namespace) -> int:
+    import tiling
+
+    model, x, name = _load(args)
+    grids = [_grid(g) for g in args.grid.split(",")]
+    kw: dict[str, Any] = {"reuse": args.reuse}
+    if args.stages:
+        kw["stages"] = [int(s) if s.strip().isdigit() else s.strip() for s in args.stages.split(",")]
+        kw["grids"] = grids if len(grids) > 1 else None
+        if len(grids) == 1:
+            kw["grid"] = grids[0]
+    else:
+        kw["grid"] = grids[0]
+    if args.upto is not None:
+        kw["upto"] = int(args.upto) if args.upto.isdigit() else args.upto
+    p = tiling.partition(model, x, **kw)
+    print(f"{name}: input {tuple(x.shape[1:])}, {len(p.layers)} fusible layers")
+    print(p.summary())
+    if args.tiles:
+        print()
+        print(tile_table(p))
+    if args.check:
+        with torch.no_grad():
+            ref = model(x)
+        err = tiling.rel_error(run_with_progress(p, x), ref)
+        print(f"check: relative error {err:.2e}: {'OK' if err <= 1e-4 else 'MISMATCH'}")
+        return 0 if err <= 1e-4 else 1
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    from tiling import zoo
+    from tiling.report import table
+
+    rows = []
+    for n in zoo.names():
+        zm = zoo.get(n)
+        rows.append([n, "x".join(map(str, zm.input_shape)), zm.description, zm.source])
+    print(table(["name", "input", "what", "source"], rows))
+    return 0
