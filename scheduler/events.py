@@ -10,7 +10,8 @@ Shell contract, in short:
 
 * ``Dispatch(key, device)``: send the tile to the device (Ray task / actor
   call).  Report ``TileDone`` or ``TileFailed`` for it later, always naming
-  the device it was sent to.
+  the device it was sent to.  Before handling a ``TileDone``, ask
+  ``Scheduler.expects(key, device)``: keep the tile's output only if True.
 * ``Cancel(key, device)``: the tile was dispatched but has not started; drop
   it (``ray.cancel``).  If a result still arrives for it, report it anyway:
   the state machine ignores results it no longer expects.

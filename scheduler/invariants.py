@@ -99,14 +99,18 @@ def _check_frame(frame: FrameRecord, devices: Mapping[str, DeviceRecord], retire
         _check_tile(tile, frame, devices)
     if len(set(frame.stitched)) != len(frame.stitched):
         _fail(f"frame {fid}: a stage was stitched twice: {frame.stitched}")
-    left = {s: sum(1 for t in frame.tiles.values() if t.spec.stage == s and t.state != "done")
-            for s in frame.spec.stages}
+    left = {
+        s: sum(1 for t in frame.tiles.values() if t.spec.stage == s and t.state != "done")
+        for s in frame.spec.stages
+    }
     if frame.status != "failed":
         if left != {s: frame.left_in_stage.get(s, 0) for s in left}:
             _fail(f"frame {fid}: left_in_stage {frame.left_in_stage} != recomputed {left}")
         done_stages = sorted(s for s, n in left.items() if n == 0)
         if sorted(frame.stitched) != done_stages:
-            _fail(f"frame {fid}: stitched {sorted(frame.stitched)} != complete stages {done_stages}")
+            _fail(
+                f"frame {fid}: stitched {sorted(frame.stitched)} != complete stages {done_stages}"
+            )
     all_done = all(t.state == "done" for t in frame.tiles.values())
     if frame.status == "completed":
         if not all_done or frame.tail != "done":
@@ -128,7 +132,10 @@ def _check_frame(frame: FrameRecord, devices: Mapping[str, DeviceRecord], retire
         if any(t.state == "in_flight" for t in frame.tiles.values()) or frame.tail == "running":
             _fail(f"frame {fid}: retired while work of it still runs")
     elif frame.status != "active":
-        if not any(t.state == "in_flight" for t in frame.tiles.values()) and frame.tail != "running":
+        draining = (
+            any(t.state == "in_flight" for t in frame.tiles.values()) or frame.tail == "running"
+        )
+        if not draining:
             _fail(f"frame {fid}: ended and drained but never retired")
 
 

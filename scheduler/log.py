@@ -15,16 +15,19 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from scheduler.events import (
+    Cancel,
+    Dispatch,
     Event,
     FailFrame,
     Instruction,
     Stitch,
+    TileDone,
+    TileFailed,
     event_device,
     event_frame,
     instruction_device,
     instruction_frame,
 )
-from scheduler.events import Cancel, Dispatch, TileDone, TileFailed
 from scheduler.model import TileKey
 
 Subject = TileKey | int | str

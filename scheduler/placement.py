@@ -49,7 +49,9 @@ def compute_s(flops: int, info: DeviceInfo, speed: float = 1.0) -> float:
 
 def tile_cost_s(tile: TileSpec, info: DeviceInfo, speed: float = 1.0) -> float:
     """Estimated wall time of one tile on a device that starts it right away."""
-    return transfer_s(tile.in_bytes, info) + compute_s(tile.flops, info, speed) + info.tile_overhead_s
+    return (
+        transfer_s(tile.in_bytes, info) + compute_s(tile.flops, info, speed) + info.tile_overhead_s
+    )
 
 
 def tail_cost_s(frame: FrameSpec, info: DeviceInfo, speed: float = 1.0) -> float:

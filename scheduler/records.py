@@ -88,6 +88,8 @@ class DeviceRecord:
     info: DeviceInfo
     alive: bool = True
     speed: float = 1.0
+    observed: int = 0
+    speed_since: float = 0.0
     in_flight: list[TileKey] = field(default_factory=list)
     running_since: float = 0.0
     planned: list[tuple[Priority, TileKey]] = field(default_factory=list)

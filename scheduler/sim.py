@@ -35,7 +35,7 @@ from scheduler.events import (
     TileDone,
 )
 from scheduler.model import DeviceInfo, FrameSpec, TileKey
-from scheduler.placement import tail_cost_s, tile_cost_s
+from scheduler.placement import compute_s, tail_cost_s, tile_cost_s
 from scheduler.records import DeviceStats
 from scheduler.state import Scheduler
 
@@ -124,10 +124,14 @@ class _Loop:
         if kind == "tile":
             spec = next(t for t in self.frames[key[0]].tiles if (t.stage, t.index) == key[1:])
             cost = tile_cost_s(spec, dev.info, speed)
-            done = TileDone(key, dev.info.id, now + cost, cost, spec.in_bytes, spec.out_bytes)
+            busy = compute_s(spec.flops, dev.info, speed)
+            done = TileDone(key, dev.info.id, now + cost, busy, spec.in_bytes, spec.out_bytes)
         else:
-            cost = tail_cost_s(self.frames[key[0]], dev.info, speed)
-            done = TailDone(key[0], dev.info.id, now + cost, cost)
+            frame = self.frames[key[0]]
+            cost = tail_cost_s(frame, dev.info, speed)
+            done = TailDone(
+                key[0], dev.info.id, now + cost, compute_s(frame.tail_flops, dev.info, speed)
+            )
         self.push(now + cost, done, dev.info.id, dev.generation)
 
     def _apply_to_fleet(self, event: Event, now: float) -> None:
@@ -187,9 +191,12 @@ class _Loop:
             produced = self.sched.handle(event)
             if self.validate:
                 self.sched.validate()
-            if isinstance(event, TileDone) and event.key not in self.assignments:
-                if self.sched.accepted(event.key) == event.device:
-                    self.assignments[event.key] = event.device
+            if (
+                isinstance(event, TileDone)
+                and event.key not in self.assignments
+                and self.sched.accepted(event.key) == event.device
+            ):
+                self.assignments[event.key] = event.device
             self._obey(produced, now)
 
 
@@ -218,7 +225,7 @@ def simulate(
     times = list(submit_times) if submit_times is not None else [0.0] * len(frames)
     if len(times) != len(frames):
         raise ValueError("submit_times must have one entry per frame")
-    for frame, t in zip(frames, times):
+    for frame, t in zip(frames, times, strict=True):
         loop.push(t, FrameSubmitted(frame, t))
     for event in script:
         loop.push(event.t, event)

@@ -112,7 +112,11 @@ def test_frames_run_oldest_first_on_a_shared_device() -> None:
     assert h(FrameSubmitted(independent_frame(1, 2), 0.0)) == [Dispatch((1, 0, 0), "a")]
     assert h(FrameSubmitted(independent_frame(2, 1), 0.0)) == []
     assert h(TileDone((1, 0, 0), "a", 1.0)) == [Dispatch((1, 0, 1), "a")]
-    assert h(TileDone((1, 0, 1), "a", 2.0)) == [Stitch(1, 0), RunTail(1, "a"), Dispatch((2, 0, 0), "a")]
+    assert h(TileDone((1, 0, 1), "a", 2.0)) == [
+        Stitch(1, 0),
+        RunTail(1, "a"),
+        Dispatch((2, 0, 0), "a"),
+    ]
     assert h(TailDone(1, "a", 2.0)) == [Complete(1)]
     assert h(TileDone((2, 0, 0), "a", 3.0)) == [Stitch(2, 0), RunTail(2, "a")]
     assert h(TailDone(2, "a", 3.0)) == [Complete(2)]
@@ -162,7 +166,11 @@ def test_results_from_strangers_are_ignored() -> None:
     assert h(TileDone((1, 0, 0), "zzz", 1.0)) == []  # unknown device
     assert h(TileDone((9, 0, 0), "a", 1.0)) == []  # unknown frame
     assert h.s.accepted((1, 0, 0)) is None
+    assert not h.s.expects((1, 0, 0), "b")
+    assert h.s.expects((1, 0, 0), "a")
     assert h(TileDone((1, 0, 0), "a", 1.0)) == [Stitch(1, 0), RunTail(1, "a")]
+    assert not h.s.expects((1, 0, 0), "a")  # a second copy would be a duplicate
+    assert h.s.accepted((1, 0, 0)) == "a"
 
 
 def test_story_tells_one_tiles_history() -> None:
@@ -172,7 +180,10 @@ def test_story_tells_one_tiles_history() -> None:
     h(TileDone((1, 0, 0), "a", 1.0))
     h(TileDone((1, 0, 2), "a", 2.0))
     story = h.s.story((1, 0, 2))
-    assert [entry.event for entry in story] == [TileDone((1, 0, 0), "a", 1.0), TileDone((1, 0, 2), "a", 2.0)]
+    assert [entry.event for entry in story] == [
+        TileDone((1, 0, 0), "a", 1.0),
+        TileDone((1, 0, 2), "a", 2.0),
+    ]
     assert story[0].instructions == (Dispatch((1, 0, 2), "a"),)
     assert [(tr.start, tr.finish, tr.device) for tr in h.s.transitions((1, 0, 2))] == [
         ("waiting", "planned", "a"),

@@ -70,9 +70,11 @@ def test_slowed_device_steals_back_when_it_helps() -> None:
     assert h(DeviceSlow("a", 2.0, 0.0)) == []  # nothing queued at a: only planned tiles move
     assert h.s.planned("a") == []
     assert len(h.s.planned("b")) == 10
-    # a finishes its running tile; a tile now takes 2 s on a, b's queue ends at t=12.
+    # a finishes its running tile at t=2; a tile now takes 2 s on a (done at
+    # 4).  In b's queue (1,0,2) ends at 3 and (1,0,3) at 4: no gain; (1,0,4)
+    # ends at 5, so it is the first tile worth moving.
     out = h(TileDone((1, 0, 0), "a", 2.0))
-    assert out == [Dispatch((1, 0, 11), "a")]  # the last of b's queue moves
+    assert out == [Dispatch((1, 0, 4), "a")]
     assert h.s.stats()["a"].steals == 1
 
 
@@ -135,7 +137,9 @@ def test_losing_every_device_fails_active_frames() -> None:
     h = Checked()
     fleet(h, "a")
     h(FrameSubmitted(independent_frame(1, 2), 0.0))
-    assert h(DeviceLost("a", 1.0)) == [FailFrame(1, "no alive device to run frame 1 after losing a")]
+    assert h(DeviceLost("a", 1.0)) == [
+        FailFrame(1, "no alive device to run frame 1 after losing a")
+    ]
     assert h(TileDone((1, 0, 0), "a", 1.0)) == []
     # A device that comes back gets new frames, the failed one stays failed.
     assert h(DeviceJoined(device("a"), 2.0)) == []
@@ -148,7 +152,9 @@ def test_joining_device_steals_planned_work() -> None:
     fleet(h, "a")
     h(FrameSubmitted(independent_frame(1, 4), 0.0))
     assert h.s.planned("a") == [(1, 0, 1), (1, 0, 2), (1, 0, 3)]
-    assert h(DeviceJoined(device("b"), 0.5)) == [Dispatch((1, 0, 3), "b")]
+    # On a, (1,0,1) would end at 2.0; on the newcomer at 1.5.
+    assert h(DeviceJoined(device("b"), 0.5)) == [Dispatch((1, 0, 1), "b")]
+    assert h.s.planned("a") == [(1, 0, 2), (1, 0, 3)]
     assert h.s.stats()["b"].steals == 1
     assert h(Tick(0.6)) == []
 

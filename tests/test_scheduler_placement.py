@@ -132,7 +132,10 @@ def test_device_too_small_for_the_stage_is_never_used() -> None:
 
 def test_no_device_big_enough_fails_the_frame_naming_the_bytes() -> None:
     h = Checked()
-    h(DeviceJoined(device("a", memory_bytes=4_000), 0.0), DeviceJoined(device("b", memory_bytes=3_000), 0.0))
+    h(
+        DeviceJoined(device("a", memory_bytes=4_000), 0.0),
+        DeviceJoined(device("b", memory_bytes=3_000), 0.0),
+    )
     frame = independent_frame(1, 2, weights=5_000, peak_bytes=1_000)
     assert h(FrameSubmitted(frame, 0.0)) == [
         FailFrame(
@@ -148,14 +151,21 @@ def test_tail_too_big_for_every_device() -> None:
     h(DeviceJoined(device("a", memory_bytes=100), 0.0))
     frame = FrameSpec(1, (TileSpec(0, 0, 1, 0, 60, 0),), (0,), out_bytes=50)
     assert h(FrameSubmitted(frame, 0.0)) == [
-        FailFrame(1, "tail of frame 1 needs 110 bytes but the largest alive device budget is 100 bytes")
+        FailFrame(
+            1, "tail of frame 1 needs 110 bytes but the largest alive device budget is 100 bytes"
+        )
     ]
 
 
 def test_losing_the_only_big_device_fails_frames_it_alone_could_run() -> None:
     h = Checked()
-    h(DeviceJoined(device("big", memory_bytes=GB), 0.0), DeviceJoined(device("small", memory_bytes=10), 0.0))
-    assert h(FrameSubmitted(independent_frame(1, 1, weights=100), 0.0)) == [Dispatch((1, 0, 0), "big")]
+    h(
+        DeviceJoined(device("big", memory_bytes=GB), 0.0),
+        DeviceJoined(device("small", memory_bytes=10), 0.0),
+    )
+    assert h(FrameSubmitted(independent_frame(1, 1, weights=100), 0.0)) == [
+        Dispatch((1, 0, 0), "big")
+    ]
     assert h(DeviceLost("big", 0.5)) == [
         FailFrame(
             1,
@@ -192,14 +202,20 @@ def test_frames_of_different_models_pay_weights_each() -> None:
     f1 = independent_frame(1, 1, weights=1_000, peak_bytes=500, model="m1")
     f2 = independent_frame(2, 1, weights=1_000, peak_bytes=500, model="m2")
     assert h(FrameSubmitted(f1, 0.0), FrameSubmitted(f2, 0.0)) == [Dispatch((1, 0, 0), "a")]
-    assert h(TileDone((1, 0, 0), "a", 1.0)) == [Stitch(1, 0), RunTail(1, "a"), Dispatch((2, 0, 0), "a")]
+    assert h(TileDone((1, 0, 0), "a", 1.0)) == [
+        Stitch(1, 0),
+        RunTail(1, "a"),
+        Dispatch((2, 0, 0), "a"),
+    ]
     assert h(TailDone(1, "a", 1.0)) == [Complete(1)]
 
 
 # ----------------------------------------------------------------- pure stealing
 
 
-def _victim(dev_id: str, n: int, ready_at: float = 0.0, flops: int = GB, in_bytes: int = 0) -> Victim:
+def _victim(
+    dev_id: str, n: int, ready_at: float = 0.0, flops: int = GB, in_bytes: int = 0
+) -> Victim:
     planned = tuple(
         PlannedTile((1, 0, i), TileSpec(0, i, flops, in_bytes, 0, 0), 0) for i in range(n)
     )
@@ -214,14 +230,17 @@ def test_cost_bucket() -> None:
     assert cost_bucket(1e9, 1.0) == 8
 
 
-def test_steal_takes_from_the_latest_finishing_queue_its_last_tile() -> None:
+def test_steal_takes_the_first_tile_that_gains_from_the_latest_queue() -> None:
     thief = Candidate(device("t"), 1.0, 0.0)
     victims = [_victim("short", 2), _victim("long", 5)]
     assert queue_finish(victims[1]) == pytest.approx(5.0)
     steal = choose_steal(thief, victims)
     assert steal is not None
-    assert (steal.victim, steal.key) == ("long", (1, 0, 4))
-    assert (steal.thief_finish, steal.victim_finish) == (pytest.approx(1.0), pytest.approx(5.0))
+    # (1,0,0) would end at 1.0 on either device: no gain.  (1,0,1) ends at
+    # 2.0 on the victim, 1.0 on the thief: the front-most gain, oldest work first.
+    assert (steal.victim, steal.key) == ("long", (1, 0, 1))
+    assert steal.thief_finish == pytest.approx(1.0)
+    assert steal.victim_finish == pytest.approx(2.0)
 
 
 def test_steal_declines_when_the_thief_would_finish_later() -> None:

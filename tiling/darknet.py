@@ -32,6 +32,7 @@ from .darknet_layers import (
     ACTIVATIONS,
     DarknetConv,
     DarknetMaxPool,
+    DarknetModel,
     GlobalAvgPool,
     Passthrough,
     Region,
@@ -421,61 +422,6 @@ def _plan(sections: Sequence[CfgSection], net_shape: Shape) -> list[_Planned]:
     return plan
 
 
-# --------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------
-
-
-class DarknetModel(nn.Module):
-    """A Darknet network as a flat ``ModuleList`` run in cfg order.
-
-    The forward loop is unrolled by fx (indices are plain Python data), and only outputs that a later
-    ``[route]``/``[shortcut]`` reads are kept alive.  The result is the last layer's output, or the
-    ``[yolo]`` heads' outputs (a tuple when there are several, in cfg order).
-    """
-
-    def __init__(
-        self,
-        layers: Sequence[nn.Module],
-        inputs: Sequence[tuple[int, ...]],
-        input_shape: Shape,
-        layer_names: Sequence[str],
-        layer_shapes: Sequence[Shape],
-        output_indices: Sequence[int],
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-        self.layer_inputs: tuple[tuple[int, ...], ...] = tuple(tuple(x) for x in inputs)
-        self.input_shape: Shape = tuple(input_shape)  # type: ignore[assignment]
-        self.layer_names: list[str] = list(layer_names)
-        self.layer_shapes: list[Shape] = list(layer_shapes)
-        self.output_indices: tuple[int, ...] = tuple(output_indices)
-        keep = {j for i, ins in enumerate(self.layer_inputs) for j in ins if j != i - 1}
-        self._keep = frozenset(keep | set(self.output_indices))
-
-    def _run(self, x: Tensor, keep_all: bool) -> list[Tensor | None]:
-        saved: dict[int, Tensor] = {-1: x}
-        outs: list[Tensor | None] = []
-        for i, layer in enumerate(self.layers):
-            args = [x if j == i - 1 else saved[j] for j in self.layer_inputs[i]]
-            x = layer(*args)
-            if i in self._keep:
-                saved[i] = x
-            outs.append(x if keep_all or i in self._keep else None)
-        return outs
-
-    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
-        outs = self._run(x, keep_all=False)
-        results = [outs[i] for i in self.output_indices]
-        if len(results) == 1:
-            return results[0]  # type: ignore[return-value]
-        return tuple(results)
-
-    def forward_all(self, x: Tensor) -> list[Tensor]:
-        """Every layer's output in order, for inspecting shapes and intermediate values (not traced)."""
-        return self._run(x, keep_all=True)  # type: ignore[return-value]
-
-
 def _read_cfg_text(cfg: str | os.PathLike[str]) -> str:
     if isinstance(cfg, str) and "\n" in cfg:
         return cfg
@@ -514,7 +460,9 @@ def load_darknet(
 
     Without ``weights`` the weights are random but reproducible from ``seed`` and calibrated on a seeded
     input of ``calibration_size`` (default: derived from the ``[net]`` size) so activations stay O(1).
-    Pass ``calibration_size`` explicitly to get the same weights whatever the ``[net]`` size is.
+    Pass ``calibration_size`` explicitly to get the same weights whatever the ``[net]`` size is; keep it
+    well above the network's total stride (>= 128 for YOLOv2), or the deepest layers are calibrated on a
+    handful of border-dominated pixels and activations grow tenfold at full size.
     """
     sections = parse_cfg(_read_cfg_text(cfg))
     shape = _net_shape(sections[0])
@@ -533,10 +481,12 @@ def load_darknet(
     if weights is None:
         if calibration_size is None:
             ch, cw = _calibration_size(sections, shape)
-        elif isinstance(calibration_size, int):
-            ch = cw = calibration_size
         else:
-            ch, cw = calibration_size
+            ch, cw = (calibration_size, calibration_size) if isinstance(calibration_size, int) else calibration_size
+            try:
+                _plan(sections, (shape[0], ch, cw))
+            except DarknetError as e:
+                raise DarknetError(f"calibration_size {(ch, cw)} is not a valid input size for this cfg: {e}") from e
         seeded_init_(model, seed, calibration_shape=(2, shape[0], ch, cw))
     else:
         load_darknet_weights(model, weights)
@@ -567,8 +517,8 @@ def _seen_is_int64(major: int, minor: int) -> bool:
 
 
 def _conv_blocks(model: nn.Module) -> list[DarknetConv]:
-    blocks = [m for m in model.modules() if isinstance(m, DarknetConv)]
-    return blocks
+    """Darknet stores weights in cfg order, which is registration order in a :class:`DarknetModel`."""
+    return [m for m in model.modules() if isinstance(m, DarknetConv)]
 
 
 def _conv_float_count(block: DarknetConv) -> int:

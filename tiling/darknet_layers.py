@@ -1,4 +1,5 @@
-"""PyTorch modules that reproduce Darknet layers, and the seeded weight initialisation shared with the zoo.
+"""PyTorch modules that reproduce Darknet layers, the network container, and the seeded initialisation
+shared with the zoo.
 
 Every module here is written so that ``torch.fx.symbolic_trace`` traces *into* it and records plain
 tensor ops (``pad``, ``max_pool2d``, ``getitem`` on the channel axis, ``cat``, ``interpolate``, ``add``,
@@ -25,6 +26,7 @@ __all__ = [
     "ACTIVATIONS",
     "DarknetConv",
     "DarknetMaxPool",
+    "DarknetModel",
     "GlobalAvgPool",
     "Passthrough",
     "Region",
@@ -315,6 +317,56 @@ class Passthrough(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+class DarknetModel(nn.Module):
+    """A Darknet network as a flat ``ModuleList`` run in cfg order.
+
+    The forward loop is unrolled by fx (indices are plain Python data), and only outputs that a later
+    ``[route]``/``[shortcut]`` reads are kept alive.  The result is the last layer's output, or the
+    ``[yolo]`` heads' outputs (a tuple when there are several, in cfg order).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[nn.Module],
+        inputs: Sequence[tuple[int, ...]],
+        input_shape: tuple[int, int, int],
+        layer_names: Sequence[str],
+        layer_shapes: Sequence[tuple[int, int, int]],
+        output_indices: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.layer_inputs: tuple[tuple[int, ...], ...] = tuple(tuple(x) for x in inputs)
+        self.input_shape: tuple[int, int, int] = tuple(input_shape)  # type: ignore[assignment]
+        self.layer_names: list[str] = list(layer_names)
+        self.layer_shapes: list[tuple[int, int, int]] = list(layer_shapes)
+        self.output_indices: tuple[int, ...] = tuple(output_indices)
+        keep = {j for i, ins in enumerate(self.layer_inputs) for j in ins if j != i - 1}
+        self._keep = frozenset(keep | set(self.output_indices))
+
+    def _run(self, x: Tensor, keep_all: bool) -> list[Tensor | None]:
+        saved: dict[int, Tensor] = {-1: x}
+        outs: list[Tensor | None] = []
+        for i, layer in enumerate(self.layers):
+            args = [x if j == i - 1 else saved[j] for j in self.layer_inputs[i]]
+            x = layer(*args)
+            if i in self._keep:
+                saved[i] = x
+            outs.append(x if keep_all or i in self._keep else None)
+        return outs
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
+        outs = self._run(x, keep_all=False)
+        results = [outs[i] for i in self.output_indices]
+        if len(results) == 1:
+            return results[0]  # type: ignore[return-value]
+        return tuple(results)
+
+    def forward_all(self, x: Tensor) -> list[Tensor]:
+        """Every layer's output in order, for inspecting shapes and intermediate values (not traced)."""
+        return self._run(x, keep_all=True)  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -112,35 +112,43 @@ class Stage:
 
 
 class Tail:
-    """Runs what follows the fused stages, whole, given the stitched stage outputs."""
+    """What follows the fused stages, as its own small graph module, run whole on one device.
+
+    Its placeholders are the stage outputs (and the model input) that tail nodes read, so shipping
+    it to a device ships only the tail's own weights.
+    """
 
     def __init__(self, gm: fx.GraphModule, fused: set[str], input_name: str) -> None:
-        self.gm = gm
-        self.fused = fused
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        self.inputs: list[str] = []
+        self.nodes: list[str] = []
+
+        def arg(n: fx.Node) -> fx.Node:
+            if n not in env:  # a fused node or the model input, read by the tail
+                env[n] = graph.placeholder(n.name)
+                self.inputs.append(n.name)
+            return env[n]
+
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" or node.name in fused:
+                continue
+            if node.op == "output":
+                graph.output(fx.map_arg(node.args[0], arg))
+                continue
+            env[node] = graph.node_copy(node, arg)
+            if node.op != "get_attr":
+                self.nodes.append(node.name)
+        self.gm = fx.GraphModule(gm, graph)
         self.input_name = input_name
-        self.nodes = [n.name for n in gm.graph.nodes
-                      if n.op not in ("placeholder", "output", "get_attr") and n.name not in fused]
 
     @property
     def empty(self) -> bool:
         return not self.nodes
 
     @torch.no_grad()
-    def run(self, env: Mapping[str, torch.Tensor]) -> Any:
-        return _TailInterpreter(self.gm, self.fused, env).run(env[self.input_name])
-
-
-class _TailInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, fused: set[str], env: Mapping[str, torch.Tensor]) -> None:
-        super().__init__(gm)
-        self.fused, self.given = fused, env
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.given:
-            return self.given[n.name]
-        if n.name in self.fused:
-            return None  # internal to a stage and read by nothing outside it
-        return super().run_node(n)
+    def run(self, env: Mapping[str, Any]) -> Any:
+        return self.gm(*(env[n] for n in self.inputs))
 
 
 @dataclass

@@ -1,0 +1,381 @@
+"""The Python client: connect to a cluster, deploy a model, submit frames.
+
+    with fleet.connect(emulate="pi3*4") as cluster:
+        dep = cluster.deploy(model, example, grid=(5, 5))
+        y = dep(x)                      # equals model(x)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import tiling
+from sims.catalog import DeviceSpec, Profile, clock_scale, host_profile, measure_host_gflops, parse_spec, profiles
+
+from .deployment_plan import Wiring, frame_spec, wire
+from .driver import Device, Driver, FrameFailed
+
+__all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
+
+_deployment_ids = itertools.count()
+
+
+class ClusterClosed(RuntimeError):
+    """The cluster (or deployment) was closed; connect again."""
+
+
+def _ray_init(address: str | None, num_cpus: int | None) -> bool:
+    """Start or join Ray; returns whether we started it (and so must shut it down)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 2**20, configure_logging=False,
+                 _system_config={"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                                 "health_check_failure_threshold": 3})
+        return True
+    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def connect(address: str | None = None, *, emulate: str | None = None, profiles_file: str | None = None,
+            scale: float | None = None, max_in_flight: int = 2, threads_per_device: int = 1,
+            num_cpus: int | None = None) -> Cluster:
+    """Connect to a cluster.
+
+    ``connect(emulate="pi3*4,laptop")``: a local Ray instance whose devices are emulated profiles
+    (see ``tilefleet devices --catalog``). ``connect()``: a local instance whose devices are this
+    host's own cores. ``connect("auto")`` or ``connect("ray://host:10001")``: an existing cluster.
+    ``scale`` overrides the emulation clock scale (by default chosen so the host stays well ahead of
+    every emulated device).
+    """
+    import ray
+
+    table = profiles(profiles_file)
+    if emulate is not None:
+        specs = parse_spec(emulate, table)
+    elif address is None:
+        n = max(1, (os.cpu_count() or 2) // threads_per_device)
+        specs = parse_spec(f"host*{n}", table)
+    else:
+        specs = []
+    started = _ray_init(address, num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2))
+    try:
+        host_gflops = measure_host_gflops(threads=threads_per_device)
+        if specs:
+            specs = [DeviceSpec(s.id, host_profile(host_gflops * threads_per_device)) if not s.profile.emulated
+                     else s for s in specs]
+            devices = _start_local_devices(specs, host_gflops, scale, threads_per_device)
+        else:
+            devices = _discover_devices(table)
+            scale = 1.0
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return Cluster(devices, started, max_in_flight=max_in_flight,
+                   scale=devices[next(iter(devices))].scale if devices else 1.0)
+
+
+def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: float | None,
+                         threads: int) -> dict[str, Device]:
+    import dataclasses
+
+    import ray
+
+    from workers.actor import TileWorker
+
+    emulated = [s.profile for s in specs if s.profile.emulated]
+    s = scale if scale is not None else (clock_scale(emulated, host_gflops) if emulated else 1.0)
+    actors = {}
+    for spec in specs:
+        emu = None
+        if spec.profile.emulated:
+            emu = {"profile": dataclasses.asdict(spec.profile), "scale": s}
+        opts: dict[str, Any] = {"num_cpus": 0 if emu else threads, "name": None}
+        actors[spec.id] = TileWorker.options(num_cpus=opts["num_cpus"]).remote(spec.id, threads, emu)
+    infos = ray.get([a.info.remote() for a in actors.values()], timeout=120)
+    out: dict[str, Device] = {}
+    for spec, info in zip(specs, infos):
+        out[spec.id] = Device(spec.info(), actors[spec.id], info["pid"], info["node_id"], profile=spec.profile,
+                              scale=s)
+    return out
+
+
+def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
+    """Devices of an existing cluster: one worker per alive node with CPUs, described by its labels."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from workers.actor import TileWorker
+
+    out: dict[str, Device] = {}
+    for node in ray.nodes():
+        if not node.get("Alive") or node.get("Resources", {}).get("CPU", 0) < 1:
+            continue
+        labels = node.get("Labels", {}) or {}
+        klass = labels.get("tilefleet/class", "host")
+        base = table.get(klass, host_profile())
+        prof = base
+        if "tilefleet/gflops" in labels:
+            prof = Profile(**{**prof.__dict__, "gflops": float(labels["tilefleet/gflops"])})
+        name = labels.get("tilefleet/name", node["NodeManagerHostname"])
+        did = f"{name}-{node['NodeID'][:6]}"
+        actor = TileWorker.options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote(did, int(labels.get("tilefleet/threads", 1)), None)
+        info = ray.get(actor.info.remote(), timeout=120)
+        out[did] = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
+    if not out:
+        raise RuntimeError("the Ray cluster has no alive node with CPUs to run tiles on")
+    return out
+
+
+class Cluster:
+    """A set of devices with one driver; deployments share it (and the devices' memory)."""
+
+    def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float) -> None:
+        self._devices = devices
+        self._owns_ray = owns_ray
+        self.scale = scale
+        self.driver = Driver(devices, max_in_flight=max_in_flight)
+        self.deployments: list[Deployment] = []
+        self.closed = False
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device: id, profile figures, state."""
+        self._check()
+        out = []
+        for d in self._devices.values():
+            p: Profile = d.profile
+            out.append({"id": d.info.id, "class": p.name, "gflops": p.gflops, "memory_bytes": p.memory_bytes,
+                        "usable_bytes": p.usable_bytes, "gpu": p.gpu, "link_mbps": p.link_mbps,
+                        "latency_ms": p.latency_s * 1e3, "emulated": p.emulated,
+                        "state": "alive" if d.alive else "lost", "pid": d.pid})
+        return out
+
+    def deploy(self, model: nn.Module, example: torch.Tensor, grid: Any = "auto", **kw: Any) -> Deployment:
+        """Partition ``model`` for this cluster and ship its stages' weights to every device once."""
+        self._check()
+        dep = Deployment(self, model, example, grid, **kw)
+        self.deployments.append(dep)
+        return dep
+
+    def fail(self, device_id: str) -> float:
+        """Crash a device as hardware would: SIGKILL its worker process. Returns the kill time."""
+        self._check()
+        dev = self._devices.get(device_id)
+        if dev is None:
+            raise KeyError(f"no device '{device_id}'; devices: {', '.join(self._devices)}")
+        dev.killed_at = time.monotonic()
+        os.kill(dev.pid, signal.SIGKILL)
+        return dev.killed_at
+
+    def detection_times(self) -> dict[str, float | None]:
+        return {d: dev.detected_after_s for d, dev in self._devices.items() if dev.killed_at is not None}
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for dep in list(self.deployments):
+            dep.close()
+        self.driver.stop()
+        self.closed = True
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ClusterClosed("this cluster is closed; call fleet.connect() again")
+
+
+class Deployment:
+    """One model deployed on a cluster: fixed (C, H, W) and dtype, any batch size."""
+
+    def __init__(self, cluster: Cluster, model: nn.Module, example: torch.Tensor, grid: Any = "auto", *,
+                 mode: str = "latency", **kw: Any) -> None:
+        import ray
+
+        if mode not in ("latency", "throughput"):
+            raise ValueError(f"mode must be 'latency' or 'throughput', got {mode!r}")
+        self.cluster = cluster
+        self.id = f"dep{next(_deployment_ids)}"
+        self.mode = mode
+        if isinstance(grid, str) and grid == "auto":
+            from .planner import choose_plan
+
+            self.plan, self.choice = choose_plan(model, example, cluster, mode=mode, **kw)
+        else:
+            self.plan = tiling.partition(model, example, grid, **kw)
+            self.choice = None
+        self.wiring: Wiring = wire(self.plan, example.element_size())
+        self.out_structure = None
+        t0 = time.monotonic()
+        programs = {s.index: ray.put(s.program) for s in self.plan.stages}
+        tail = ray.put(self.plan.tail) if not self.plan.tail.empty else None
+        alive = [d for d in cluster._devices.values() if d.alive]
+        ray.get([d.actor.load.remote(self.id, programs, tail) for d in alive], timeout=300)
+        self.deploy_s = time.monotonic() - t0
+        self.latencies: dict[int, float] = {}
+        self.closed = False
+        self._tail_weights = sum(p.numel() * p.element_size() for p in self.plan.tail.gm.parameters())
+        self._frame_bytes = int(np.prod(self.plan.input_shape)) * example.element_size()
+
+    # --- frames --------------------------------------------------------------------------------------
+    def frame_spec(self, fid: int) -> Any:
+        return frame_spec(self.wiring, fid, self.id, 0, self._frame_bytes, 0, self._tail_weights)
+
+    def _as_batch(self, x: Any) -> tuple[np.ndarray, bool]:
+        if not isinstance(x, torch.Tensor):
+            raise tiling.InputMismatch(f"frames must be torch tensors, got {type(x).__name__}")
+        single = x.dim() == 3
+        if single:
+            x = x.unsqueeze(0)
+        self.plan.check_input(x)
+        if not torch.isfinite(x).all():
+            raise tiling.InputMismatch("the frame contains NaN or Inf; clean it (torch.nan_to_num) before sending")
+        return x.detach().cpu().contiguous().numpy(), single
+
+    def submit(self, x: torch.Tensor) -> Future:
+        """Send a frame; returns a future of the result (``.result(timeout=...)``)."""
+        self._check()
+        arr, single = self._as_batch(x)
+        inner = self.cluster.driver.submit(self, arr)
+        if not single:
+            return inner
+        outer: Future = Future()
+
+        def unwrap(f: Future) -> None:
+            try:
+                outer.set_result(_map_tensors(f.result(), lambda t: t[0]))
+            except BaseException as e:  # noqa: BLE001
+                outer.set_exception(e)
+
+        inner.add_done_callback(unwrap)
+        return outer
+
+    def __call__(self, x: torch.Tensor, timeout: float | None = 300) -> Any:
+        return self.submit(x).result(timeout=timeout)
+
+    def stream(self, frames: Iterable[torch.Tensor], in_flight: int | None = None,
+               timeout: float | None = 300) -> Iterator[Any]:
+        """Results in submission order, keeping ``in_flight`` frames in the cluster at once."""
+        depth = in_flight or max(2, len([d for d in self.cluster._devices.values() if d.alive]))
+        window: deque[Future] = deque()
+        for x in frames:
+            window.append(self.submit(x))
+            if len(window) >= depth:
+                yield window.popleft().result(timeout=timeout)
+        while window:
+            yield window.popleft().result(timeout=timeout)
+
+    # --- results -------------------------------------------------------------------------------------
+    def finish_outputs(self, env: dict[str, np.ndarray]) -> Any:
+        return _map_tensors(self.plan.tail.run({k: torch.from_numpy(v) for k, v in env.items()}), lambda t: t)
+
+    def finish_tail(self, out: Any) -> Any:
+        from workers.executor import to_torch_tree
+
+        return to_torch_tree(out)
+
+    def record_latency(self, fid: int, seconds: float) -> None:
+        self.latencies[fid] = seconds
+
+    # --- reports -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        st = self.cluster.driver.call(lambda: self.cluster.driver.sched.stats())
+        lat = list(self.latencies.values())
+        peak = {t.index: t.peak_bytes for t in self.plan.tiles}
+        devices = {}
+        for did, s in st.items():
+            devices[did] = {"tiles": s.tiles_done, "tails": s.tails_done, "busy_s": s.busy_s,
+                            "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "steals": s.steals,
+                            "retries": s.retries, "failures": s.failures, "alive": s.alive,
+                            "memory_in_use": s.memory_in_use,
+                            "peak_bytes": max((st_.weight_bytes for st_ in self.plan.stages), default=0)
+                            + max(peak.values(), default=0)}
+        frames = {"count": len(lat)}
+        if lat:
+            frames.update(p50_ms=_pct(lat, 50) * 1e3, p95_ms=_pct(lat, 95) * 1e3, mean_ms=statistics.mean(lat) * 1e3)
+        return {"devices": devices, "frames": frames, "latency_s": dict(self.latencies),
+                "deploy_s": self.deploy_s, "scale": self.cluster.scale}
+
+    def trace(self, path: str | os.PathLike[str]) -> Path:
+        """Write a Chrome trace (chrome://tracing, Perfetto) of tiles and transfers per device."""
+        events = self.cluster.driver.call(lambda: list(self.cluster.driver.trace))
+        ids = {d: i for i, d in enumerate(sorted({e.device for e in events}))}
+        lanes = {"rx": 1, "compute": 2, "tx": 3}
+        out = []
+        for d, i in ids.items():
+            out.append({"name": "process_name", "ph": "M", "pid": i, "args": {"name": d}})
+            for lane, tid in lanes.items():
+                out.append({"name": "thread_name", "ph": "M", "pid": i, "tid": tid, "args": {"name": lane}})
+        t0 = min((e.start for e in events), default=0.0)
+        for e in events:
+            out.append({"name": e.name, "ph": "X", "pid": ids[e.device], "tid": lanes.get(e.lane, 2),
+                        "ts": (e.start - t0) * 1e6, "dur": max(0.0, e.end - e.start) * 1e6, "args": e.args})
+        p = Path(path)
+        p.write_text(json.dumps({"traceEvents": out, "displayTimeUnit": "ms"}))
+        return p
+
+    def plan_summary(self) -> str:
+        text = self.plan.summary()
+        if self.choice is not None:
+            text += "\n" + self.choice.summary()
+        return text
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for d in self.cluster._devices.values():
+            if d.alive:
+                try:
+                    d.actor.unload.remote(self.id)
+                except Exception:  # noqa: BLE001 - a dead actor holds nothing
+                    pass
+        if self in self.cluster.deployments:
+            self.cluster.deployments.remove(self)
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ClusterClosed("this deployment is closed; deploy again")
+        self.cluster._check()
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _map_tensors(x: Any, fn: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x

@@ -1,0 +1,352 @@
+"""The I/O shell that runs the pure scheduler against Ray.
+
+One thread owns the :class:`scheduler.Scheduler`. It turns Ray results into events (a dead actor
+becomes ``DeviceLost``, a failure value ``TileFailed``, a result ``TileDone``) and instructions
+into Ray calls (``Dispatch`` into ``TileWorker.run_tile``, ``RunTail`` into ``run_tail`` or a
+stitch in the driver). It never lets an exception escape into the scheduler's state: a frame that
+cannot go on fails with a reason, and the deployment keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from scheduler import (Cancel, Complete, DeviceInfo, DeviceJoined, DeviceLost, Dispatch, FailFrame,
+                       FrameSubmitted, RunTail, Scheduler, Stitch, TailDone, TailFailed, TileDone, TileFailed)
+
+from .deployment_plan import TileRef, remote_bytes
+
+log = logging.getLogger("tilefleet.driver")
+
+
+class FrameFailed(RuntimeError):
+    """A frame the runtime could not complete; the message says why."""
+
+
+@dataclass
+class Device:
+    info: DeviceInfo
+    actor: Any
+    pid: int
+    node_id: str = ""
+    alive: bool = True
+    killed_at: float | None = None
+    detected_after_s: float | None = None
+    profile: Any = None  # sims.catalog.Profile
+    scale: float = 1.0
+
+
+@dataclass
+class FrameCtx:
+    frame_id: int
+    deployment: Any  # fleet.client.Deployment
+    x: np.ndarray
+    future: Future
+    submitted: float
+    results: dict[TileRef, tuple[Any, Any, str]] = field(default_factory=dict)  # outputs ref, exports ref, device
+    placed: dict[TileRef, str] = field(default_factory=dict)
+    collecting: dict[Any, TileRef] = field(default_factory=dict)
+    done_at: float | None = None
+    tail_device: str = ""
+    tail_result_ref: Any = None
+
+
+@dataclass
+class TraceEvent:
+    device: str
+    lane: str
+    name: str
+    start: float
+    end: float
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+class Driver:
+    """Runs frames of any number of deployments on one set of devices."""
+
+    def __init__(self, devices: dict[str, Device], *, max_in_flight: int = 2, max_retries: int = 3) -> None:
+        self.devices = devices
+        self.sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries, learn_speed=False)
+        self.inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self.frames: dict[int, FrameCtx] = {}
+        self.pending: dict[Any, tuple[str, Any, str]] = {}  # meta ref -> (kind, key or frame id, device)
+        self.next_frame = 0
+        self.trace: list[TraceEvent] = []
+        self.t0 = time.monotonic()
+        self._tile_refs: dict[Any, Any] = {}  # (key, device) -> the 3 refs of run_tile
+        self._tail_refs: dict[Any, Any] = {}  # (frame, device) -> the output ref of run_tail
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.sched.handle(*(DeviceJoined(d.info, self.now()) for d in devices.values()))
+        self.thread = threading.Thread(target=self._loop, name="tilefleet-driver", daemon=True)
+        self.thread.start()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    # --- called from client threads ----------------------------------------------------------------
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the driver thread and wait for its result (the scheduler is single-threaded)."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the driver has stopped" + (f": {self.error}" if self.error else ""))
+        fut: Future = Future()
+
+        def job() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001
+                fut.set_exception(e)
+
+        self.inbox.put(job)
+        return fut.result(timeout=120)
+
+    def submit(self, deployment: Any, x: np.ndarray) -> Future:
+        fut: Future = Future()
+
+        def job() -> None:
+            fid = self.next_frame
+            self.next_frame += 1
+            ctx = FrameCtx(fid, deployment, x, fut, time.monotonic())
+            self.frames[fid] = ctx
+            spec = deployment.frame_spec(fid)
+            self._execute(self.sched.handle(FrameSubmitted(spec, self.now())))
+
+        self.inbox.put(job)
+        return fut
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self.pending)
+                if self.pending:
+                    ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.02)
+                    if ready:
+                        more, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+                        for ref in {*ready, *more}:
+                            self._on_ready(ref)
+        except BaseException as e:  # pragma: no cover - a bug in the shell: fail every frame loudly
+            log.exception("driver loop crashed")
+            self.error = e
+            for ctx in self.frames.values():
+                if not ctx.future.done():
+                    ctx.future.set_exception(FrameFailed(f"driver crashed: {e!r}"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            job = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        job()
+        while True:
+            try:
+                self.inbox.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _on_ready(self, ref: Any) -> None:
+        kind, subject, device = self.pending.pop(ref)
+        if kind == "collect":
+            self._on_collected(subject, ref)
+            return
+        dev = self.devices[device]
+        try:
+            meta = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.ObjectLostError) as e:
+            self._lost(device, f"{type(e).__name__}")
+            return
+        except ray.exceptions.RayTaskError as e:
+            meta = {"ok": False, "error": type(e).__name__, "message": str(e).splitlines()[0], "retryable": True}
+        t = self.now()
+        if not dev.alive:
+            return
+        if kind == "tile":
+            self._on_tile(subject, device, meta, t)
+        else:
+            self._on_tail(subject, device, meta, t)
+
+    def _on_tile(self, key: tuple[int, int, int], device: str, meta: dict[str, Any], t: float) -> None:
+        fid, stage, idx = key
+        ctx = self.frames.get(fid)
+        refs = self._tile_refs.pop((key, device), None)
+        if meta.get("ok"):
+            self._record_trace(device, f"f{fid} s{stage} t{idx}", meta)
+            if ctx is not None and refs is not None and self.sched.expects(key, device):
+                ctx.results[(stage, idx)] = (refs[1], refs[2], device)
+            busy = meta.get("timeline", {})
+            compute_s = busy.get("compute_end", 0.0) - busy.get("compute_start", 0.0) if busy else meta.get("compute_s", 0.0)
+            ev: Any = TileDone(key, device, t, compute_s=compute_s, bytes_in=meta.get("bytes_in", 0),
+                               bytes_out=meta.get("bytes_out", 0))
+        else:
+            ev = TileFailed(key, device, t, error=f"{meta.get('error')}: {meta.get('message')}",
+                            retryable=bool(meta.get("retryable", True)))
+        self._execute(self.sched.handle(ev))
+
+    def _on_tail(self, fid: int, device: str, meta: dict[str, Any], t: float) -> None:
+        ctx = self.frames.get(fid)
+        ref = self._tail_refs.pop((fid, device), None)
+        if meta.get("ok") and ctx is not None and ref is not None:
+            ctx.tail_result_ref = ref
+            self._record_trace(device, f"f{fid} tail", meta)
+            ev: Any = TailDone(fid, device, t, compute_s=meta.get("compute_s", 0.0))
+        else:
+            ev = TailFailed(fid, device, t, error=f"{meta.get('error')}: {meta.get('message')}",
+                            retryable=bool(meta.get("retryable", True)))
+        self._execute(self.sched.handle(ev))
+
+    def _lost(self, device: str, why: str) -> None:
+        dev = self.devices[device]
+        if not dev.alive:
+            return
+        dev.alive = False
+        if dev.killed_at is not None:
+            dev.detected_after_s = time.monotonic() - dev.killed_at
+        log.warning("device %s lost (%s)", device, why)
+        for ref, (_, _, d) in list(self.pending.items()):
+            if d == device:
+                self.pending.pop(ref)
+        self._execute(self.sched.handle(DeviceLost(device, self.now())))
+
+    # --- instructions ------------------------------------------------------------------------------
+
+    def _execute(self, instructions: list[Any]) -> None:
+        for ins in instructions:
+            try:
+                if isinstance(ins, Dispatch):
+                    self._dispatch(ins.key, ins.device)
+                elif isinstance(ins, RunTail):
+                    self._run_tail(ins.frame_id, ins.device)
+                elif isinstance(ins, Complete):
+                    self._complete(ins.frame_id)
+                elif isinstance(ins, FailFrame):
+                    self._fail(ins.frame_id, ins.reason)
+                elif isinstance(ins, Cancel):
+                    self._cancel(ins.key, ins.device)
+                elif isinstance(ins, Stitch):
+                    pass  # stitching is done by the consumer: next-stage tiles, the tail, or _collect
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as e:
+                device = getattr(ins, "device", None)
+                if device is not None:
+                    self._lost(device, type(e).__name__)
+
+    def _dispatch(self, key: tuple[int, int, int], device: str) -> None:
+        fid, stage_i, idx = key
+        ctx = self.frames[fid]
+        dep = ctx.deployment
+        stage = dep.plan.stages[stage_i]
+        tile = stage.tiles[idx]
+        wiring = dep.wiring.tiles[(stage_i, idx)]
+        inputs: dict[str, Any] = {}
+        for name, box in tile.in_boxes.items():
+            if name == wiring.frame_input:
+                inputs[name] = np.ascontiguousarray(ctx.x[:, :, box.h0:box.h1, box.w0:box.w1])
+            else:
+                inputs[name] = [(s.box, ctx.results[s.tile][0], s.name) for s in wiring.sources[name]]
+        pieces: dict[str, list[Any]] = {}
+        for p in tile.pieces_in:
+            src = stage.tiles[p.src]
+            pieces.setdefault(p.node, []).append((p.box, ctx.results[(stage_i, p.src)][1], src.pieces_out.index(p)))
+        ctx.placed[(stage_i, idx)] = device
+        in_bytes = (tile.in_bytes if wiring.frame_input else remote_bytes(dep.wiring, (stage_i, idx), ctx.placed, device))
+        cost = {"flops": tile.flops, "in_bytes": in_bytes, "out_bytes": tile.out_bytes + tile.reuse_out_bytes}
+        actor = self.devices[device].actor
+        refs = actor.run_tile.options(num_returns=3).remote(dep.id, stage_i, tile.geometry, inputs, pieces, cost)
+        self.pending[refs[0]] = ("tile", key, device)
+        self._tile_refs[(key, device)] = refs
+
+    def _cancel(self, key: tuple[int, int, int], device: str) -> None:
+        refs = self._tile_refs.get((key, device))
+        if refs is not None:
+            try:
+                ray.cancel(refs[0])
+            except Exception:  # noqa: BLE001 - best effort; the scheduler ignores a late result anyway
+                pass
+
+    def _run_tail(self, fid: int, device: str) -> None:
+        ctx = self.frames[fid]
+        dep = ctx.deployment
+        last = dep.plan.stages[-1]
+        if dep.plan.tail.empty:
+            # nothing to compute: the driver stitches the outputs itself, straight from the workers
+            for t in last.tiles:
+                ref = ctx.results[(last.index, t.index)][0]
+                self.pending[ref] = ("collect", fid, device)
+                ctx.collecting[ref] = (last.index, t.index)
+            ctx.tail_device = device
+            return
+        parts: dict[str, list[Any]] = {}
+        for name in dep.wiring.last_outputs:
+            st = dep.plan.stages[dep.wiring.producers[name]]
+            parts[name] = [(t.out_boxes[name], ctx.results[(st.index, t.index)][0], name) for t in st.tiles]
+        shapes = {n: dep.plan.stages[dep.wiring.producers[n]].shapes[n] for n in parts}
+        given = {dep.plan.input_name: ctx.x} if dep.plan.input_name in dep.plan.tail.inputs else {}
+        actor = self.devices[device].actor
+        meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(dep.id, parts, shapes, given)
+        self.pending[meta_ref] = ("tail", fid, device)
+        self._tail_refs[(fid, device)] = out_ref
+
+    def _on_collected(self, fid: int, ref: Any) -> None:
+        ctx = self.frames.get(fid)
+        if ctx is None:
+            return
+        ctx.collecting.pop(ref, None)
+        if ctx.collecting:
+            return
+        self._execute(self.sched.handle(TailDone(fid, ctx.tail_device, self.now())))
+
+    def _complete(self, fid: int) -> None:
+        ctx = self.frames.pop(fid)
+        dep = ctx.deployment
+        try:
+            if dep.plan.tail.empty:
+                last = dep.plan.stages[-1]
+                env = {}
+                n = ctx.x.shape[0]
+                for name in dep.wiring.last_outputs:
+                    full = np.empty((n, *last.shapes[name]), dtype=ctx.x.dtype)
+                    for t in last.tiles:
+                        b = t.out_boxes[name]
+                        if not b.empty:
+                            full[:, :, b.h0:b.h1, b.w0:b.w1] = ray.get(ctx.results[(last.index, t.index)][0])[name]
+                    env[name] = full
+                result = dep.finish_outputs(env)
+            else:
+                result = dep.finish_tail(ray.get(ctx.tail_result_ref))
+        except Exception as e:  # noqa: BLE001
+            ctx.future.set_exception(FrameFailed(f"frame {fid}: collecting the result failed: {e!r}"))
+            return
+        ctx.done_at = time.monotonic()
+        dep.record_latency(fid, ctx.done_at - ctx.submitted)
+        ctx.future.set_result(result)
+
+    def _fail(self, fid: int, reason: str) -> None:
+        ctx = self.frames.pop(fid, None)
+        if ctx is not None and not ctx.future.done():
+            ctx.future.set_exception(FrameFailed(reason))
+
+    def _record_trace(self, device: str, name: str, meta: dict[str, Any]) -> None:
+        tl = meta.get("timeline")
+        if tl:
+            for lane, a, b in (("rx", "rx_start", "rx_end"), ("compute", "compute_start", "compute_end"),
+                               ("tx", "tx_start", "tx_end")):
+                if tl[b] > tl[a]:
+                    self.trace.append(TraceEvent(device, lane, name, tl[a], tl[b]))
+        else:
+            self.trace.append(TraceEvent(device, "compute", name, meta["finish"] - meta.get("compute_s", 0.0),
+                                         meta["finish"]))
+        if len(self.trace) > 200_000:
+            del self.trace[: len(self.trace) // 2]

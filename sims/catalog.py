@@ -1,0 +1,685 @@
+"""The emulated device catalog: device profiles as data, each with its source.
+
+Why a catalog at all: tilefleet's claims (speedup, memory footprint, behaviour under stealing) are made
+against the devices of the papers it follows (DeepThings' Raspberry Pi 3 over Wi-Fi, MoDNN's phones),
+which are not on the machine that runs the tests. Every such device becomes a :class:`Profile`: how
+fast it computes a conv tile, what each tile costs on top of its arithmetic, how much memory tilefleet
+may use there, and its link to the LAN. The emulator (:mod:`sims.clock`, :mod:`workers.emulation`) and
+the simulator hold a device to exactly these figures, so a figure without a source would be an
+unfalsifiable claim: every profile says where its numbers come from, and says ``assumption`` where
+that is all it is.
+
+The four profiles ``pi3``, ``pi3-24m``, ``pi4`` and ``laptop`` are fixed by tilefleet's spec; the
+others are plausible classes (Jetson Nano CPU and GPU, a GPU server) and ``host``, the machine itself,
+which is never emulated.
+
+Clusters are written as specs such as ``"pi3*4,jetson-nano"`` (:func:`parse_spec`); custom profiles
+come from a TOML file (:func:`load_profiles`). No Ray here, and torch only inside
+:func:`measure_host_gflops`, so the catalog is cheap to import from the CLI and the pure tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import time
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from scheduler.model import DeviceInfo
+
+__all__ = [
+    "BUILTIN",
+    "COMPARABLE_SCALE",
+    "MAX_DEVICES",
+    "SAFETY_MARGIN",
+    "DeviceSpec",
+    "Profile",
+    "ProfileError",
+    "catalog_table",
+    "clock_scale",
+    "host_profile",
+    "load_profiles",
+    "measure_host_gflops",
+    "parse_spec",
+    "profiles",
+    "with_host_gflops",
+]
+
+MiB: Final = 2**20
+GiB: Final = 2**30
+
+MAX_DEVICES: Final = 64
+"""Most devices one spec may name: beyond this an emulated cluster on one machine means nothing."""
+
+SAFETY_MARGIN: Final = 2.0
+"""The host must be at least this many times faster than every emulated device (see :func:`clock_scale`)."""
+
+COMPARABLE_SCALE: Final = 4.0
+"""Runs whose clock scale exceeds this are not comparable to the papers' targets (see :func:`clock_scale`)."""
+
+# A profile name ends up in device ids (``pi3-0``), spec strings and TOML table names, so it must not
+# contain the spec's separators (``*`` and ``,``) or whitespace.
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ProfileError(ValueError):
+    """A profile, a cluster spec or a profile file is wrong; the message names what and where."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one device class can do, as far as tilefleet's cost model and emulator care.
+
+    ``gflops`` is the *sustained* conv rate (not a datasheet peak), because a fused tile is a stack
+    of convolutions and that is what the cost model divides by. ``tile_overhead_s`` is what every tile
+    costs regardless of its size (RPC, interpreter, kernel launches): it is what makes fine grids lose.
+    ``memory_bytes`` is the budget tilefleet's work may use on the device, of which the runtime itself
+    (Python, torch, a Ray worker) takes ``runtime_overhead_bytes`` before any tile runs; a tile must
+    fit in :attr:`usable_bytes`. The link is full duplex, ``link_mbps`` each way, with one-way
+    ``latency_s``. ``emulated`` is False only for ``host``, which runs at its own speed.
+    """
+
+    name: str
+    gflops: float
+    tile_overhead_s: float
+    memory_bytes: int
+    runtime_overhead_bytes: int
+    gpu: bool
+    link_mbps: float
+    latency_s: float
+    klass: str
+    source: str = field(repr=False)  # long prose; reprs of specs and clocks stay readable without it
+    emulated: bool = True
+
+    def __post_init__(self) -> None:
+        # Fail where a profile is built: a zero rate or a NaN latency would otherwise surface as an
+        # infinite or NaN finish time deep inside a simulation, far from the typo that caused it.
+        if not isinstance(self.name, str) or not _NAME_RE.fullmatch(self.name):
+            raise ProfileError(
+                f"profile {self.name!r}: name must be letters, digits, '.', '_' or '-' "
+                "(no '*', ',' or spaces: names appear in cluster specs and device ids)"
+            )
+        for key in ("gflops", "link_mbps"):
+            v = getattr(self, key)
+            if not _is_number(v) or not math.isfinite(v) or v <= 0:
+                raise ProfileError(f"profile {self.name!r}: {key} must be a finite number > 0, got {v!r}")
+        for key in ("tile_overhead_s", "latency_s"):
+            v = getattr(self, key)
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise ProfileError(f"profile {self.name!r}: {key} must be a finite number >= 0, got {v!r}")
+        for key in ("memory_bytes", "runtime_overhead_bytes"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ProfileError(f"profile {self.name!r}: {key} must be an integer >= 0, got {v!r}")
+        if self.runtime_overhead_bytes > self.memory_bytes:
+            raise ProfileError(
+                f"profile {self.name!r}: runtime_overhead_bytes ({self.runtime_overhead_bytes}) exceeds "
+                f"memory_bytes ({self.memory_bytes}): nothing would be left for tiles"
+            )
+        for key in ("gpu", "emulated"):
+            v = getattr(self, key)
+            if not isinstance(v, bool):
+                raise ProfileError(f"profile {self.name!r}: {key} must be a bool, got {v!r}")
+        for key in ("klass", "source"):
+            v = getattr(self, key)
+            if not isinstance(v, str) or not v.strip():
+                raise ProfileError(f"profile {self.name!r}: {key} must be a non-empty string, got {v!r}")
+
+    @property
+    def link_bps(self) -> float:
+        """Link bandwidth in bytes per second, the unit tile sizes come in."""
+        return self.link_mbps * 1e6 / 8
+
+    @property
+    def usable_bytes(self) -> int:
+        """Memory left for tiles (activations and weights) once the runtime has loaded."""
+        return self.memory_bytes - self.runtime_overhead_bytes
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device of a cluster: a stable id (``pi3-0``) and its profile.
+
+    Ids are derived from the spec alone, so the same spec names the same devices in every run, log
+    and report, which is what makes runs comparable and stories (``story(tile)``) readable.
+    """
+
+    id: str
+    profile: Profile
+
+    def info(self) -> DeviceInfo:
+        """The scheduler's view of this device; memory is what is left after the runtime's overhead.
+
+        Imported lazily so the catalog does not drag the scheduler into every import.
+        """
+        from scheduler.model import DeviceInfo
+
+        p = self.profile
+        return DeviceInfo(
+            self.id, p.gflops, p.tile_overhead_s, p.usable_bytes, p.link_bps, p.latency_s, p.gpu, p.klass
+        )
+
+
+def _is_number(v: object) -> bool:
+    # bool is an int subclass; ``gflops = true`` in a TOML file is a mistake, not 1 GFLOP/s.
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in profiles
+# --------------------------------------------------------------------------------------------------
+
+_DEEPTHINGS = "DeepThings (Zhao, Mirzazad Barijough, Gerstlauer; IEEE TCAD 2018)"
+_RUNTIME_NOTE = "runtime overhead {mib} MiB: assumption (CPython + torch + one Ray worker)"
+
+
+def _host_memory_bytes() -> int:
+    """This machine's physical memory; 8 GiB where the OS will not say (the figure only sizes budgets)."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
+    if pages <= 0 or page <= 0:
+        return 8 * GiB
+    return int(pages) * int(page)
+
+
+HOST_GFLOPS_PLACEHOLDER: Final = 80.0
+"""One thread of the reference machine (YOLOv2 layers 0-15 at 608, 26 GFLOP, in about 330 ms)."""
+
+
+def host_profile(gflops: float | None = None) -> Profile:
+    """The machine itself, never emulated: its memory from ``os.sysconf``, a LAN-class loopback.
+
+    ``gflops`` defaults to a placeholder; pass :func:`measure_host_gflops`'s figure to make it real.
+    It is a function, not only a constant, because only the caller knows whether a measurement
+    (about 0.3 s of torch) is worth paying for.
+    """
+    mem = _host_memory_bytes()
+    measured = gflops is not None
+    g = HOST_GFLOPS_PLACEHOLDER if gflops is None else float(gflops)
+    return Profile(
+        name="host",
+        gflops=g,
+        tile_overhead_s=0.6e-3,
+        memory_bytes=mem,
+        runtime_overhead_bytes=min(700 * MiB, mem),
+        gpu=False,
+        link_mbps=10_000.0,
+        latency_s=0.0,
+        klass="host",
+        source=(
+            ("gflops measured by measure_host_gflops" if measured else
+             "gflops placeholder 80 (one thread of the reference machine: YOLOv2 layers 0-15, 26 GFLOP, "
+             "about 330 ms); refine with measure_host_gflops")
+            + "; memory from os.sysconf; per-tile overhead 0.6 ms = a measured Ray actor call; runtime "
+            "overhead 700 MiB = measured local Ray instance (about 620 MB) + one worker (about 80 MB); "
+            "link 10 Gbit/s and zero latency: assumption (loopback, nothing emulated)"
+        ),
+        emulated=False,
+    )
+
+
+def _builtin() -> dict[str, Profile]:
+    ps = [
+        Profile(
+            name="pi3",
+            gflops=4.0,
+            tile_overhead_s=5e-3,
+            memory_bytes=512 * MiB,
+            runtime_overhead_bytes=160 * MiB,
+            gpu=False,
+            link_mbps=40.0,
+            latency_s=3e-3,
+            klass="raspberry-pi",
+            source=(
+                f"Raspberry Pi 3 over Wi-Fi, the device of {_DEEPTHINGS}; speed, per-tile overhead, "
+                "link (effective 802.11n) and latency are tilefleet spec figures (assumption, not "
+                "measured); 512 MiB of the board's 1 GB left to tilefleet: assumption; "
+                + _RUNTIME_NOTE.format(mib=160)
+            ),
+        ),
+        Profile(
+            name="pi3-24m",
+            gflops=4.0,
+            tile_overhead_s=5e-3,
+            memory_bytes=24 * MiB,
+            runtime_overhead_bytes=0,
+            gpu=False,
+            link_mbps=40.0,
+            latency_s=3e-3,
+            klass="raspberry-pi",
+            source=(
+                f"pi3 held to DeepThings' memory setting: {_DEEPTHINGS} report under 23 MB per device "
+                "for YOLOv2 layers 0-15 with Darknet in C, so 24 MiB with no runtime overhead (their "
+                "footprint counts only the network's data); speed, link and latency as pi3 (assumption)"
+            ),
+        ),
+        Profile(
+            name="pi4",
+            gflops=12.0,
+            tile_overhead_s=3e-3,
+            memory_bytes=2 * GiB,
+            runtime_overhead_bytes=200 * MiB,
+            gpu=False,
+            link_mbps=100.0,
+            latency_s=2e-3,
+            klass="raspberry-pi",
+            source=(
+                "Raspberry Pi 4 (Cortex-A72); speed, per-tile overhead and latency are tilefleet spec "
+                "figures (assumption); 100 Mbit/s as the links of DeeperThings' evaluation; 2 GiB budget: "
+                "assumption; runtime overhead 200 MiB: assumption (as pi3, plus larger 64-bit aarch64 "
+                "torch and Ray wheels)"
+            ),
+        ),
+        Profile(
+            name="laptop",
+            gflops=60.0,
+            tile_overhead_s=1e-3,
+            memory_bytes=8 * GiB,
+            runtime_overhead_bytes=400 * MiB,
+            gpu=False,
+            link_mbps=300.0,
+            latency_s=2e-3,
+            klass="laptop",
+            source=(
+                "a recent x86 laptop on Wi-Fi 5; speed, per-tile overhead, link and latency are tilefleet "
+                "spec figures (assumption); runtime overhead 400 MiB: assumption (x86 torch with oneDNN "
+                "and a Ray worker are larger than on a Pi)"
+            ),
+        ),
+        Profile(
+            name="jetson-nano",
+            gflops=10.0,
+            tile_overhead_s=3e-3,
+            memory_bytes=2 * GiB,
+            runtime_overhead_bytes=300 * MiB,
+            gpu=False,
+            link_mbps=1000.0,
+            latency_s=1e-3,
+            klass="jetson",
+            source=(
+                "Jetson Nano on its CPU only (4x Cortex-A57, 4 GB shared LPDDR4, Gigabit Ethernet per "
+                "NVIDIA's datasheet); 10 GFLOP/s, per-tile overhead and 1 ms wired latency: assumption; "
+                "2 GiB of the 4 GB left after the OS: assumption; runtime overhead 300 MiB: assumption"
+            ),
+        ),
+        Profile(
+            name="jetson-gpu",
+            gflops=200.0,
+            tile_overhead_s=5e-3,
+            memory_bytes=2 * GiB,
+            runtime_overhead_bytes=900 * MiB,
+            gpu=True,
+            link_mbps=1000.0,
+            latency_s=1e-3,
+            klass="jetson",
+            source=(
+                "Jetson Nano's 128-core Maxwell GPU (NVIDIA lists 472 GFLOPS fp16, so about 236 fp32 "
+                "peak); 200 GFLOP/s effective fp32 conv: assumption; per-tile overhead 5 ms (launches and "
+                "synchronisation driven by a slow CPU): assumption; 2 GiB of the 4 GB shared memory: "
+                "assumption; runtime overhead 900 MiB (CUDA context + torch + Ray worker): assumption"
+            ),
+        ),
+        Profile(
+            name="gpu-server",
+            gflops=10_000.0,
+            tile_overhead_s=0.5e-3,
+            memory_bytes=24 * GiB,
+            runtime_overhead_bytes=1536 * MiB,
+            gpu=True,
+            link_mbps=1000.0,
+            latency_s=0.5e-3,
+            klass="gpu-server",
+            source=(
+                "a server with one 24 GiB GPU on Gigabit Ethernet; 10 TFLOP/s sustained fp32 conv, "
+                "per-tile overhead, latency and a 1.5 GiB runtime overhead (CUDA context + torch + Ray "
+                "worker): assumption"
+            ),
+        ),
+        host_profile(),
+    ]
+    return {p.name: p for p in ps}
+
+
+BUILTIN: Final[Mapping[str, Profile]] = MappingProxyType(_builtin())
+"""The built-in profiles by name, read-only: tests and reports rely on them never changing at run time."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster specs
+# --------------------------------------------------------------------------------------------------
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    """A ``did you mean`` hint; typos in specs are the common error and the cheapest to fix."""
+    known = sorted(known)
+    lowered = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
+    hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
+    return f"{hint} known profiles: {', '.join(known)}"
+
+
+def _lookup(name: str, table: Mapping[str, Profile], where: str) -> Profile:
+    if name in table:
+        return table[name]
+    # Accept a case slip ("Pi3") when it is unambiguous; device ids then use the canonical name.
+    folded = [k for k in table if k.lower() == name.lower()]
+    if len(folded) == 1:
+        return table[folded[0]]
+    raise ProfileError(f"unknown device profile {name!r} in {where}{_suggest(name, table)}")
+
+
+def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None) -> list[DeviceSpec]:
+    """Turn ``"pi3*2, pi4*2, laptop"`` into devices with stable ids (``pi3-0``, ``pi3-1``, ...).
+
+    Ids are numbered per profile name across the whole spec (``"pi3, pi4, pi3"`` gives ``pi3-0``,
+    ``pi4-0``, ``pi3-1``), so adding a device of another class never renames existing ones. Profiles
+    in ``extra`` are looked up before the built-ins, which lets a profile file override nothing by
+    accident yet still be used by name. Every error says what was wrong, where, and what is accepted.
+    """
+    if not isinstance(spec, str):
+        raise ProfileError(f"cluster spec must be a string such as 'pi3*4,jetson-nano', got {spec!r}")
+    table: dict[str, Profile] = dict(BUILTIN)
+    if extra:
+        table.update(extra)
+    if not spec.strip():
+        raise ProfileError(
+            "empty cluster spec; write e.g. 'pi3*4,jetson-nano' (profile[*count], comma-separated)"
+        )
+    entries: list[tuple[Profile, int]] = []
+    total = 0
+    for pos, raw in enumerate(spec.split(","), start=1):
+        item = raw.strip()
+        where = f"entry {pos} ({item!r}) of spec {spec!r}"
+        if not item:
+            raise ProfileError(f"empty entry {pos} in cluster spec {spec!r}; entries are profile[*count]")
+        name, star, count_s = item.partition("*")
+        name, count_s = name.strip(), count_s.strip()
+        if star:
+            if not re.fullmatch(r"[0-9]+", count_s) or int(count_s) < 1:
+                raise ProfileError(
+                    f"bad count {count_s!r} in {where}: the count after '*' must be a whole number >= 1"
+                )
+            count = int(count_s)
+        else:
+            count = 1
+        if not name:
+            raise ProfileError(f"missing profile name in {where}")
+        profile = _lookup(name, table, where)
+        total += count
+        if total > MAX_DEVICES:
+            raise ProfileError(
+                f"cluster spec {spec!r} names more than {MAX_DEVICES} devices; "
+                "one machine cannot emulate a cluster that large meaningfully"
+            )
+        entries.append((profile, count))
+    seen: dict[str, int] = {}
+    out: list[DeviceSpec] = []
+    for profile, count in entries:
+        for _ in range(count):
+            k = seen.get(profile.name, 0)
+            seen[profile.name] = k + 1
+            out.append(DeviceSpec(f"{profile.name}-{k}", profile))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile files (TOML)
+# --------------------------------------------------------------------------------------------------
+
+# TOML key -> (Profile field, unit multiplier, kind). Units in the file are the ones people quote
+# (ms, MiB, Mbit/s); the dataclass keeps SI seconds and bytes so arithmetic never needs a conversion.
+_TOML_KEYS: Final[Mapping[str, tuple[str, float, str]]] = MappingProxyType(
+    {
+        "gflops": ("gflops", 1.0, "number"),
+        "tile_overhead_ms": ("tile_overhead_s", 1e-3, "number"),
+        "memory_mib": ("memory_bytes", float(MiB), "bytes"),
+        "runtime_overhead_mib": ("runtime_overhead_bytes", float(MiB), "bytes"),
+        "gpu": ("gpu", 1.0, "bool"),
+        "link_mbps": ("link_mbps", 1.0, "number"),
+        "latency_ms": ("latency_s", 1e-3, "number"),
+        "klass": ("klass", 1.0, "str"),
+        "source": ("source", 1.0, "str"),
+    }
+)
+_KIND_WORDS: Final = {"number": "a number", "bytes": "a number (MiB)", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(v: Any, kind: str) -> bool:
+    if kind in ("number", "bytes"):
+        return _is_number(v) and math.isfinite(v)
+    if kind == "bool":
+        return isinstance(v, bool)
+    return isinstance(v, str)
+
+
+def load_profiles(path: str | os.PathLike[str]) -> dict[str, Profile]:
+    """Read custom profiles from ``[profiles.NAME]`` tables of a TOML file.
+
+    Keys: ``gflops``, ``tile_overhead_ms``, ``memory_mib``, ``runtime_overhead_mib``, ``gpu``,
+    ``link_mbps``, ``latency_ms``, ``klass``, ``source``. Without ``base`` every key is required (a
+    measured device should say everything it is, including where the figures come from); with
+    ``base = "pi4"`` the missing keys come from that built-in profile, and ``source`` defaults to a
+    note naming the base and what was changed. Custom profiles are always emulated, and may not reuse
+    a built-in name, because results quoted against ``pi3`` must mean the spec's pi3.
+    Errors name the file, the profile and the key.
+    """
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(f"{p}: profile file not found") from None
+    except OSError as e:
+        raise ProfileError(f"{p}: cannot read profile file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"{p}: not UTF-8 text: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{p}: not valid TOML: {e}") from None
+    unknown_top = sorted(set(data) - {"profiles"})
+    if unknown_top:
+        raise ProfileError(
+            f"{p}: unknown top-level key(s) {unknown_top}; profiles go in [profiles.NAME] tables"
+        )
+    tables = data.get("profiles", {})
+    if not isinstance(tables, dict):
+        raise ProfileError(f"{p}: 'profiles' must be a table of [profiles.NAME] tables")
+    out: dict[str, Profile] = {}
+    for name, table in tables.items():
+        out[name] = _profile_from_table(p, name, table)
+    return out
+
+
+def _profile_from_table(p: Path, name: str, table: Any) -> Profile:
+    where = f"{p}: profile {name!r}"
+    if not isinstance(table, dict):
+        raise ProfileError(f"{where}: must be a table ([profiles.{name}]), got {type(table).__name__}")
+    if name in BUILTIN:
+        raise ProfileError(f"{where}: redefines the built-in profile; pick a new name and set base = {name!r}")
+    allowed = set(_TOML_KEYS) | {"base"}
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ProfileError(f"{where}: unknown key {key!r}{hint} allowed keys: {', '.join(sorted(allowed))}")
+    kw: dict[str, Any] = {}
+    base: Profile | None = None
+    if "base" in table:
+        b = table["base"]
+        if not isinstance(b, str):
+            raise ProfileError(f"{where}: key 'base' must be a string naming a built-in profile, got {b!r}")
+        if b not in BUILTIN:
+            raise ProfileError(f"{where}: key 'base' names unknown profile {b!r}{_suggest(b, BUILTIN)}")
+        base = BUILTIN[b]
+        kw = {f.name: getattr(base, f.name) for f in fields(Profile)}
+    for key, (attr, mult, kind) in _TOML_KEYS.items():
+        if key not in table:
+            if base is None:
+                raise ProfileError(f"{where}: missing key {key!r} (or set base = 'pi4' etc. to inherit it)")
+            continue
+        v = table[key]
+        if not _check_type(v, kind):
+            raise ProfileError(f"{where}: key {key!r} must be {_KIND_WORDS[kind]}, got {v!r}")
+        if kind == "number":
+            kw[attr] = float(v) * mult
+        elif kind == "bytes":
+            if v < 0:
+                raise ProfileError(f"{where}: key {key!r} must be >= 0, got {v!r}")
+            kw[attr] = int(round(v * mult))
+        else:
+            kw[attr] = v
+    if base is not None and "source" not in table:
+        changed = [k for k in _TOML_KEYS if k in table]
+        kw["source"] = (
+            f"{p.name}: {base.name} with {', '.join(changed) if changed else 'nothing'} changed; "
+            f"{base.name}'s source: {base.source}"
+        )
+    kw["name"] = name
+    kw["emulated"] = True
+    try:
+        return Profile(**kw)
+    except ProfileError as e:
+        raise ProfileError(f"{p}: {e}") from None
+
+
+def profiles(extra_path: str | os.PathLike[str] | None = None) -> dict[str, Profile]:
+    """Built-ins plus the custom profiles of ``extra_path`` (if given), by name."""
+    out = dict(BUILTIN)
+    if extra_path is not None:
+        out.update(load_profiles(extra_path))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Host speed and the emulation clock scale
+# --------------------------------------------------------------------------------------------------
+
+_HOST_GFLOPS: dict[int, float] = {}
+
+
+def measure_host_gflops(seconds: float = 0.3, threads: int = 1, *, refresh: bool = False) -> float:
+    """Sustained conv GFLOP/s of this machine on ``threads`` torch threads, cached per process.
+
+    Emulation is only honest while the host outruns every emulated device (:func:`clock_scale`), so
+    the host's speed must be known, and known for the shape of work tiles do: a 64->64 3x3 conv on
+    1x64x76x76, a YOLOv2-sized layer (0.43 GFLOP, counted as 2 * MACs), not a matrix-multiply peak.
+    After a warm-up (allocator, oneDNN kernel selection), runs repeat for about ``seconds``; the rate
+    comes from the *median* run, which ignores the odd run preempted by a concurrent process while
+    still describing sustained, not best-case, speed. torch's thread count is restored afterwards,
+    since workers set their own. The first measurement per thread count is kept (``refresh=True``
+    measures again): the figure sizes the clock scale, which must not drift within one run.
+    """
+    if not (_is_number(seconds) and math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if not refresh and threads in _HOST_GFLOPS:
+        return _HOST_GFLOPS[threads]
+
+    import torch  # local: the catalog must stay importable (and cheap) without paying for torch
+
+    c, h, w, k = 64, 76, 76, 3
+    flops = 2 * c * c * k * k * h * w  # stride 1, padding 1: output is h x w
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, c, h, w, generator=gen)
+        weight = torch.randn(c, c, k, k, generator=gen) * 0.05
+        with torch.inference_mode():
+            for _ in range(3):
+                torch.nn.functional.conv2d(x, weight, padding=1)
+            times: list[float] = []
+            start = time.perf_counter()
+            while True:
+                t0 = time.perf_counter()
+                torch.nn.functional.conv2d(x, weight, padding=1)
+                t1 = time.perf_counter()
+                times.append(t1 - t0)
+                if len(times) >= 5 and t1 - start >= seconds:
+                    break
+    finally:
+        torch.set_num_threads(before)
+    times.sort()
+    median = times[len(times) // 2]
+    rate = flops / max(median, 1e-9) / 1e9
+    _HOST_GFLOPS[threads] = rate
+    return rate
+
+
+def clock_scale(profiles: Sequence[Profile], host_gflops: float) -> float:
+    """How much to slow the emulated clock so the host stays well ahead of every emulated device.
+
+    An emulated tile really runs on the host and then waits until its emulated finish time; if the
+    host needs longer than the emulated device would, the device is emulated *too slow* and the
+    result is silently wrong. With :data:`SAFETY_MARGIN` = 2 (room for Ray, the driver and other
+    workers sharing the host) the scale is ``s = max(1, 2 * max(emulated gflops) / host_gflops)``,
+    and every emulated duration (compute, transfer, latency) is multiplied by ``s``. Non-emulated
+    profiles (``host``) do not count. Relative results survive scaling, but absolute ones drift as
+    Ray's own real, unscaled costs shrink in comparison: runs with ``s > 4``
+    (:data:`COMPARABLE_SCALE`) are not comparable to the targets (DeepThings' and MoDNN's figures),
+    and reports should say so.
+    """
+    if not (_is_number(host_gflops) and math.isfinite(host_gflops) and host_gflops > 0):
+        raise ValueError(f"host_gflops must be a finite number > 0, got {host_gflops!r}")
+    fastest = max((p.gflops for p in profiles if p.emulated), default=0.0)
+    return max(1.0, SAFETY_MARGIN * fastest / host_gflops)
+
+
+# --------------------------------------------------------------------------------------------------
+# Table for the CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _fmt_num(v: float) -> str:
+    return f"{v:g}" if v >= 1 or v == 0 else f"{v:.3g}"
+
+
+def catalog_table(extra: Mapping[str, Profile] | None = None) -> str:
+    """All profiles as an aligned text table, sources last, for ``tilefleet devices`` and reports."""
+    table: dict[str, Profile] = dict(BUILTIN)
+    if extra:
+        table.update(extra)
+    head = [
+        "profile", "GFLOP/s", "overhead ms", "memory MiB", "runtime MiB", "GPU", "link Mbit/s", "latency ms", "source"
+    ]
+    rows = [
+        [
+            p.name + ("" if p.emulated else " (real)"),
+            _fmt_num(p.gflops),
+            _fmt_num(p.tile_overhead_s * 1e3),
+            _fmt_num(round(p.memory_bytes / MiB, 1)),
+            _fmt_num(round(p.runtime_overhead_bytes / MiB, 1)),
+            "yes" if p.gpu else "no",
+            _fmt_num(p.link_mbps),
+            _fmt_num(p.latency_s * 1e3),
+            p.source,
+        ]
+        for p in table.values()
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        mid = [c.rjust(wd) for c, wd in zip(cells[1:-1], widths[1:])]
+        return "  ".join([first, *mid, cells[-1]]).rstrip()
+
+    sep = "  ".join(["-" * wd for wd in widths] + ["-" * len(head[-1])])
+    return "\n".join([line(head), sep, *(line(r) for r in rows)])
+
+
+def with_host_gflops(table: Mapping[str, Profile], gflops: float) -> dict[str, Profile]:
+    """A copy of ``table`` whose non-emulated profiles carry a measured rate instead of the placeholder."""
+    return {
+        k: (replace(v, gflops=float(gflops), source=host_profile(gflops).source) if not v.emulated else v)
+        for k, v in table.items()
+    }

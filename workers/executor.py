@@ -1,0 +1,169 @@
+"""The tile executor: plain torch, no Ray. Holds stage weights once, runs tiles, never raises.
+
+The Ray actor (``workers/actor.py``) is a thin shell around this class, and tests drive it directly.
+Tiles arrive as numpy arrays (Ray moves numpy several times faster than torch tensors) covering
+exactly the tile's input boxes, or as parts from which those boxes are assembled (outputs of the
+previous stage's tiles, handed from worker to worker). The device is chosen here, in one place:
+CUDA when torch sees a GPU and the caller allows it, CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tiling.geometry import Box
+from tiling.program import StageProgram
+from tiling.regions import TileGeometry
+
+Part = tuple[Box, np.ndarray]  # a region of some tensor, in that tensor's coordinates
+
+
+@dataclass
+class TileResult:
+    outputs: dict[str, np.ndarray]  # stage output name -> the tile's box of it
+    exports: list[np.ndarray]  # reuse pieces for neighbours, in geometry.pieces_out order
+    compute_s: float  # wall time of the torch work on this host
+    bytes_in: int
+    bytes_out: int
+    device: str = "cpu"
+
+
+@dataclass
+class TileFailure:
+    """A tile that could not run: a value, not an exception, so the caller's state never breaks."""
+
+    error: str
+    message: str
+    retryable: bool
+    detail: str = field(default="", repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.error}: {self.message}"
+
+
+def pick_device(prefer_cuda: bool = True) -> torch.device:
+    """CUDA when torch itself sees a GPU (Ray's fake ``num_gpus`` does not count), else CPU."""
+    if prefer_cuda and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def assemble(box: Box, parts: Sequence[Part], channels: int, batch: int, dtype: np.dtype) -> np.ndarray:
+    """Cut ``box`` out of several parts that together cover it (previous-stage tile outputs)."""
+    out = np.empty((batch, channels, box.height, box.width), dtype=dtype)
+    covered = 0
+    for pbox, arr in parts:
+        inter = pbox.intersect(box)
+        if inter.empty:
+            continue
+        src_h, src_w = inter.relative_to(pbox)
+        dst_h, dst_w = inter.relative_to(box)
+        out[:, :, dst_h, dst_w] = arr[:, :, src_h, src_w]
+        covered += inter.area
+    if covered < box.area:
+        raise ValueError(f"parts cover {covered} of the {box.area} pixels of {box}")
+    return out
+
+
+class TileExecutor:
+    """Runs tiles of the stages it holds, on one torch device, with a fixed thread count."""
+
+    def __init__(self, *, threads: int | None = None, prefer_cuda: bool = True, allow_tf32: bool = False) -> None:
+        self.device = pick_device(prefer_cuda)
+        if threads is not None:
+            torch.set_num_threads(max(1, int(threads)))
+        if self.device.type == "cuda":
+            # TF32 would trade exactness (1e-4) for speed: only when the user asks
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            torch.backends.cudnn.allow_tf32 = allow_tf32
+        self.stages: dict[tuple[str, int], StageProgram] = {}
+
+    # --- weights ---------------------------------------------------------------------------------
+    def load(self, deployment: str, programs: Mapping[int, StageProgram]) -> int:
+        """Hold these stages' weights (once per deployment); returns the bytes now held for it."""
+        for k, prog in programs.items():
+            self.stages[(deployment, k)] = prog.to(self.device).eval()
+        return sum(p.weight_bytes for (d, _), p in self.stages.items() if d == deployment)
+
+    def unload(self, deployment: str) -> None:
+        for key in [k for k in self.stages if k[0] == deployment]:
+            del self.stages[key]
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.weight_bytes for p in self.stages.values())
+
+    # --- tiles -----------------------------------------------------------------------------------
+    def run(self, deployment: str, stage: int, geo: TileGeometry,
+            inputs: Mapping[str, np.ndarray | Sequence[Part]],
+            pieces: Mapping[str, Sequence[Part]] | None = None) -> TileResult | TileFailure:
+        """Run one tile. ``inputs`` maps each stage input to its crop, or to parts to assemble."""
+        prog = self.stages.get((deployment, stage))
+        if prog is None:
+            return TileFailure("NotLoaded", f"stage {stage} of deployment '{deployment}' is not loaded here",
+                               retryable=True)
+        try:
+            t0 = time.perf_counter()
+            crops: dict[str, torch.Tensor] = {}
+            bytes_in = 0
+            for name in prog.stage_inputs:
+                value = inputs[name]
+                box = geo.in_boxes[name]
+                if not isinstance(value, np.ndarray):
+                    parts = list(value)
+                    ref = parts[0][1]
+                    value = assemble(box, parts, ref.shape[1], ref.shape[0], ref.dtype)
+                bytes_in += value.nbytes
+                crops[name] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+            tp: dict[str, list[tuple[Box, torch.Tensor]]] = {}
+            for node, parts in (pieces or {}).items():
+                for b, arr in parts:
+                    bytes_in += arr.nbytes
+                    tp.setdefault(node, []).append((b, torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)))
+            outs, exports = prog.run_tile(geo, crops, tp)
+            res_out = {k: _numpy(v) for k, v in outs.items()}
+            res_exp = [_numpy(v) for v in exports]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            bytes_out = sum(a.nbytes for a in res_out.values()) + sum(a.nbytes for a in res_exp)
+            return TileResult(res_out, res_exp, dt, bytes_in, bytes_out, self.device.type)
+        except torch.cuda.OutOfMemoryError as e:
+            return TileFailure("OutOfMemory", str(e).splitlines()[0], retryable=True, detail=traceback.format_exc())
+        except MemoryError as e:
+            return TileFailure("OutOfMemory", str(e) or "host memory exhausted", retryable=True,
+                               detail=traceback.format_exc())
+        except (KeyError, ValueError, RuntimeError, TypeError, AssertionError) as e:
+            return TileFailure(type(e).__name__, str(e), retryable=False, detail=traceback.format_exc())
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu").contiguous().numpy()
+
+
+def to_numpy_tree(x: Any) -> Any:
+    """Tensors to numpy throughout a nested result (for the trip back to the client)."""
+    if isinstance(x, torch.Tensor):
+        return _numpy(x)
+    if isinstance(x, dict):
+        return {k: to_numpy_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_numpy_tree(v) for v in x)
+    return x
+
+
+def to_torch_tree(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy() if not x.flags.writeable else x)
+    if isinstance(x, dict):
+        return {k: to_torch_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_torch_tree(v) for v in x)
+    return x
