@@ -228,7 +228,8 @@ class Deployment:
         if isinstance(grid, str) and grid == "auto":
             from .planner import choose_plan
 
-            self.plan, self.choice = choose_plan(model, example, cluster, mode=mode, **kw)
+            alive = [DeviceSpec(d.info.id, d.profile) for d in cluster._devices.values() if d.alive]
+            self.plan, self.choice = choose_plan(model, example, alive, mode=mode, scale=cluster.scale, **kw)
         else:
             self.plan = tiling.partition(model, example, grid, **kw)
             self.choice = None
@@ -241,13 +242,15 @@ class Deployment:
         ray.get([d.actor.load.remote(self.id, programs, tail) for d in alive], timeout=300)
         self.deploy_s = time.monotonic() - t0
         self.latencies: dict[int, float] = {}
+        self.counters: dict[str, dict[str, Any]] = {}
         self.closed = False
         self._tail_weights = sum(p.numel() * p.element_size() for p in self.plan.tail.gm.parameters())
         self._frame_bytes = int(np.prod(self.plan.input_shape)) * example.element_size()
 
     # --- frames --------------------------------------------------------------------------------------
     def frame_spec(self, fid: int) -> Any:
-        return frame_spec(self.wiring, fid, self.id, 0, self._frame_bytes, 0, self._tail_weights)
+        return frame_spec(self.wiring, fid, self.id, self.plan.tail.flops, self._frame_bytes, self.plan.tail.out_bytes,
+                          self._tail_weights)
 
     def _as_batch(self, x: Any) -> tuple[np.ndarray, bool]:
         if not isinstance(x, torch.Tensor):
@@ -305,24 +308,41 @@ class Deployment:
     def record_latency(self, fid: int, seconds: float) -> None:
         self.latencies[fid] = seconds
 
+    def record_tile(self, device: str, meta: dict[str, Any], tail: bool = False) -> None:
+        """Called by the driver for every accepted result of this deployment."""
+        c = self.counters.setdefault(device, _counter())
+        c["tails" if tail else "tiles"] += 1
+        tl = meta.get("timeline")
+        c["busy_s"] += (tl["compute_end"] - tl["compute_start"]) if tl else meta.get("compute_s", 0.0)
+        c["host_compute_s"] += meta.get("compute_s", 0.0)
+        c["bytes_in"] += meta.get("bytes_in", 0)
+        c["bytes_out"] += meta.get("bytes_out", 0)
+        if tl and meta.get("compute_s", 0.0) > tl["compute_end"] - tl["compute_start"]:
+            c["host_too_slow"] += 1  # the real compute took longer than the emulated device: say so
+
+    def record_failure(self, device: str) -> None:
+        self.counters.setdefault(device, _counter())["failures"] += 1
+
     # --- reports -------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        st = self.cluster.driver.call(lambda: self.cluster.driver.sched.stats())
+        """Per device: tiles, busy (emulated compute) seconds, bytes, peak bytes, steals, retries;
+        per frame: latency. Steals and retries are the cluster's (the scheduler's) counters."""
+        sched = self.cluster.driver.call(lambda: self.cluster.driver.sched.stats())
         lat = list(self.latencies.values())
-        peak = {t.index: t.peak_bytes for t in self.plan.tiles}
+        stage_w = sum(s.weight_bytes for s in self.plan.stages)
+        worst_tile = max((t.peak_bytes + t.reuse_in_bytes for s in self.plan.stages for t in s.tiles), default=0)
         devices = {}
-        for did, s in st.items():
-            devices[did] = {"tiles": s.tiles_done, "tails": s.tails_done, "busy_s": s.busy_s,
-                            "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "steals": s.steals,
-                            "retries": s.retries, "failures": s.failures, "alive": s.alive,
-                            "memory_in_use": s.memory_in_use,
-                            "peak_bytes": max((st_.weight_bytes for st_ in self.plan.stages), default=0)
-                            + max(peak.values(), default=0)}
-        frames = {"count": len(lat)}
+        for did, dev in self.cluster._devices.items():
+            c = self.counters.get(did, _counter())
+            s = sched.get(did)
+            devices[did] = {**c, "alive": dev.alive, "steals": s.steals if s else 0, "retries": s.retries if s else 0,
+                            "peak_bytes": (stage_w + worst_tile) if c["tiles"] else 0}
+        frames: dict[str, Any] = {"count": len(lat)}
         if lat:
             frames.update(p50_ms=_pct(lat, 50) * 1e3, p95_ms=_pct(lat, 95) * 1e3, mean_ms=statistics.mean(lat) * 1e3)
         return {"devices": devices, "frames": frames, "latency_s": dict(self.latencies),
-                "deploy_s": self.deploy_s, "scale": self.cluster.scale}
+                "deploy_s": self.deploy_s, "scale": self.cluster.scale,
+                "detection_s": self.cluster.detection_times()}
 
     def trace(self, path: str | os.PathLike[str]) -> Path:
         """Write a Chrome trace (chrome://tracing, Perfetto) of tiles and transfers per device."""
@@ -365,6 +385,11 @@ class Deployment:
         if self.closed:
             raise ClusterClosed("this deployment is closed; deploy again")
         self.cluster._check()
+
+
+def _counter() -> dict[str, Any]:
+    return {"tiles": 0, "tails": 0, "busy_s": 0.0, "host_compute_s": 0.0, "bytes_in": 0, "bytes_out": 0,
+            "failures": 0, "host_too_slow": 0}
 
 
 def _pct(values: Sequence[float], q: float) -> float:

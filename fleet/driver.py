@@ -159,7 +159,10 @@ class Driver:
                 return
 
     def _on_ready(self, ref: Any) -> None:
-        kind, subject, device = self.pending.pop(ref)
+        entry = self.pending.pop(ref, None)
+        if entry is None:
+            return  # dropped meanwhile (its device was lost while this batch was being handled)
+        kind, subject, device = entry
         if kind == "collect":
             self._on_collected(subject, ref)
             return
@@ -187,11 +190,14 @@ class Driver:
             self._record_trace(device, f"f{fid} s{stage} t{idx}", meta)
             if ctx is not None and refs is not None and self.sched.expects(key, device):
                 ctx.results[(stage, idx)] = (refs[1], refs[2], device)
+                ctx.deployment.record_tile(device, meta)
             busy = meta.get("timeline", {})
             compute_s = busy.get("compute_end", 0.0) - busy.get("compute_start", 0.0) if busy else meta.get("compute_s", 0.0)
             ev: Any = TileDone(key, device, t, compute_s=compute_s, bytes_in=meta.get("bytes_in", 0),
                                bytes_out=meta.get("bytes_out", 0))
         else:
+            if ctx is not None:
+                ctx.deployment.record_failure(device)
             ev = TileFailed(key, device, t, error=f"{meta.get('error')}: {meta.get('message')}",
                             retryable=bool(meta.get("retryable", True)))
         self._execute(self.sched.handle(ev))
@@ -201,6 +207,7 @@ class Driver:
         ref = self._tail_refs.pop((fid, device), None)
         if meta.get("ok") and ctx is not None and ref is not None:
             ctx.tail_result_ref = ref
+            ctx.deployment.record_tile(device, meta, tail=True)
             self._record_trace(device, f"f{fid} tail", meta)
             ev: Any = TailDone(fid, device, t, compute_s=meta.get("compute_s", 0.0))
         else:
@@ -294,10 +301,21 @@ class Driver:
             parts[name] = [(t.out_boxes[name], ctx.results[(st.index, t.index)][0], name) for t in st.tiles]
         shapes = {n: dep.plan.stages[dep.wiring.producers[n]].shapes[n] for n in parts}
         given = {dep.plan.input_name: ctx.x} if dep.plan.input_name in dep.plan.tail.inputs else {}
+        remote = sum(dep.wiring.channels[name] * b.area * ctx.x.itemsize
+                      for name, plist in parts.items() for b, ref, _ in plist
+                      if ctx.placed.get(self._producer_of(ctx, ref)) != device)
+        cost = {"flops": dep.plan.tail.flops, "in_bytes": remote, "out_bytes": dep.plan.tail.out_bytes}
         actor = self.devices[device].actor
-        meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(dep.id, parts, shapes, given)
+        meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(dep.id, parts, shapes, given, cost)
         self.pending[meta_ref] = ("tail", fid, device)
         self._tail_refs[(fid, device)] = out_ref
+
+    @staticmethod
+    def _producer_of(ctx: FrameCtx, ref: Any) -> TileRef | None:
+        for tref, (out_ref, _, _) in ctx.results.items():
+            if out_ref == ref:
+                return tref
+        return None
 
     def _on_collected(self, fid: int, ref: Any) -> None:
         ctx = self.frames.get(fid)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from .errors import GridError, InputMismatch, NotTileable, TilingError, TraceFailure
 from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
-from .plan import Plan, Stage, Tail, Tile, partition, rel_error, run_stage
+from .plan import Partitioner, Plan, Stage, Tail, Tile, partition, rel_error, run_stage
 from .program import StageProgram
 from .regions import Piece, TileGeometry
 from . import zoo  # noqa: E402  (after the core: the zoo uses it)
 from .darknet import load_darknet  # noqa: E402
 
 __all__ = [
-    "Box", "GridError", "InputMismatch", "NotTileable", "Piece", "Plan", "Stage", "StageProgram", "Tail",
+    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "Stage", "StageProgram", "Tail",
     "Tile", "TileGeometry", "TilingError", "TraceFailure", "deepthings_cuts", "even_cuts", "load_darknet",
     "partition", "rel_error", "run_stage", "weighted_cuts", "zoo",
 ]

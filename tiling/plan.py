@@ -141,6 +141,8 @@ class Tail:
                 self.nodes.append(node.name)
         self.gm = fx.GraphModule(gm, graph)
         self.input_name = input_name
+        self.flops = _tail_flops(gm, fused)
+        self.out_bytes = _tail_out_bytes(gm)
 
     @property
     def empty(self) -> bool:
@@ -149,6 +151,46 @@ class Tail:
     @torch.no_grad()
     def run(self, env: Mapping[str, Any]) -> Any:
         return self.gm(*(env[n] for n in self.inputs))
+
+
+def _tail_flops(gm: fx.GraphModule, fused: set[str]) -> int:
+    """2 x multiply-adds of the convs and linear layers the tail runs, per frame (from traced shapes)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.name in fused:
+            continue
+        mod = gm.get_submodule(str(node.target))
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape") or not len(meta.shape):
+            continue
+        per_frame = math.prod(meta.shape) // max(1, int(meta.shape[0]))
+        if isinstance(mod, nn.Conv2d):
+            total += 2 * per_frame * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
+        elif isinstance(mod, nn.Linear):
+            total += 2 * per_frame * mod.in_features
+    return total
+
+
+def _tail_out_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the model's outputs per frame (what the tail's device sends back)."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            for arg in _leaves(node.args[0]):
+                meta = arg.meta.get("tensor_meta")
+                if meta is not None and hasattr(meta, "shape") and len(meta.shape):
+                    total += math.prod(meta.shape) // max(1, int(meta.shape[0])) * 4
+    return total
+
+
+def _leaves(a: Any) -> list[fx.Node]:
+    if isinstance(a, fx.Node):
+        return [a]
+    if isinstance(a, (list, tuple)):
+        return [n for v in a for n in _leaves(v)]
+    if isinstance(a, dict):
+        return [n for v in a.values() for n in _leaves(v)]
+    return []
 
 
 @dataclass
@@ -267,35 +309,63 @@ def partition(
     ``reuse=True`` runs tiles in a checkerboard where the second group reuses its neighbours'
     overlapping intermediate results. ``upto=`` stops fusion before a layer.
     """
-    from .trace import eval_copy, trace
+    return Partitioner(model, example, leaf_modules).plan(
+        grid, row_weights=row_weights, col_weights=col_weights, cuts=cuts, reuse=reuse, stages=stages,
+        grids=grids, upto=upto)
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(example, torch.Tensor) or example.dim() != 4:
-        raise InputMismatch(f"example must be an (N, C, H, W) tensor, got "
-                            f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
-    if not example.is_floating_point():
-        raise InputMismatch(f"example must be a floating-point tensor, got {example.dtype}")
-    m = eval_copy(model)
-    gm, leaves = trace(m, example, leaf_modules)
-    fusion = analyze(gm, upto)
-    parts = split(fusion, stages)
-    if grids is not None and len(grids) != len(parts):
-        raise GridError(f"grids has {len(grids)} entries but there are {len(parts)} stages "
-                        f"(layers {[p.layers for p in parts]})")
-    default: dict[str, Any] = _grid_spec(grid)
-    for key, val in (("row_weights", row_weights), ("col_weights", col_weights), ("cuts", cuts)):
-        if val is not None:
-            default[key] = val
-    built: list[Stage] = []
-    shapes = _shapes(fusion, example)
-    for k, part in enumerate(parts):
-        gspec = _grid_spec(grids[k] if grids is not None else default)
-        built.append(_build_stage(k, fusion, part, gspec, shapes, reuse, example.element_size()))
-    fused = {n for p in parts for n in p.nodes}
-    tail = Tail(gm, fused, fusion.input_name)
-    return Plan(built, tail, fusion.input_name, tuple(example.shape[1:]), example.dtype,  # type: ignore[arg-type]
-                fusion.layers, fusion.stops, leaves)
+
+class Partitioner:
+    """Traces a model once and makes as many plans as asked (the auto-planner tries dozens)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor,
+                 leaf_modules: Iterable[str | type[nn.Module]] = ()) -> None:
+        from .trace import eval_copy, trace
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(example, torch.Tensor) or example.dim() != 4:
+            raise InputMismatch(f"example must be an (N, C, H, W) tensor, got "
+                                f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+        if not example.is_floating_point():
+            raise InputMismatch(f"example must be a floating-point tensor, got {example.dtype}")
+        self.example = example
+        self.gm, self.leaves = trace(eval_copy(model), example, leaf_modules)
+        self.fusion = analyze(self.gm)
+        self.shapes = _shapes(self.fusion, example)
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.fusion.layers
+
+    def plan(
+        self,
+        grid: GridLike = None,
+        *,
+        row_weights: Sequence[float] | None = None,
+        col_weights: Sequence[float] | None = None,
+        cuts: tuple[Sequence[int], Sequence[int]] | None = None,
+        reuse: bool = False,
+        stages: Sequence[int | str | tuple[int, int]] | None = None,
+        grids: Sequence[GridLike] | None = None,
+        upto: int | str | None = None,
+    ) -> Plan:
+        fusion = self.fusion if upto is None else analyze(self.gm, upto)
+        parts = split(fusion, stages)
+        if grids is not None and len(grids) != len(parts):
+            raise GridError(f"grids has {len(grids)} entries but there are {len(parts)} stages "
+                            f"(layers {[p.layers for p in parts]})")
+        default: dict[str, Any] = _grid_spec(grid)
+        for key, val in (("row_weights", row_weights), ("col_weights", col_weights), ("cuts", cuts)):
+            if val is not None:
+                default[key] = val
+        built: list[Stage] = []
+        for k, part in enumerate(parts):
+            gspec = _grid_spec(grids[k] if grids is not None else default)
+            built.append(_build_stage(k, fusion, part, gspec, self.shapes, reuse, self.example.element_size()))
+        fused = {n for p in parts for n in p.nodes}
+        tail = Tail(self.gm, fused, fusion.input_name)
+        return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
+                    fusion.layers, fusion.stops, self.leaves)
 
 
 def _shapes(fusion: Fusion, example: torch.Tensor) -> dict[str, tuple[int, int, int]]:

@@ -93,9 +93,11 @@ class TileWorker:
         return meta, res.outputs, res.exports
 
     async def run_tail(self, deployment: str, env_parts: dict[str, list[tuple[Box, Any, str]]],
-                       shapes: dict[str, tuple[int, ...]], given: dict[str, Any]) -> tuple[Any, Any]:
+                       shapes: dict[str, tuple[int, ...]], given: dict[str, Any],
+                       cost: dict[str, int] | None = None) -> tuple[Any, Any]:
         """Stitch the last stage's outputs from their tiles and run the tail here."""
         arrive = time.monotonic()
+        timeline = None
         try:
             env: dict[str, Any] = {k: v for k, v in given.items()}
             for name, parts in env_parts.items():
@@ -108,6 +110,8 @@ class TileWorker:
                     full[:, :, box.h0:box.h1, box.w0:box.w1] = a
                 env[name] = full
             tail = self.tails[deployment]
+            if self.emulation is not None and cost is not None:
+                timeline = self.emulation.admit(arrive, cost["in_bytes"], cost["flops"], cost["out_bytes"])
             loop = asyncio.get_running_loop()
 
             def work() -> Any:
@@ -118,8 +122,10 @@ class TileWorker:
             out, dt = await loop.run_in_executor(self.pool, work)
         except Exception as e:  # noqa: BLE001
             fail = TileFailure(type(e).__name__, str(e), retryable=not isinstance(e, (ValueError, TypeError)))
-            return self._meta(fail, arrive, None), None
-        meta = self._meta(None, arrive, None)
+            return self._meta(fail, arrive, timeline), None
+        if timeline is not None:
+            await asyncio.sleep(max(0.0, timeline.done - time.monotonic()))
+        meta = self._meta(None, arrive, timeline)
         meta["compute_s"] = dt
         return meta, out
 

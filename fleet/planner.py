@@ -1,0 +1,141 @@
+"""``grid="auto"``: choose stages, grids and reuse from a cost model (pure: no Ray).
+
+The cost model is a simulation: each candidate plan is run, frame by frame, through the unchanged
+scheduler on the devices' emulated clocks (:func:`sims.predict.predict`). That prices FLOPs with
+redundancy, per-tile overheads, bytes over each link, transfers overlapping compute, memory
+budgets (a tile that fits nowhere fails the candidate) and the scheduler's own placement, which a
+closed-form formula would each approximate separately.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import tiling
+from sims.catalog import DeviceSpec
+from sims.predict import Prediction, predict
+from tiling.report import table
+
+from .deployment_plan import Wiring, frame_spec, remote_bytes, wire
+
+GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3), (3, 4), (4, 4), (5, 5)]
+
+
+@dataclass
+class Candidate:
+    label: str
+    kwargs: dict[str, Any]
+    prediction: Prediction | None = None
+    error: str = ""
+
+    def score(self, mode: str) -> float:
+        p = self.prediction
+        if p is None or p.failed or p.frames == 0:
+            return float("inf")
+        return p.latency_s if mode == "latency" else -p.fps
+
+
+@dataclass
+class Choice:
+    mode: str
+    best: Candidate
+    candidates: list[Candidate] = field(default_factory=list)
+    scale: float = 1.0
+
+    def summary(self, top: int = 6) -> str:
+        ranked = sorted(self.candidates, key=lambda c: c.score(self.mode))
+        rows = []
+        for c in ranked[:top]:
+            p = c.prediction
+            rows.append(["*" if c is self.best else "", c.label,
+                         f"{p.latency_s * 1e3:.0f}" if p else "-", f"{p.fps:.2f}" if p else "-",
+                         c.error[:60] if c.error else ""])
+        head = (f"grid='auto' ({self.mode} mode): {len(self.candidates)} candidate plans simulated on the "
+                f"devices' emulated clocks (scale {self.scale:g}); chosen: {self.best.label}")
+        return head + "\n" + table(["", "candidate", "pred. latency ms", "pred. fps", "note"], rows)
+
+    @property
+    def predicted(self) -> Prediction:
+        assert self.best.prediction is not None
+        return self.best.prediction
+
+
+def downsampling_boundaries(part: tiling.Partitioner) -> list[int]:
+    """Layer boundaries right after a layer that shrinks the map: where stage cuts are cheapest."""
+    out = []
+    for layer in part.layers[:-1]:
+        spec = part.fusion.specs[layer.anchor]
+        if any(getattr(m, "s", 1) > 1 for m in spec.maps):
+            out.append(layer.index + 1)
+    return out
+
+
+def candidates(part: tiling.Partitioner, n_devices: int) -> list[Candidate]:
+    ref = part.fusion.layers[-1].out_shape if part.fusion.layers else (1, 1, 1)
+    h, w = ref[1], ref[2]
+    grids = [g for g in GRIDS if g[0] <= h and g[1] <= w and g[0] * g[1] <= max(4, 3 * n_devices)]
+    if n_devices > 1 and (1, n_devices) not in grids and n_devices <= w:
+        grids.append((1, n_devices))
+    out = [Candidate(f"{g[0]}x{g[1]}", {"grid": g}) for g in grids]
+    out += [Candidate(f"{g[0]}x{g[1]} reuse", {"grid": g, "reuse": True}) for g in grids if g[0] * g[1] >= 4]
+    bounds = downsampling_boundaries(part)
+    sets = [[b] for b in bounds] + [list(c) for c in itertools.combinations(bounds[-3:], 2)]
+    for st in sets:
+        for g in grids:
+            if g[0] * g[1] < 2:
+                continue
+            out.append(Candidate(f"stages {st} {g[0]}x{g[1]}", {"stages": st, "grid": g}))
+    return out
+
+
+def evaluate(plan: tiling.Plan, devices: Sequence[DeviceSpec], mode: str, scale: float) -> Prediction:
+    w = wire(plan)
+    frame_bytes = int(torch.Size(plan.input_shape).numel()) * 4
+    tail_w = sum(p.numel() * p.element_size() for p in plan.tail.gm.parameters())
+
+    def make(fid: int) -> Any:
+        return frame_spec(w, fid, "candidate", plan.tail.flops, frame_bytes, plan.tail.out_bytes, tail_w)
+
+    def rbytes(key: tuple[int, int, int], device: str, placed: dict[tuple[int, int, int], str]) -> int:
+        fid = key[0]
+        per_frame = {(k[1], k[2]): d for k, d in placed.items() if k[0] == fid}
+        return remote_bytes(w, (key[1], key[2]), per_frame, device)
+
+    n = len(devices)
+    if mode == "latency":
+        return predict(devices, make, frames=3, in_flight=1, scale=scale, remote_in_bytes=rbytes,
+                       tail_out_bytes=plan.tail.out_bytes)
+    return predict(devices, make, frames=max(8, 3 * n), in_flight=max(2, n), scale=scale, remote_in_bytes=rbytes,
+                   tail_out_bytes=plan.tail.out_bytes)
+
+
+def choose_plan(model: nn.Module, example: torch.Tensor, devices: Sequence[DeviceSpec], *, mode: str = "latency",
+                scale: float = 1.0, **fixed: Any) -> tuple[tiling.Plan, Choice]:
+    """The candidate with the best predicted latency (or throughput), and the table of why."""
+    part = tiling.Partitioner(model, example, fixed.pop("leaf_modules", ()))
+    cands = candidates(part, len(devices))
+    plans: dict[int, tiling.Plan] = {}
+    for i, c in enumerate(cands):
+        try:
+            plan = part.plan(**{**c.kwargs, **fixed})
+            c.prediction = evaluate(plan, devices, mode, scale)
+            plans[i] = plan
+        except (tiling.TilingError, ValueError) as e:
+            c.error = str(e)
+    best_i = min(range(len(cands)), key=lambda i: (cands[i].score(mode), i))
+    best = cands[best_i]
+    if best_i not in plans:
+        raise tiling.NotTileable("no candidate plan fits these devices: " +
+                                 "; ".join(sorted({c.error or (c.prediction.failed[0] if c.prediction and c.prediction.failed else "?")
+                                                   for c in cands}))[:500])
+    return plans[best_i], Choice(mode, best, cands, scale)
+
+
+def wiring_of(plan: tiling.Plan) -> Wiring:
+    return wire(plan)

@@ -1,0 +1,149 @@
+"""The runtime on a real local Ray instance with emulated devices (one instance for the module)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fleet
+import tiling
+from tiling import zoo
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[fleet.Cluster]:
+    # a fast profile mix so the emulated clock keeps the tests short; 'pi3' keeps a slow device in it
+    with fleet.connect(emulate="pi3,pi4*2,laptop", max_in_flight=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def yolo() -> tuple[nn.Module, torch.Tensor]:
+    zm = zoo.get("yolov2-16", input_size=96)
+    return zm.model, zoo.example(zm)
+
+
+def test_devices_listed(cluster: fleet.Cluster) -> None:
+    devs = cluster.devices()
+    assert [d["id"] for d in devs] == ["pi3-0", "pi4-0", "pi4-1", "laptop-0"]
+    assert all(d["state"] == "alive" and d["emulated"] for d in devs)
+    assert devs[0]["gflops"] == 4 and devs[0]["link_mbps"] == 40
+
+
+@pytest.mark.parametrize("kw", [
+    dict(grid=(3, 3)),
+    dict(grid=(2, 3), reuse=True),
+    dict(stages=[4, 8], grids=[(3, 3), (2, 2), (2, 1)]),
+    dict(grid=(1, 4), col_weights=[1, 3, 3, 10]),
+])
+def test_results_equal_untiled(cluster: fleet.Cluster, yolo: tuple[nn.Module, torch.Tensor], kw: dict) -> None:
+    model, x = yolo
+    dep = cluster.deploy(model, x, **kw)
+    try:
+        ref = model(x)
+        assert tiling.rel_error(dep(x), ref) <= 1e-4
+        batch = torch.cat([x, torch.randn_like(x)])
+        assert tiling.rel_error(dep(batch), model(batch)) <= 1e-4
+        # a (C, H, W) frame gives a result without the batch dimension
+        single = dep(x[0])
+        assert single.shape == ref.shape[1:]
+    finally:
+        dep.close()
+
+
+def test_models_with_tails(cluster: fleet.Cluster) -> None:
+    for name, size, grid in [("resnet18", 64, (2, 2)), ("mobilenetv2", 64, (2, 2)), ("yolov2", 128, (2, 2))]:
+        zm = zoo.get(name, input_size=size)
+        x = zoo.example(zm)
+        dep = cluster.deploy(zm.model, x, grid=grid)
+        try:
+            assert not dep.plan.tail.empty
+            assert tiling.rel_error(dep(x), zm.model(x)) <= 1e-4, name
+        finally:
+            dep.close()
+
+
+def test_stream_in_order_and_futures(cluster: fleet.Cluster, yolo: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = yolo
+    frames = [torch.randn_like(x) for _ in range(8)]
+    dep = cluster.deploy(model, x, grid=(2, 2))
+    try:
+        outs = list(dep.stream(frames, in_flight=4))
+        for f, y in zip(frames, outs):
+            assert tiling.rel_error(y, model(f)) <= 1e-4
+        fut = dep.submit(frames[0])
+        assert tiling.rel_error(fut.result(timeout=60), model(frames[0])) <= 1e-4
+        st = dep.stats()
+        assert st["frames"]["count"] == 9 and st["frames"]["p50_ms"] > 0
+        assert sum(d["tiles"] for d in st["devices"].values()) == 9 * 4
+        # every device computed something, and the laptop (15x a pi3) more than the pi3
+        tiles = {k: v["tiles"] for k, v in st["devices"].items()}
+        assert tiles["laptop-0"] > tiles["pi3-0"]
+    finally:
+        dep.close()
+
+
+def test_bad_frames_are_refused_and_serving_continues(cluster: fleet.Cluster,
+                                                      yolo: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = yolo
+    dep = cluster.deploy(model, x, grid=(2, 2))
+    try:
+        with pytest.raises(tiling.InputMismatch, match="partition again"):
+            dep(torch.randn(1, 3, 64, 64))
+        with pytest.raises(tiling.InputMismatch, match="dtype"):
+            dep(x.double())
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        with pytest.raises(tiling.InputMismatch, match="NaN"):
+            dep(bad)
+        with pytest.raises(tiling.InputMismatch, match="torch tensors"):
+            dep([1, 2, 3])  # type: ignore[arg-type]
+        assert tiling.rel_error(dep(x), model(x)) <= 1e-4
+    finally:
+        dep.close()
+    with pytest.raises(fleet.ClusterClosed):
+        dep(x)
+
+
+def test_trace_and_summary(cluster: fleet.Cluster, yolo: tuple[nn.Module, torch.Tensor], tmp_path: Path) -> None:
+    model, x = yolo
+    dep = cluster.deploy(model, x, grid=(2, 2))
+    try:
+        dep(x)
+        p = dep.trace(tmp_path / "frame.json")
+        data = json.loads(p.read_text())
+        lanes = {e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+        assert {"rx", "compute", "tx"} <= lanes
+        assert any(e["ph"] == "X" and e["dur"] > 0 for e in data["traceEvents"])
+        assert "redundancy" in dep.plan_summary()
+    finally:
+        dep.close()
+
+
+def test_failed_device_loses_no_frame() -> None:
+    zm = zoo.get("yolov2-16", input_size=96)
+    x = zoo.example(zm)
+    with fleet.connect(emulate="pi4*3") as c:
+        dep = c.deploy(zm.model, x, grid=(3, 3))
+        frames = [torch.randn_like(x) for _ in range(10)]
+        futs = [dep.submit(f) for f in frames[:5]]
+        time.sleep(0.05)
+        c.fail("pi4-1")
+        futs += [dep.submit(f) for f in frames[5:]]
+        outs = [f.result(timeout=120) for f in futs]
+        for f, y in zip(frames, outs):
+            assert tiling.rel_error(y, zm.model(f)) <= 1e-4
+        st = dep.stats()
+        assert st["devices"]["pi4-1"]["alive"] is False
+        assert sum(d["tiles"] for d in st["devices"].values()) == 10 * 9
+        detected = c.detection_times()["pi4-1"]
+        assert detected is not None and detected < 30
+        assert [d["state"] for d in c.devices()] == ["alive", "lost", "alive"]
