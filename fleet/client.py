@@ -330,13 +330,13 @@ class Deployment:
         sched = self.cluster.driver.call(lambda: self.cluster.driver.sched.stats())
         lat = list(self.latencies.values())
         stage_w = sum(s.weight_bytes for s in self.plan.stages)
-        worst_tile = max((t.peak_bytes + t.reuse_in_bytes for s in self.plan.stages for t in s.tiles), default=0)
         devices = {}
         for did, dev in self.cluster._devices.items():
             c = self.counters.get(did, _counter())
             s = sched.get(did)
             devices[did] = {**c, "alive": dev.alive, "steals": s.steals if s else 0, "retries": s.retries if s else 0,
-                            "peak_bytes": (stage_w + worst_tile) if c["tiles"] else 0}
+                            # weights held from deploy on + the most tile memory ever in flight at once
+                            "peak_bytes": (stage_w + s.peak_high_water) if (c["tiles"] and s) else 0}
         frames: dict[str, Any] = {"count": len(lat)}
         if lat:
             frames.update(p50_ms=_pct(lat, 50) * 1e3, p95_ms=_pct(lat, 95) * 1e3, mean_ms=statistics.mean(lat) * 1e3)

@@ -77,7 +77,10 @@ def wire(plan: Plan, itemsize: int = 4) -> Wiring:
                                   out_bytes=t.out_bytes + t.reuse_out_bytes, peak_bytes=t.peak_bytes + t.reuse_in_bytes,
                                   deps=tuple(sorted(deps))))
     last = [n for n in plan.tail.inputs if n != plan.input_name]
-    return Wiring(tiles, producers, tuple(specs), tuple(s.weight_bytes for s in plan.stages), last, channels)
+    # a worker holds every stage's weights of a deployment from deploy on, so each stage's tiles are
+    # charged the whole deployment's weights (conservative when two stages are in flight at once)
+    total_w = sum(s.weight_bytes for s in plan.stages)
+    return Wiring(tiles, producers, tuple(specs), tuple(total_w for _ in plan.stages), last, channels)
 
 
 def frame_spec(w: Wiring, frame_id: int, model: str, tail_flops: int, in_bytes: int, out_bytes: int,

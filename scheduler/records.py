@@ -96,6 +96,7 @@ class DeviceRecord:
     tails: dict[int, int] = field(default_factory=dict)
     weight_refs: dict[WeightKey, list[int]] = field(default_factory=dict)
     peak_bytes: int = 0
+    peak_high_water: int = 0  # most tile peak bytes ever in flight at once (memory reports)
     # counters for DeviceStats
     tiles_done: int = 0
     tails_done: int = 0
@@ -150,6 +151,7 @@ class DeviceRecord:
     def reserve(self, tile: TileRecord) -> None:
         self.weight_refs.setdefault(tile.weight_key, []).append(tile.weights)
         self.peak_bytes += tile.spec.peak_bytes
+        self.peak_high_water = max(self.peak_high_water, self.peak_bytes)
 
     def release(self, tile: TileRecord) -> None:
         refs = self.weight_refs[tile.weight_key]
@@ -191,6 +193,7 @@ class DeviceStats:
     in_flight: int
     planned: int
     memory_in_use: int
+    peak_high_water: int = 0
 
     @classmethod
     def of(cls, dev: DeviceRecord) -> DeviceStats:
@@ -212,4 +215,5 @@ class DeviceStats:
             in_flight=len(dev.in_flight),
             planned=len(dev.planned),
             memory_in_use=dev.memory_in_use(),
+            peak_high_water=dev.peak_high_water,
         )

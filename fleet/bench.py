@@ -1,0 +1,208 @@
+"""``tilefleet bench``: latency or throughput of a deployment, checked and compared side by side.
+
+Timing rules (the same for every row a report compares):
+- references are computed before the timed window and compared after it;
+- latency: ``submit()`` to the future resolving at the client, one frame in flight, p50/p95 over
+  the frames after 2 warm-up frames; deploy time (weights shipped) is reported separately;
+- throughput: steady state, fps = (N - 2k) / (t_done[N-k] - t_done[k]), k frames trimmed at
+  each end, with the number in flight reported;
+- emulated runs on a scaled clock (s > 1) are reported in emulated seconds (wall / s), with s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import tiling
+from sims.catalog import Profile, parse_spec, profiles
+
+MIB = 2**20
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    example: torch.Tensor
+
+
+def load_workload(model: str | None = None, cfg: str | None = None, size: int | None = None) -> Workload:
+    from tiling import zoo
+
+    if cfg:
+        m = tiling.load_darknet(cfg)
+        c, h, w = m.input_shape
+        if size:
+            h = w = size
+        g = torch.Generator().manual_seed(0)
+        return Workload(cfg, m, torch.randn(1, c, h, w, generator=g))
+    zm = zoo.get(model or "yolov2-16", input_size=size)
+    return Workload(zm.name, zm.model, zoo.example(zm))
+
+
+def frames_for(w: Workload, n: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(w.example.shape, generator=g) for _ in range(n)]
+
+
+def standalone_s(flops: int, p: Profile, in_bytes: int = 0, out_bytes: int = 0, client: bool = False) -> float:
+    """The untiled model on one emulated device: frame already there, or sent from the client."""
+    t = flops / (p.gflops * 1e9) + p.tile_overhead_s
+    if client:
+        t += in_bytes / p.link_bps + out_bytes / p.link_bps + 2 * p.latency_s
+    return t
+
+
+def _fps(done: list[float]) -> tuple[float, int]:
+    n = len(done)
+    k = max(1, n // 8) if n >= 8 else 0
+    span = done[n - 1 - k] - done[k]
+    return ((n - 1 - 2 * k) / span if span > 0 else float("inf")), k
+
+
+def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int = 12, grid: Any = "auto",
+              stages: list[int] | None = None, reuse: bool = False, in_flight: int | None = None,
+              scale: float | None = None, address: str | None = None, progress: bool = True,
+              standalone: bool = False) -> dict[str, Any]:
+    import fleet
+
+    warm = 2
+    xs = frames_for(w, frames + warm)
+    with torch.no_grad():  # references before the timed window
+        refs = [w.model(x) for x in xs]
+    kw: dict[str, Any] = {"mode": mode}
+    if grid != "auto":
+        kw["grid"] = grid
+        if stages:
+            kw["stages"] = stages
+        kw["reuse"] = reuse
+    with fleet.connect(address, emulate=None if address else devices, scale=scale) as cluster:
+        s = cluster.scale
+        t0 = time.monotonic()
+        dep = cluster.deploy(w.model, w.example, grid=grid if grid == "auto" else kw.pop("grid"), **kw)
+        deploy_s = time.monotonic() - t0
+        outs: list[Any] = []
+        lat: list[float] = []
+        done: list[float] = []
+        bar = _bar(len(xs), progress)
+        if mode == "latency":
+            for x in xs:
+                t = time.monotonic()
+                outs.append(dep.submit(x).result(timeout=600))
+                lat.append(time.monotonic() - t)
+                done.append(time.monotonic())
+                bar.update(1)
+            depth = 1
+        else:
+            depth = in_flight or 2 * len(cluster.devices())
+            t = time.monotonic()
+            for y in dep.stream(xs, in_flight=depth):
+                outs.append(y)
+                done.append(time.monotonic())
+                bar.update(1)
+            lat = [v for v in dep.stats()["latency_s"].values()]
+        bar.close()
+        errs = [tiling.rel_error(y, r) for y, r in zip(outs, refs)]
+        stats = dep.stats()
+        summary = dep.plan_summary()
+        plan = dep.plan
+        choice = dep.choice
+        devs = cluster.devices()
+        dep.close()
+    timed_lat = np.asarray(lat[warm:]) / s
+    fps, k = _fps(done[warm:]) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
+    fps *= s
+    table = profiles()
+    specs = parse_spec(devices, table) if not address else []
+    flops = plan.untiled_flops + plan.tail.flops
+    in_bytes = int(np.prod(plan.input_shape)) * 4
+    out_bytes = plan.tail.out_bytes or sum(int(np.prod(st.shapes[o])) * 4 for st in plan.stages[-1:] for o in st.outputs)
+    report: dict[str, Any] = {
+        "model": w.name, "devices": devices, "mode": mode, "frames": frames, "warmup": warm, "scale": s,
+        "in_flight": depth, "trim_k": k,
+        "latency_ms": {"p50": float(np.percentile(timed_lat, 50) * 1e3), "p95": float(np.percentile(timed_lat, 95) * 1e3)},
+        "fps": fps, "deploy_s": deploy_s, "correct": bool(max(errs) <= 1e-4), "max_rel_error": float(max(errs)),
+        "redundancy": plan.redundancy, "plan": _plan_label(plan), "plan_summary": summary,
+        "max_device_peak_bytes": max((d["peak_bytes"] for d in stats["devices"].values()), default=0),
+        "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in stats["devices"].values())),
+        "steals": int(sum(d["steals"] for d in stats["devices"].values())),
+        "retries": int(sum(d["retries"] for d in stats["devices"].values())),
+        "host_too_slow": int(sum(d["host_too_slow"] for d in stats["devices"].values())),
+        "per_device": stats["devices"], "device_list": devs,
+    }
+    if choice is not None:
+        p = choice.predicted
+        report["predicted"] = {"latency_ms": p.latency_s * 1e3, "fps": p.fps}
+        meas = report["latency_ms"]["p50"] / 1e3 if mode == "latency" else 1.0 / fps
+        pred = p.latency_s if mode == "latency" else 1.0 / p.fps
+        report["prediction_error"] = abs(pred - meas) / meas
+    if specs:
+        first, best = specs[0].profile, max((sp.profile for sp in specs), key=lambda p: p.gflops)
+        base_first = standalone_s(flops, first)
+        base_best = standalone_s(flops, best, in_bytes, out_bytes, client=True)
+        per_frame = report["latency_ms"]["p50"] / 1e3 if mode == "latency" else 1.0 / fps
+        report["baseline_s"] = {"first": base_first, "best_with_transfers": base_best}
+        report["speedup"] = base_first / per_frame
+        report["speedup_vs_best"] = base_best / per_frame
+        if standalone:
+            report["standalone_fps"] = standalone_fps(w, devices, frames=max(6, frames // 2), scale=scale)
+            report["efficiency"] = fps / sum(report["standalone_fps"].values())
+    return report
+
+
+def standalone_fps(w: Workload, devices: str, *, frames: int, scale: float | None) -> dict[str, float]:
+    """Each device's throughput alone, by the same harness (frames start at the client)."""
+    out: dict[str, float] = {}
+    cache: dict[str, float] = {}
+    for spec in parse_spec(devices, profiles()):
+        name = spec.profile.name
+        if name not in cache:
+            r = run_bench(w, name, mode="throughput", frames=frames, grid="auto", scale=scale, progress=False)
+            cache[name] = r["fps"]
+        out[spec.id] = cache[name]
+    return out
+
+
+def host_baseline(w: Workload, frames: int = 10, threads: int = 2) -> dict[str, float]:
+    """Plain torch on this host, batch 1, ``threads`` threads: the bar for ``host*N`` runs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xs = frames_for(w, frames + 2, seed=7)
+        times = []
+        with torch.no_grad():
+            for x in xs:
+                t = time.perf_counter()
+                w.model(x)
+                times.append(time.perf_counter() - t)
+        t = np.asarray(times[2:])
+        return {"p50_ms": float(np.median(t) * 1e3), "fps": float(1.0 / np.mean(t))}
+    finally:
+        torch.set_num_threads(old)
+
+
+def _plan_label(plan: tiling.Plan) -> str:
+    parts = [f"{s.layers[0]}-{s.layers[1] - 1}:{s.grid[0]}x{s.grid[1]}{' reuse' if s.reuse else ''}" for s in plan.stages]
+    return ", ".join(parts)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, on: bool) -> Any:
+    if not on:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="frames", unit="frame", leave=False, dynamic_ncols=True)
