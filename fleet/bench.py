@@ -59,11 +59,10 @@ def standalone_s(flops: int, p: Profile, in_bytes: int = 0, out_bytes: int = 0, 
     return t
 
 
-def _fps(done: list[float]) -> tuple[float, int]:
-    n = len(done)
-    k = max(1, n // 8) if n >= 8 else 0
-    span = done[n - 1 - k] - done[k]
-    return ((n - 1 - 2 * k) / span if span > 0 else float("inf")), k
+def _fps(done: list[float], in_flight: int) -> tuple[float, int]:
+    from sims.predict import steady_fps, trim_for
+
+    return steady_fps(done, in_flight), trim_for(len(done), in_flight)
 
 
 def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int = 12, grid: Any = "auto",
@@ -116,7 +115,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         devs = cluster.devices()
         dep.close()
     timed_lat = np.asarray(lat[warm:]) / s
-    fps, k = _fps(done[warm:]) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
+    fps, k = _fps(done[warm:], depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
     fps *= s
     table = profiles()
     specs = parse_spec(devices, table) if not address else []
@@ -135,6 +134,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         "retries": int(sum(d["retries"] for d in stats["devices"].values())),
         "host_too_slow": int(sum(d["host_too_slow"] for d in stats["devices"].values())),
         "per_device": stats["devices"], "device_list": devs,
+        "done_s": [(t - done[0]) / s for t in done],
     }
     if choice is not None:
         p = choice.predicted
