@@ -25,7 +25,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "unit and not slow"
 
 bench: venv
-	$(VENV)/bin/tilefleet bench
+	$(VENV)/bin/tilefleet bench --standard --out bench-results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

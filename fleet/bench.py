@@ -86,12 +86,16 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         t0 = time.monotonic()
         dep = cluster.deploy(w.model, w.example, grid=grid if grid == "auto" else kw.pop("grid"), **kw)
         deploy_s = time.monotonic() - t0
-        outs: list[Any] = []
+        # warm-up frames first, then counters reset, so every statistic covers the timed window only
+        warm_outs = list(dep.stream(xs[:warm], in_flight=1))
+        dep.reset_stats()
+        outs: list[Any] = list(warm_outs)
         lat: list[float] = []
         done: list[float] = []
-        bar = _bar(len(xs), progress)
+        timed = xs[warm:]
+        bar = _bar(len(timed), progress)
         if mode == "latency":
-            for x in xs:
+            for x in timed:
                 t = time.monotonic()
                 outs.append(dep.submit(x).result(timeout=600))
                 lat.append(time.monotonic() - t)
@@ -100,8 +104,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
             depth = 1
         else:
             depth = in_flight or 2 * len(cluster.devices())
-            t = time.monotonic()
-            for y in dep.stream(xs, in_flight=depth):
+            for y in dep.stream(timed, in_flight=depth):
                 outs.append(y)
                 done.append(time.monotonic())
                 bar.update(1)
@@ -114,8 +117,8 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         choice = dep.choice
         devs = cluster.devices()
         dep.close()
-    timed_lat = np.asarray(lat[warm:]) / s
-    fps, k = _fps(done[warm:], depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
+    timed_lat = np.asarray(lat) / s
+    fps, k = _fps(done, depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
     fps *= s
     table = profiles()
     specs = parse_spec(devices, table) if not address else []

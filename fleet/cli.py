@@ -19,8 +19,11 @@ the stack. The result is exactly the untiled model's output.
 
 EPILOG = """\
 examples:
-  tilefleet demo                               YOLOv2 layers 0-15 tiled 5x5, checked against torch
-  tilefleet demo --grid 3x3 --reuse            the same with DeepThings' overlap reuse
+  tilefleet demo                               YOLOv2 layers 0-15 on 4 emulated Raspberry Pi 3s
+  tilefleet demo --in-process --grid 5x5       DeepThings' 5x5 tiles, all in this process, checked
+  tilefleet run --model resnet18 --devices pi3*2,pi4*2,laptop --frames 8
+  tilefleet bench --devices pi3*6 --mode latency --frames 12 --json out.json
+  tilefleet devices --catalog                  the emulated device profiles and their sources
   tilefleet plan --model vgg16 --grid 2x2      how a zoo model would be cut
   tilefleet plan --cfg yolov2.cfg --upto 16    the same for a Darknet config
   tilefleet models                             the model zoo
@@ -34,18 +37,63 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="plan, run and check YOLOv2 layers 0-15 tiled in this process",
-                       description="Partition YOLOv2 layers 0-15 (DeepThings' workload) into a grid of fused "
-                                   "tiles, run every tile in this process from its own input region, stitch, "
-                                   "and check the result against the untiled model.",
+    d = sub.add_parser("demo", help="YOLOv2 layers 0-15 on an emulated cluster of 4 Raspberry Pi 3s",
+                       description="Start a local Ray instance with emulated devices (default: 4 Raspberry Pi 3), "
+                                   "deploy YOLOv2 layers 0-15 (DeepThings' workload), stream frames with a progress "
+                                   "bar, check every result against the untiled model, and print per-device work "
+                                   "and the speedup over one device. --in-process runs the tiles in this process "
+                                   "instead (no Ray).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--grid", default="5x5", help="tile grid ROWSxCOLS on the fused stack's output (38x38)")
+    d.add_argument("--devices", default="pi3*4", help="emulated devices, 'profile*count,...' (tilefleet devices --catalog)")
+    d.add_argument("--frames", type=int, default=6, help="frames to stream")
+    d.add_argument("--grid", default="auto", help="tile grid ROWSxCOLS, or 'auto' (chosen by the cost model)")
+    d.add_argument("--mode", choices=["latency", "throughput"], default="throughput", help="what 'auto' optimises")
     d.add_argument("--size", type=int, default=608, help="input height and width")
+    d.add_argument("--in-process", action="store_true", help="plan and run every tile in this process (no Ray)")
     d.add_argument("--reuse", action="store_true", help="checkerboard order with DeepThings' overlap reuse")
     d.add_argument("--even", action="store_true",
-                   help="even cuts (round(i*size/n)) instead of DeepThings' ceil(size/n) tiles")
-    d.add_argument("--tiles", action="store_true", help="also print one row per tile")
+                   help="with --in-process: even cuts (round(i*size/n)) instead of DeepThings' ceil(size/n) tiles")
+    d.add_argument("--tiles", action="store_true", help="with --in-process: also print one row per tile")
     d.set_defaults(func=commands.demo)
+
+    r = sub.add_parser("run", help="run frames of a model on an emulated (or real) cluster and check them",
+                       description="Deploy a zoo model or a Darknet .cfg on a cluster, stream frames, check every "
+                                   "result against the untiled model, and print per-device statistics.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(r)
+    _cluster_args(r)
+    r.add_argument("--frames", type=int, default=8, help="frames to stream")
+    r.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the run to this file")
+    r.set_defaults(func=commands.run)
+
+    b = sub.add_parser("bench", help="measure latency or throughput against the right baselines",
+                       description="Benchmark a deployment: references are computed before the timed window and "
+                                   "compared after it; latency is submit() to result with one frame in flight (p50, "
+                                   "p95 after 2 warm-up frames); throughput is steady-state fps with k frames "
+                                   "trimmed at each end. Speedups are over the untiled model on one device of the "
+                                   "first listed kind (frame already there) and on the fastest device (client "
+                                   "transfers included). --standard runs the standard set (make bench).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(b)
+    _cluster_args(b)
+    b.add_argument("--frames", type=int, default=12, help="timed frames (after 2 warm-up frames)")
+    b.add_argument("--in-flight", type=int, help="throughput mode: frames in flight (default 2 per device)")
+    b.add_argument("--standalone", action="store_true",
+                   help="also measure each device alone (for 'efficiency'; one run per device kind)")
+    b.add_argument("--host-baseline", action="store_true",
+                   help="also time plain torch on this host (2 threads, batch 1) in the same run")
+    b.add_argument("--dispatch", action="store_true",
+                   help="measure dispatch overhead instead: >= 1000 small tiles on host*2")
+    b.add_argument("--json", help="write the report as JSON to this file")
+    b.add_argument("--standard", action="store_true", help="run the standard set and write JSON files to --out")
+    b.add_argument("--out", default="bench-results", help="directory for --standard results")
+    b.set_defaults(func=commands.bench)
+
+    dv = sub.add_parser("devices", help="list device profiles (the emulation catalog)",
+                        description="Show the emulation catalog: every device profile with its figures and source.")
+    dv.add_argument("--catalog", action="store_true", help="the built-in and custom profiles (default)")
+    dv.add_argument("--profiles", help="a TOML file of custom profiles")
+    dv.set_defaults(func=commands.devices)
 
     pl = sub.add_parser("plan", help="show how a model would be partitioned (no execution)",
                         description="Partition a zoo model or a Darknet .cfg and print the plan: stages, grids, "
@@ -66,6 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the model zoo", description="List the models built in code.")
     m.set_defaults(func=commands.models)
     return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default="yolov2-16", help="a zoo model (see 'tilefleet models')")
+    src.add_argument("--cfg", help="a Darknet .cfg file")
+    p.add_argument("--size", type=int, help="input height and width (default: the model's own)")
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", default="pi3*4", help="emulated devices, 'profile*count,...'")
+    p.add_argument("--address", help="an existing Ray cluster ('auto' or ray://host:10001) instead of emulation")
+    p.add_argument("--grid", default="auto", help="ROWSxCOLS, or 'auto' (chosen by the cost model)")
+    p.add_argument("--stages", help="comma-separated layer boundaries, e.g. 4,8,12 (with an explicit --grid)")
+    p.add_argument("--reuse", action="store_true", help="checkerboard overlap reuse (with an explicit --grid)")
+    p.add_argument("--mode", choices=["latency", "throughput"], default="latency", help="what to optimise and measure")
+    p.add_argument("--scale", type=float, help="emulation clock scale (default: chosen so the host stays ahead)")
+    p.add_argument("--profiles", help="a TOML file of custom device profiles")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

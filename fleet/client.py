@@ -238,11 +238,13 @@ class Deployment:
         t0 = time.monotonic()
         programs = {s.index: ray.put(s.program) for s in self.plan.stages}
         tail = ray.put(self.plan.tail) if not self.plan.tail.empty else None
+        geos = ray.put({s.index: [t.geometry for t in s.tiles] for s in self.plan.stages})
         alive = [d for d in cluster._devices.values() if d.alive]
-        ray.get([d.actor.load.remote(self.id, programs, tail) for d in alive], timeout=300)
+        ray.get([d.actor.load.remote(self.id, programs, tail, geos) for d in alive], timeout=300)
         self.deploy_s = time.monotonic() - t0
         self.latencies: dict[int, float] = {}
         self.counters: dict[str, dict[str, Any]] = {}
+        self.overheads: list[float] = []
         self.closed = False
         self._tail_weights = sum(p.numel() * p.element_size() for p in self.plan.tail.gm.parameters())
         self._frame_bytes = int(np.prod(self.plan.input_shape)) * example.element_size()
@@ -317,8 +319,24 @@ class Deployment:
         c["host_compute_s"] += meta.get("compute_s", 0.0)
         c["bytes_in"] += meta.get("bytes_in", 0)
         c["bytes_out"] += meta.get("bytes_out", 0)
-        if tl and meta.get("compute_s", 0.0) > tl["compute_end"] - tl["compute_start"]:
-            c["host_too_slow"] += 1  # the real compute took longer than the emulated device: say so
+        if tl:
+            emulated = tl["compute_end"] - tl["compute_start"]
+            c["worst_host_ratio"] = max(c["worst_host_ratio"], meta.get("compute_s", 0.0) / max(1e-9, emulated))
+            if meta.get("computed_at", 0.0) > tl["done"] + 1e-3:
+                c["host_too_slow"] += 1  # the host finished after the emulated device would have: say so
+
+    def reset_stats(self) -> None:
+        """Forget per-frame latencies and per-device counters (e.g. after warm-up frames)."""
+        def reset() -> None:
+            self.latencies.clear()
+            self.counters.clear()
+            self.overheads.clear()
+
+        self.cluster.driver.call(reset)
+
+    def record_overhead(self, seconds: float) -> None:
+        if len(self.overheads) < 100_000:
+            self.overheads.append(seconds)
 
     def record_failure(self, device: str) -> None:
         self.counters.setdefault(device, _counter())["failures"] += 1
@@ -389,7 +407,7 @@ class Deployment:
 
 def _counter() -> dict[str, Any]:
     return {"tiles": 0, "tails": 0, "busy_s": 0.0, "host_compute_s": 0.0, "bytes_in": 0, "bytes_out": 0,
-            "failures": 0, "host_too_slow": 0}
+            "failures": 0, "host_too_slow": 0, "worst_host_ratio": 0.0}
 
 
 def _pct(values: Sequence[float], q: float) -> float:

@@ -51,12 +51,20 @@ def tile_table(plan: Any) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
+    if args.in_process:
+        return demo_in_process(args)
+    return _cluster_run(args, model="yolov2-16", cfg=None, size=args.size, frames=args.frames, devices=args.devices,
+                        grid=args.grid, mode=args.mode, reuse=args.reuse, stages=None, address=None, scale=None,
+                        profiles_file=None, trace=None, title="tilefleet demo")
+
+
+def demo_in_process(args: argparse.Namespace) -> int:
     import tiling
     from tiling import zoo
 
     zm = zoo.get("yolov2-16", input_size=args.size)
     x = zoo.example(zm, batch=1, seed=1)
-    grid = _grid(args.grid)
+    grid = _grid(args.grid if args.grid != "auto" else "5x5")
     print(f"tilefleet demo: {zm.name} ({zm.description}) at {args.size}x{args.size}, grid {grid[0]}x{grid[1]}"
           f"{', overlap reuse' if args.reuse else ''}")
     t0 = time.perf_counter()
@@ -146,3 +154,104 @@ def models(args: argparse.Namespace) -> int:
         rows.append([n, "x".join(map(str, zm.input_shape)), zm.description, zm.source])
     print(table(["name", "input", "what", "source"], rows))
     return 0
+
+
+def _grid_arg(text: str) -> Any:
+    return "auto" if text == "auto" else _grid(text)
+
+
+def _cluster_run(args: argparse.Namespace, *, model: str | None, cfg: str | None, size: int | None, frames: int,
+                 devices: str, grid: str, mode: str, reuse: bool, stages: str | None, address: str | None,
+                 scale: float | None, profiles_file: str | None, trace: str | None, title: str) -> int:
+    """Deploy, stream frames with a progress bar, check each against the untiled model, report."""
+    import fleet
+    import tiling
+    from tiling.report import table
+
+    from .bench import frames_for, load_workload, standalone_s
+
+    w = load_workload(model, cfg, size)
+    xs = frames_for(w, frames)
+    print(f"{title}: {w.name} {tuple(w.example.shape[1:])} on {address or devices}, {frames} frames, "
+          f"grid {grid}, {mode} mode")
+    with torch.no_grad():
+        refs = [w.model(x) for x in _progress_iter(xs, "references (untiled, this host)")]
+    kw: dict[str, Any] = {"mode": mode}
+    g = _grid_arg(grid)
+    if g != "auto":
+        kw["reuse"] = reuse
+        if stages:
+            kw["stages"] = [int(v) for v in stages.split(",")]
+    with fleet.connect(address, emulate=None if address else devices, scale=scale,
+                       profiles_file=profiles_file) as cluster:
+        t0 = time.monotonic()
+        dep = cluster.deploy(w.model, w.example, grid=g, **kw)
+        print(f"deployed in {time.monotonic() - t0:.1f} s (weights shipped once per device)")
+        print(dep.plan_summary())
+        outs = []
+        t0 = time.monotonic()
+        depth = 1 if mode == "latency" else 2 * len(cluster.devices())
+        with _progress(frames, "frames") as bar:
+            bar.unit = "frame"
+            for y in dep.stream(xs, in_flight=depth):
+                outs.append(y)
+                bar.update(1)
+        wall = time.monotonic() - t0
+        errs = [tiling.rel_error(y, r) for y, r in zip(outs, refs)]
+        st = dep.stats()
+        if trace:
+            print(f"trace written to {dep.trace(trace)}")
+        s = cluster.scale
+        rows = []
+        for did, d in st["devices"].items():
+            rows.append([did, d["tiles"], d["tails"], f"{d['busy_s'] / s:.2f}", f"{d['bytes_in'] / MIB:.1f}",
+                         f"{d['bytes_out'] / MIB:.1f}", f"{d['peak_bytes'] / MIB:.1f}", d["steals"], d["retries"],
+                         "alive" if d["alive"] else "lost"])
+        print()
+        print(table(["device", "tiles", "tails", "busy s", "MiB in", "MiB out", "peak MiB", "steals", "retries",
+                     "state"], rows))
+        profs = {x["id"]: x for x in cluster.devices()}
+    plan = dep.plan
+    emu = [p for p in profs.values() if p["emulated"]]
+    print()
+    per_frame = wall / s / frames
+    print(f"{frames} frames in {wall:.1f} s wall" + (f" (clock scale {s:g}: {wall / s:.1f} emulated s)" if s != 1 else "")
+          + f"; p50 latency {st['frames'].get('p50_ms', 0) / s:.0f} ms")
+    if emu:
+        from sims.catalog import parse_spec, profiles
+
+        first = parse_spec(devices, profiles(profiles_file))[0].profile
+        base = standalone_s(plan.untiled_flops + plan.tail.flops, first)
+        print(f"one {first.name} alone (untiled, frame already there): {base:.2f} s per frame; "
+              f"here {per_frame:.2f} s per frame: speedup {base / per_frame:.2f}x")
+    ok = max(errs) <= 1e-4
+    print(f"check: {len(errs)} results against the untiled model, largest relative error {max(errs):.2e}: "
+          f"{'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else 1
+
+
+def _progress_iter(items: list[Any], desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    return _cluster_run(args, model=args.model, cfg=args.cfg, size=args.size, frames=args.frames,
+                        devices=args.devices, grid=args.grid, mode=args.mode, reuse=args.reuse, stages=args.stages,
+                        address=args.address, scale=args.scale, profiles_file=args.profiles, trace=args.trace,
+                        title="tilefleet run")
+
+
+def devices(args: argparse.Namespace) -> int:
+    from sims.catalog import catalog_table, load_profiles
+
+    extra = load_profiles(args.profiles) if args.profiles else None
+    print(catalog_table(extra))
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    from .benchcli import bench_command
+
+    return bench_command(args)

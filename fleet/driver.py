@@ -53,11 +53,9 @@ class FrameCtx:
     x: np.ndarray
     future: Future
     submitted: float
-    results: dict[TileRef, tuple[Any, Any, str]] = field(default_factory=dict)  # outputs ref, exports ref, device
+    results: dict[TileRef, tuple[Any, Any, str]] = field(default_factory=dict)  # payload ref (twice), device
     placed: dict[TileRef, str] = field(default_factory=dict)
-    collecting: dict[Any, TileRef] = field(default_factory=dict)
     done_at: float | None = None
-    tail_device: str = ""
     tail_result_ref: Any = None
 
 
@@ -83,8 +81,9 @@ class Driver:
         self.next_frame = 0
         self.trace: list[TraceEvent] = []
         self.t0 = time.monotonic()
-        self._tile_refs: dict[Any, Any] = {}  # (key, device) -> the 3 refs of run_tile
+        self._tile_refs: dict[Any, Any] = {}  # (key, device) -> the 2 refs of run_tile
         self._tail_refs: dict[Any, Any] = {}  # (frame, device) -> the output ref of run_tail
+        self._sent: dict[Any, float] = {}  # (key, device) -> when the tile was dispatched
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.sched.handle(*(DeviceJoined(d.info, self.now()) for d in devices.values()))
@@ -134,11 +133,12 @@ class Driver:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self.pending)
                 if self.pending:
-                    ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.02)
-                    if ready:
-                        more, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
-                        for ref in {*ready, *more}:
-                            self._on_ready(ref)
+                    refs = list(self.pending)
+                    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    if not ready:
+                        ready, _ = ray.wait(refs, num_returns=1, timeout=0.02)
+                    for ref in ready:
+                        self._on_ready(ref)
         except BaseException as e:  # pragma: no cover - a bug in the shell: fail every frame loudly
             log.exception("driver loop crashed")
             self.error = e
@@ -163,9 +163,6 @@ class Driver:
         if entry is None:
             return  # dropped meanwhile (its device was lost while this batch was being handled)
         kind, subject, device = entry
-        if kind == "collect":
-            self._on_collected(subject, ref)
-            return
         dev = self.devices[device]
         try:
             meta = ray.get(ref)
@@ -186,10 +183,14 @@ class Driver:
         fid, stage, idx = key
         ctx = self.frames.get(fid)
         refs = self._tile_refs.pop((key, device), None)
+        sent = self._sent.pop((key, device), None)
+        if meta.get("ok") and sent is not None and ctx is not None and "timeline" not in meta:
+            # dispatch overhead: the round trip the driver saw minus the worker's own execution time
+            ctx.deployment.record_overhead(time.monotonic() - sent - meta.get("compute_s", 0.0))
         if meta.get("ok"):
             self._record_trace(device, f"f{fid} s{stage} t{idx}", meta)
             if ctx is not None and refs is not None and self.sched.expects(key, device):
-                ctx.results[(stage, idx)] = (refs[1], refs[2], device)
+                ctx.results[(stage, idx)] = (refs[1], refs[1], device)
                 ctx.deployment.record_tile(device, meta)
             busy = meta.get("timeline", {})
             compute_s = busy.get("compute_end", 0.0) - busy.get("compute_start", 0.0) if busy else meta.get("compute_s", 0.0)
@@ -271,9 +272,10 @@ class Driver:
         in_bytes = (tile.in_bytes if wiring.frame_input else remote_bytes(dep.wiring, (stage_i, idx), ctx.placed, device))
         cost = {"flops": tile.flops, "in_bytes": in_bytes, "out_bytes": tile.out_bytes + tile.reuse_out_bytes}
         actor = self.devices[device].actor
-        refs = actor.run_tile.options(num_returns=3).remote(dep.id, stage_i, tile.geometry, inputs, pieces, cost)
+        refs = actor.run_tile.options(num_returns=2).remote(dep.id, stage_i, idx, inputs, pieces, cost)
         self.pending[refs[0]] = ("tile", key, device)
         self._tile_refs[(key, device)] = refs
+        self._sent[(key, device)] = time.monotonic()
 
     def _cancel(self, key: tuple[int, int, int], device: str) -> None:
         refs = self._tile_refs.get((key, device))
@@ -288,12 +290,9 @@ class Driver:
         dep = ctx.deployment
         last = dep.plan.stages[-1]
         if dep.plan.tail.empty:
-            # nothing to compute: the driver stitches the outputs itself, straight from the workers
-            for t in last.tiles:
-                ref = ctx.results[(last.index, t.index)][0]
-                self.pending[ref] = ("collect", fid, device)
-                ctx.collecting[ref] = (last.index, t.index)
-            ctx.tail_device = device
+            # nothing to compute: the driver stitches the outputs itself, straight from the workers.
+            # A tile's payload is ready when its metadata is (one task made both), so no waiting.
+            self._execute(self.sched.handle(TailDone(fid, device, self.now())))
             return
         parts: dict[str, list[Any]] = {}
         for name in dep.wiring.last_outputs:
@@ -317,15 +316,6 @@ class Driver:
                 return tref
         return None
 
-    def _on_collected(self, fid: int, ref: Any) -> None:
-        ctx = self.frames.get(fid)
-        if ctx is None:
-            return
-        ctx.collecting.pop(ref, None)
-        if ctx.collecting:
-            return
-        self._execute(self.sched.handle(TailDone(fid, ctx.tail_device, self.now())))
-
     def _complete(self, fid: int) -> None:
         ctx = self.frames.pop(fid)
         dep = ctx.deployment
@@ -334,12 +324,13 @@ class Driver:
                 last = dep.plan.stages[-1]
                 env = {}
                 n = ctx.x.shape[0]
+                payloads = ray.get([ctx.results[(last.index, t.index)][0] for t in last.tiles], timeout=60)
                 for name in dep.wiring.last_outputs:
                     full = np.empty((n, *last.shapes[name]), dtype=ctx.x.dtype)
-                    for t in last.tiles:
+                    for t, pay in zip(last.tiles, payloads):
                         b = t.out_boxes[name]
                         if not b.empty:
-                            full[:, :, b.h0:b.h1, b.w0:b.w1] = ray.get(ctx.results[(last.index, t.index)][0])[name]
+                            full[:, :, b.h0:b.h1, b.w0:b.w1] = pay["out"][name]
                     env[name] = full
                 result = dep.finish_outputs(env)
             else:
