@@ -23,7 +23,7 @@ STANDARD = [
     ("pi3x6-latency", dict(devices="pi3*6", mode="latency", frames=12)),
     ("pi3x6-throughput", dict(devices="pi3*6", mode="throughput", frames=50)),
     ("pi3-24mx6-latency", dict(devices="pi3-24m*6", mode="latency", frames=12)),
-    ("mixed-throughput", dict(devices="pi3*2,pi4*2,laptop", mode="throughput", frames=60, standalone=True)),
+    ("mixed-throughput", dict(devices="pi3*2,pi4*2,laptop", mode="throughput", frames=120, standalone=True)),
     ("host2-throughput", dict(devices="host*2", mode="throughput", frames=24, host=True)),
     ("host2-latency", dict(devices="host*2", mode="latency", frames=20, host=True)),
 ]

@@ -19,7 +19,7 @@ from torch import nn
 
 import tiling
 from sims.catalog import DeviceSpec
-from sims.predict import Prediction, predict
+from sims.predict import Prediction, predict, throughput_depth
 from tiling.report import table
 
 from .deployment_plan import Wiring, frame_spec, remote_bytes, wire
@@ -55,10 +55,11 @@ class Choice:
         for c in ranked[:top]:
             p = c.prediction
             rows.append(["*" if c is self.best else "", c.label,
-                         f"{p.latency_s * 1e3:.0f}" if p else "-", f"{p.fps:.2f}" if p else "-",
+                         f"{p.latency_s / self.scale * 1e3:.0f}" if p else "-", f"{p.fps * self.scale:.2f}" if p else "-",
                          c.error[:60] if c.error else c.note])
         head = (f"grid='auto' ({self.mode} mode): {len(self.candidates)} candidate plans simulated on the "
-                f"devices' emulated clocks (scale {self.scale:g}); chosen: {self.best.label}")
+                f"devices' emulated clocks (scale {self.scale:.3g}, shown in emulated units); "
+                f"chosen: {self.best.label}")
         return head + "\n" + table(["", "candidate", "pred. latency ms", "pred. fps", "note"], rows)
 
     @property
@@ -114,7 +115,7 @@ def evaluate(plan: tiling.Plan, devices: Sequence[DeviceSpec], mode: str, scale:
         return predict(devices, make, frames=3, in_flight=1, scale=scale, remote_in_bytes=rbytes,
                        tail_out_bytes=plan.tail.out_bytes)
     # steady state needs many frames per frame in flight; a short run ranks, a long run decides
-    depth = 2 * n
+    depth = throughput_depth([d.profile.gflops for d in devices])
     frames = 8 * depth if long else 4 * depth
     return predict(devices, make, frames=frames, in_flight=depth, scale=scale, remote_in_bytes=rbytes,
                    tail_out_bytes=plan.tail.out_bytes)

@@ -141,3 +141,16 @@ def _burst_end(done: Sequence[float], i: int, gap: float) -> int:
 def trim_for(n: int, in_flight: int) -> int:
     """Frames trimmed at each end: the number in flight, but always leaving half the frames."""
     return min(max(in_flight, n // 8), max(0, (n - 2) // 4))
+
+
+def throughput_depth(gflops: Sequence[float], cap: int = 48) -> int:
+    """Frames to keep in flight for steady-state throughput on a mixed cluster.
+
+    Results come back in submission order, so the slowest device's frame blocks the window: the
+    window must hold what every device does while the slowest finishes one frame, i.e. the sum of
+    speeds relative to the slowest, plus one per device for the pipeline (and never under 2 each).
+    """
+    if not gflops:
+        return 2
+    lo = min(gflops)
+    return int(min(cap, max(2 * len(gflops), round(sum(g / lo for g in gflops)) + len(gflops))))

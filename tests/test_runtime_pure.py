@@ -1,0 +1,160 @@
+"""The runtime's pure parts: wiring, the tile executor, the predictor and the auto-planner (no Ray)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tiling
+from fleet.deployment_plan import remote_bytes, wire
+from fleet.planner import choose_plan, downsampling_boundaries
+from scheduler import DeviceInfo, FrameSpec, TileSpec
+from sims.catalog import DeviceSpec, parse_spec, profiles
+from sims.predict import predict, steady_fps, throughput_depth, trim_for
+from tiling.geometry import Box
+from workers.executor import TileExecutor, TileFailure, TileResult, assemble
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 4, 3, padding=1)).eval()
+
+
+@pytest.fixture(scope="module")
+def two_stage() -> tuple[nn.Module, torch.Tensor, tiling.Plan]:
+    m = small_net()
+    x = torch.randn(1, 3, 40, 36)
+    return m, x, tiling.partition(m, x, stages=[2], grids=[(3, 3), (2, 2)], reuse=False)
+
+
+def test_wiring_sources_and_deps(two_stage: tuple[nn.Module, torch.Tensor, tiling.Plan]) -> None:
+    _, _, plan = two_stage
+    w = wire(plan)
+    s1 = plan.stages[1]
+    for t in s1.tiles:
+        tw = w.tiles[(1, t.index)]
+        assert tw.frame_input is None
+        (name,) = tw.sources
+        # the sources cover the tile's input box exactly once
+        covered = sum(src.overlap.area for src in tw.sources[name])
+        assert covered == t.in_box.area
+        spec = next(s for s in w.template if (s.stage, s.index) == (1, t.index))
+        assert set(spec.deps) == {src.tile for src in tw.sources[name]}
+    assert all(not s.deps for s in w.template if s.stage == 0)
+    # bytes from other devices: none when every producer ran on the same device
+    placed = {(0, i): "a" for i in range(9)}
+    assert remote_bytes(w, (1, 0), placed, "a") == 0
+    assert remote_bytes(w, (1, 0), placed, "b") == s1.tiles[0].in_bytes
+
+
+def test_executor_from_crops_and_parts(two_stage: tuple[nn.Module, torch.Tensor, tiling.Plan]) -> None:
+    m, x, plan = two_stage
+    ex = TileExecutor(threads=1)
+    assert ex.load("d", {s.index: s.program for s in plan.stages}) == sum(s.weight_bytes for s in plan.stages)
+    xn = x.numpy()
+    s0, s1 = plan.stages
+    outs0 = {}
+    for t in s0.tiles:
+        b = t.in_box
+        r = ex.run("d", 0, t.geometry, {plan.input_name: xn[:, :, b.h0:b.h1, b.w0:b.w1]})
+        assert isinstance(r, TileResult) and r.bytes_in == t.in_bytes
+        outs0[t.index] = r.outputs
+    (mid,) = s0.outputs
+    (last,) = s1.outputs
+    full = np.zeros((1, *s1.shapes[last]), np.float32)
+    for t in s1.tiles:
+        parts = [(p.out_boxes[mid], outs0[p.index][mid]) for p in s0.tiles]
+        r = ex.run("d", 1, t.geometry, {mid: parts})
+        assert isinstance(r, TileResult)
+        b = t.out_box
+        full[:, :, b.h0:b.h1, b.w0:b.w1] = r.outputs[last]
+    assert tiling.rel_error(torch.from_numpy(full), m(x)) < 1e-5
+
+
+def test_executor_returns_failures_not_exceptions(two_stage: tuple[nn.Module, torch.Tensor, tiling.Plan]) -> None:
+    _, x, plan = two_stage
+    ex = TileExecutor(threads=1)
+    t = plan.stages[0].tiles[0]
+    r = ex.run("nope", 0, t.geometry, {})
+    assert isinstance(r, TileFailure) and r.error == "NotLoaded" and r.retryable
+    ex.load("d", {0: plan.stages[0].program})
+    r = ex.run("d", 0, t.geometry, {plan.input_name: np.zeros((1, 3, 2, 2), np.float32)})
+    assert isinstance(r, TileFailure) and not r.retryable and "covers" in r.message
+
+
+def test_assemble() -> None:
+    a = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
+    b = a + 100
+    out = assemble(Box(1, 6, 2, 3), [(Box(0, 4, 0, 4), a), (Box(4, 8, 0, 4), b)], 2, 1, np.dtype(np.float32))
+    assert out.shape == (1, 2, 5, 1)
+    assert out[0, 0, :, 0].tolist() == [6, 10, 14, 102, 106]
+    with pytest.raises(ValueError, match="cover"):
+        assemble(Box(0, 9, 0, 1), [(Box(0, 4, 0, 4), a)], 2, 1, np.dtype(np.float32))
+
+
+def test_steady_fps_handles_bursts() -> None:
+    even = [i * 0.5 for i in range(40)]
+    assert steady_fps(even, trim=4) == pytest.approx(2.0)
+    bursty = sorted(t + 0.001 * j for t in range(0, 40, 4) for j in range(6))  # 6 frames every 4 s
+    assert steady_fps(bursty, trim=6) == pytest.approx(1.5, rel=0.01)
+    assert trim_for(100, 12) == 12 and trim_for(10, 12) == 2
+
+
+def test_throughput_depth() -> None:
+    assert throughput_depth([4.0] * 6) == 12
+    assert throughput_depth([4, 4, 12, 12, 60]) == 28
+    assert throughput_depth([1, 1000]) == 48
+
+
+def _frame(fid: int, n: int, flops: int) -> FrameSpec:
+    return FrameSpec(fid, tuple(TileSpec(0, i, flops, 1000, 1000, 10) for i in range(n)), (0,))
+
+
+def test_predict_exact_on_simple_cases() -> None:
+    devs = parse_spec("pi3*2", profiles())
+    # 4 GFLOP on two 4 GFLOP/s devices, 2 tiles of 2 GFLOP: 0.5 s compute + 5 ms + transfers + dispatch
+    p = predict(devs, lambda f: _frame(f, 2, 2 * 10**9), frames=1, dispatch_s=0.0)
+    link = devs[0].profile.link_bps
+    expected = 1000 / link + 0.003 + 0.5 + 0.005 + 1000 / link + 0.003
+    assert p.latency_s == pytest.approx(expected, rel=1e-9)
+    assert p.tiles_per_device == {"pi3-0": 1, "pi3-1": 1}
+    # throughput: whole frames per device, 1 s each -> 2 frames/s
+    p = predict(devs, lambda f: _frame(f, 1, 4 * 10**9), frames=40, in_flight=4, dispatch_s=0.0)
+    assert p.fps == pytest.approx(2 / (1.005 + 2 * 1000 / link), rel=0.01)
+
+
+def test_predict_reports_frames_that_fit_nowhere() -> None:
+    devs = parse_spec("pi3-24m", profiles())
+    big = lambda f: FrameSpec(f, (TileSpec(0, 0, 10, 10, 10, 100 * 2**20),), (0,))  # noqa: E731
+    p = predict(devs, big, frames=1)
+    assert p.failed and "bytes" in p.failed[0]
+
+
+def test_auto_plan_prefers_splitting_on_equal_devices_and_one_device_when_one_dominates() -> None:
+    m = small_net()
+    x = torch.randn(1, 3, 96, 96)
+    table = profiles()
+    plan, choice = choose_plan(m, x, parse_spec("pi3*4", table), mode="latency")
+    assert sum(len(s.tiles) for s in plan.stages) > 1
+    assert choice.best.prediction is not None and math.isfinite(choice.best.prediction.latency_s)
+    assert "chosen" in choice.summary()
+    # a GPU server next to Raspberry Pis: giving it everything beats splitting
+    plan, choice = choose_plan(m, x, parse_spec("pi3*2,gpu-server", table), mode="latency")
+    assert choice.best.prediction.tiles_per_device["gpu-server-0"] == 3 * sum(len(s.tiles) for s in plan.stages)
+
+
+def test_downsampling_boundaries() -> None:
+    part = tiling.Partitioner(small_net(), torch.randn(1, 3, 32, 32))
+    assert downsampling_boundaries(part) == [2, 4]
+
+
+def test_device_info_from_profile() -> None:
+    (d,) = parse_spec("pi3", profiles())
+    info = d.info()
+    assert isinstance(info, DeviceInfo) and info.gflops == 4 and info.memory_bytes == d.profile.usable_bytes
+    assert DeviceSpec("x", d.profile).info().id == "x"
