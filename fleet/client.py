@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -232,6 +233,10 @@ class Deployment:
             from .planner import choose_plan
 
             alive = [DeviceSpec(d.info.id, d.profile) for d in cluster._devices.values() if d.alive]
+            if any(not d.profile.emulated for d in alive):
+                rate = _calibrate(model, example)
+                alive = [d if d.profile.emulated else DeviceSpec(d.id, dataclasses.replace(d.profile, gflops=rate))
+                         for d in alive]
             self.plan, self.choice = choose_plan(model, example, alive, mode=mode, scale=cluster.scale, **kw)
         else:
             self.plan = tiling.partition(model, example, grid, **kw)
@@ -406,6 +411,30 @@ class Deployment:
         if self.closed:
             raise ClusterClosed("this deployment is closed; deploy again")
         self.cluster._check()
+
+
+def _calibrate(model: nn.Module, example: torch.Tensor, threads: int = 1) -> float:
+    """This host's real GFLOP/s on this model (one thread, as a host device runs), for the planner.
+
+    The catalog's conv micro-benchmark flatters the host (early layers with 3 input channels run
+    far slower), so real devices are priced by one timed pass of the model itself.
+    """
+    flops_plan = tiling.partition(model, example[:1], grid=(1, 1))
+    flops = flops_plan.untiled_flops + flops_plan.tail.flops
+    from tiling.trace import eval_copy
+
+    m = eval_copy(model)  # never switch the caller's model to eval mode behind its back
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            m(example[:1])
+            t0 = time.perf_counter()
+            m(example[:1])
+            dt = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old)
+    return max(0.1, flops / dt / 1e9)
 
 
 def _counter() -> dict[str, Any]:

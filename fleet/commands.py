@@ -19,10 +19,10 @@ def _grid(text: str) -> tuple[int, int]:
     return (r, c)
 
 
-def _progress(total: int, desc: str) -> Any:
+def _progress(total: int, desc: str, unit: str = "tile") -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tile", leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def run_with_progress(plan: Any, x: torch.Tensor) -> Any:
@@ -191,8 +191,7 @@ def _cluster_run(args: argparse.Namespace, *, model: str | None, cfg: str | None
         outs = []
         t0 = time.monotonic()
         depth = 1 if mode == "latency" else 2 * len(cluster.devices())
-        with _progress(frames, "frames") as bar:
-            bar.unit = "frame"
+        with _progress(frames, "frames", "frame") as bar:
             for y in dep.stream(xs, in_flight=depth):
                 outs.append(y)
                 bar.update(1)

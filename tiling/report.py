@@ -39,7 +39,7 @@ def plan_table(plan: Plan) -> str:
         lo, hi = s.layers
         c, h, w = s.shapes[s.reference]
         rows.append([
-            s.index, f"{lo}-{hi - 1}", f"{s.grid[0]}x{s.grid[1]}", len(s.tiles), f"{c}x{h}x{w}",
+            s.index, f"{lo}-{hi - 1}", f"{s.grid[0]}x{s.grid[1]}{' reuse' if s.reuse else ''}", len(s.tiles), f"{c}x{h}x{w}",
             f"{s.untiled_flops / 1e9:.2f}", f"{s.redundancy * 100:+.1f}%",
             f"{max(t.peak_bytes for t in s.tiles) / MIB:.1f}",
             f"{sum(t.in_bytes for t in s.tiles) / MIB:.1f}",
