@@ -26,11 +26,42 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: tilefleet" in capsys.readouterr().out
 
 
-def test_demo_small(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--size", "160", "--grid", "3x3", "--reuse", "--tiles"]) == 0
+def test_demo_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--in-process", "--size", "160", "--grid", "3x3", "--reuse", "--tiles"]) == 0
     out = capsys.readouterr().out
     assert "check: relative error" in out and "OK" in out
     assert "redundancy" in out and "worst peak MiB" in out and "reuse in KiB" in out
+
+
+@pytest.mark.ray
+def test_demo_on_emulated_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--size", "160", "--frames", "4", "--grid", "3x3"]) == 0
+    out = capsys.readouterr().out
+    assert "pi3-3" in out and "speedup" in out and "check: 4 results" in out and "OK" in out
+
+
+@pytest.mark.ray
+def test_run_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "t.json"
+    assert main(["run", "--model", "resnet18", "--size", "64", "--devices", "pi4*2", "--frames", "3",
+                 "--grid", "2x2", "--trace", str(trace)]) == 0
+    assert trace.exists() and "tails" in capsys.readouterr().out
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "yolov2-16", "--size", "96", "--devices", "pi4*2", "--mode", "latency",
+                 "--frames", "3", "--json", str(out)]) == 0
+    import json
+
+    r = json.loads(out.read_text())
+    for key in ("speedup", "speedup_vs_best", "fps", "latency_ms", "redundancy", "max_device_peak_bytes",
+                "bytes_moved", "steals", "retries", "correct", "plan", "device_list", "predicted"):
+        assert key in r, key
+    assert r["correct"] is True and r["latency_ms"]["p50"] > 0
+
+
+def test_devices_catalog(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices", "--catalog"]) == 0
+    out = capsys.readouterr().out
+    assert "pi3-24m" in out and "laptop" in out and "source" in out.lower()
 
 
 def test_plan_zoo_model_with_check(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,8 +78,9 @@ def test_plan_darknet_cfg(shared_dir: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["demo", "--grid", "5by5"], "5x5"),
-    (["demo", "--grid", "50x50"], "larger than the output size"),
+    (["demo", "--in-process", "--grid", "5by5"], "5x5"),
+    (["demo", "--in-process", "--grid", "50x50"], "larger than the output size"),
+    (["run", "--devices", "pi5*2"], "pi4"),
     (["plan", "--model", "nosuchnet"], "yolov2-16"),
     (["plan", "--cfg", "/nonexistent.cfg"], "nonexistent"),
 ])
