@@ -137,6 +137,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         "steals": int(sum(d["steals"] for d in stats["devices"].values())),
         "retries": int(sum(d["retries"] for d in stats["devices"].values())),
         "host_too_slow": int(sum(d["host_too_slow"] for d in stats["devices"].values())),
+        "max_late_ms": float(max((d["max_late_s"] for d in stats["devices"].values()), default=0.0) * 1e3),
         "per_device": stats["devices"], "device_list": devs,
         "done_s": [(t - done[0]) / s for t in done],
     }

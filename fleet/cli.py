@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time plain torch on this host (2 threads, batch 1) in the same run")
     b.add_argument("--dispatch", action="store_true",
                    help="measure dispatch overhead instead: >= 1000 small tiles on host*2")
+    b.add_argument("--sweep", action="store_true",
+                   help="measure grid='auto' against a sweep of fixed plans on the same cluster and frames")
     b.add_argument("--json", help="write the report as JSON to this file")
     b.add_argument("--standard", action="store_true", help="run the standard set and write JSON files to --out")
     b.add_argument("--out", default="bench-results", help="directory for --standard results")

@@ -330,8 +330,10 @@ class Deployment:
         if tl:
             emulated = tl["compute_end"] - tl["compute_start"]
             c["worst_host_ratio"] = max(c["worst_host_ratio"], meta.get("compute_s", 0.0) / max(1e-9, emulated))
-            if meta.get("computed_at", 0.0) > tl["done"] + 1e-3:
+            late = meta.get("computed_at", 0.0) - tl["done"]
+            if late > 1e-3:
                 c["host_too_slow"] += 1  # the host finished after the emulated device would have: say so
+                c["max_late_s"] = max(c["max_late_s"], late)
 
     def reset_stats(self) -> None:
         """Forget per-frame latencies and per-device counters (e.g. after warm-up frames)."""
@@ -439,7 +441,8 @@ def _calibrate(model: nn.Module, example: torch.Tensor, threads: int = 1) -> flo
 
 def _counter() -> dict[str, Any]:
     return {"tiles": 0, "tails": 0, "busy_s": 0.0, "host_compute_s": 0.0, "bytes_in": 0, "bytes_out": 0,
-            "failures": 0, "host_too_slow": 0, "worst_host_ratio": 0.0}
+            "failures": 0, "host_too_slow": 0, "worst_host_ratio": 0.0,
+            "max_late_s": 0.0}
 
 
 def _pct(values: Sequence[float], q: float) -> float:

@@ -147,3 +147,17 @@ def test_failed_device_loses_no_frame() -> None:
         detected = c.detection_times()["pi4-1"]
         assert detected is not None and detected < 30
         assert [d["state"] for d in c.devices()] == ["alive", "lost", "alive"]
+
+
+def test_frame_that_fits_no_device_fails_clearly_and_closed_cluster_refuses() -> None:
+    zm = zoo.get("yolov2-16", input_size=320)
+    x = zoo.example(zm)
+    with fleet.connect(emulate="pi3-24m*2") as c:
+        dep = c.deploy(zm.model, x, grid=(1, 1))  # 13.1 MiB of weights + a 15.6 MiB tile > 24 MiB
+        with pytest.raises(fleet.FrameFailed, match="needs .* bytes"):
+            dep(x)
+        small = c.deploy(zm.model, x, grid=(4, 4))  # the same model in small tiles fits and runs
+        assert tiling.rel_error(small(x), zm.model(x)) <= 1e-4
+        assert small.stats()["devices"]["pi3-24m-0"]["peak_bytes"] <= 24 * 2**20
+    with pytest.raises(fleet.ClusterClosed, match="connect"):
+        c.deploy(zm.model, x, grid=(2, 2))

@@ -25,6 +25,11 @@ from .regions import Piece, TileGeometry, cost, plan_pieces, propagate
 GridLike = Union[tuple[int, int], str, Mapping[str, Any], tuple[Sequence[int], Sequence[int]], None]
 
 
+def redundancy(executed_flops: int, untiled_flops: int) -> float:
+    """FLOPs executed by all tiles over FLOPs of the same nodes untiled, minus 1."""
+    return executed_flops / untiled_flops - 1.0 if untiled_flops else 0.0
+
+
 @dataclass
 class Tile:
     """One tile of one stage: what it computes, what it reads, what it costs (batch 1)."""
@@ -91,7 +96,7 @@ class Stage:
 
     @property
     def redundancy(self) -> float:
-        return self.flops / self.untiled_flops - 1.0 if self.untiled_flops else 0.0
+        return redundancy(self.flops, self.untiled_flops)
 
     @property
     def order(self) -> list[int]:
@@ -220,7 +225,7 @@ class Plan:
 
     @property
     def redundancy(self) -> float:
-        return self.flops / self.untiled_flops - 1.0 if self.untiled_flops else 0.0
+        return redundancy(self.flops, self.untiled_flops)
 
     @property
     def stop(self) -> Stop | None:

@@ -1,0 +1,54 @@
+"""``fleet.connect(address)``: an existing multi-node Ray cluster whose nodes describe themselves by labels.
+
+Uses ``ray.cluster_utils.Cluster`` (a real head and real worker raylets on this machine): stage
+outputs cross nodes worker to worker, and a killed node's work is re-run elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import fleet
+import tiling
+from tiling import zoo
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[object]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                           "health_check_failure_threshold": 3}})
+    nodes = [c.add_node(num_cpus=1, labels={"tilefleet/class": "pi4", "tilefleet/name": f"node{i}"})
+             for i in range(3)]
+    c.wait_for_nodes()
+    c.nodes_added = nodes  # type: ignore[attr-defined]
+    yield c
+    if ray.is_initialized():
+        ray.shutdown()
+    c.shutdown()
+
+
+def test_existing_cluster_devices_and_exact_results(ray_cluster: object) -> None:
+    zm = zoo.get("yolov2-16", input_size=96)
+    x = zoo.example(zm)
+    with fleet.connect(ray_cluster.address) as c:  # type: ignore[attr-defined]
+        devs = c.devices()
+        assert len(devs) == 3 and {d["class"] for d in devs} == {"pi4"}
+        assert all(d["id"].startswith("node") for d in devs)
+        dep = c.deploy(zm.model, x, stages=[8], grids=[(3, 3), (2, 2)])
+        frames = [torch.randn_like(x) for _ in range(4)]
+        for f, y in zip(frames, dep.stream(frames)):
+            assert tiling.rel_error(y, zm.model(f)) <= 1e-4
+        st = dep.stats()
+        assert sum(1 for d in st["devices"].values() if d["tiles"] > 0) == 3  # every node computed tiles
