@@ -139,7 +139,7 @@ def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
         base = table.get(klass, host_profile())
         prof = base
         if "tilefleet/gflops" in labels:
-            prof = Profile(**{**prof.__dict__, "gflops": float(labels["tilefleet/gflops"])})
+            prof = dataclasses.replace(prof, gflops=float(labels["tilefleet/gflops"]))
         name = labels.get("tilefleet/name", node["NodeManagerHostname"])
         did = f"{name}-{node['NodeID'][:6]}"
         actor = TileWorker.options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -242,7 +242,6 @@ class Deployment:
             self.plan = tiling.partition(model, example, grid, **kw)
             self.choice = None
         self.wiring: Wiring = wire(self.plan, example.element_size())
-        self.out_structure = None
         t0 = time.monotonic()
         programs = {s.index: ray.put(s.program) for s in self.plan.stages}
         tail = ray.put(self.plan.tail) if not self.plan.tail.empty else None

@@ -245,7 +245,7 @@ class Driver:
                 elif isinstance(ins, Cancel):
                     self._cancel(ins.key, ins.device)
                 elif isinstance(ins, Stitch):
-                    pass  # stitching is done by the consumer: next-stage tiles, the tail, or _collect
+                    pass  # stitching is done by the consumer: next-stage tiles, the tail, or _complete
             except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as e:
                 device = getattr(ins, "device", None)
                 if device is not None:

@@ -22,7 +22,7 @@ from sims.catalog import DeviceSpec
 from sims.predict import Prediction, predict, throughput_depth
 from tiling.report import table
 
-from .deployment_plan import Wiring, frame_spec, remote_bytes, wire
+from .deployment_plan import frame_spec, remote_bytes, wire
 
 GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3), (3, 4), (4, 4), (5, 5)]
 
@@ -147,7 +147,3 @@ def choose_plan(model: nn.Module, example: torch.Tensor, devices: Sequence[Devic
                                  "; ".join(sorted({c.error or (c.prediction.failed[0] if c.prediction and c.prediction.failed else "?")
                                                    for c in cands}))[:500])
     return plans[best_i], Choice(mode, best, cands, scale)
-
-
-def wiring_of(plan: tiling.Plan) -> Wiring:
-    return wire(plan)
