@@ -77,15 +77,12 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
     with torch.no_grad():  # references before the timed window
         refs = [w.model(x) for x in xs]
     kw: dict[str, Any] = {"mode": mode}
-    if grid != "auto":
-        kw["grid"] = grid
-        if stages:
-            kw["stages"] = stages
-        kw["reuse"] = reuse
+    if grid != "auto":  # stages and reuse only go with an explicit grid; 'auto' chooses them
+        kw.update(reuse=reuse, **({"stages": stages} if stages else {}))
     with fleet.connect(address, emulate=None if address else devices, scale=scale) as cluster:
         s = cluster.scale
         t0 = time.monotonic()
-        dep = cluster.deploy(w.model, w.example, grid=grid if grid == "auto" else kw.pop("grid"), **kw)
+        dep = cluster.deploy(w.model, w.example, grid=grid, **kw)
         deploy_s = time.monotonic() - t0
         # warm-up frames first, then counters reset, so every statistic covers the timed window only
         warm_outs = list(dep.stream(xs[:warm], in_flight=1))

@@ -15,6 +15,7 @@ from torch import nn
 from tiling.report import table
 
 from .bench import host_baseline, load_workload, run_bench
+from .commands import _grid_arg
 from sims.predict import throughput_depth
 
 MIB = 2**20
@@ -28,13 +29,6 @@ STANDARD = [
     ("host2-throughput", dict(devices="host*2", mode="throughput", frames=24, host=True)),
     ("host2-latency", dict(devices="host*2", mode="latency", frames=20, host=True)),
 ]
-
-
-def _grid(text: str) -> Any:
-    if text == "auto":
-        return "auto"
-    r, c = (int(v) for v in text.lower().split("x"))
-    return (r, c)
 
 
 def report_table(r: dict[str, Any]) -> str:
@@ -134,7 +128,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(table(["run", "plan", "speedup", "fps", "p50 ms", "efficiency", "peak MiB", "correct"], summary))
         print(f"dispatch overhead: median {d['median_ms']:.2f} ms over {d['tiles']} tiles")
         return 0
-    r = one(args, "bench", args.model, args.cfg, args.size, args.devices, args.mode, args.frames, _grid(args.grid),
+    r = one(args, "bench", args.model, args.cfg, args.size, args.devices, args.mode, args.frames, _grid_arg(args.grid),
             [int(v) for v in args.stages.split(",")] if args.stages else None, args.reuse, args.in_flight,
             args.scale, args.address, args.standalone, args.host_baseline)
     print(r["plan_summary"])

@@ -27,6 +27,8 @@ from torch import nn
 import tiling
 from sims.catalog import DeviceSpec, Profile, clock_scale, host_profile, measure_host_gflops, parse_spec, profiles
 
+from workers.emulation import Emulation
+
 from .deployment_plan import Wiring, frame_spec, wire
 from .driver import Device, Driver, FrameFailed
 
@@ -98,8 +100,6 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
 
 def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: float | None,
                          threads: int) -> dict[str, Device]:
-    import dataclasses
-
     import ray
 
     from workers.actor import TileWorker
@@ -112,7 +112,7 @@ def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale:
     for spec in specs:
         emu = None
         if spec.profile.emulated:
-            emu = {"profile": dataclasses.asdict(spec.profile), "scale": s}
+            emu = Emulation(spec.profile, s).to_dict()
         opts: dict[str, Any] = {"num_cpus": 0 if emu else threads, "name": None}
         actors[spec.id] = TileWorker.options(num_cpus=opts["num_cpus"]).remote(spec.id, threads, emu)
     infos = ray.get([a.info.remote() for a in actors.values()], timeout=120)
@@ -241,7 +241,7 @@ class Deployment:
         else:
             self.plan = tiling.partition(model, example, grid, **kw)
             self.choice = None
-        self.wiring: Wiring = wire(self.plan, example.element_size())
+        self.wiring: Wiring = wire(self.plan)
         t0 = time.monotonic()
         programs = {s.index: ray.put(s.program) for s in self.plan.stages}
         tail = ray.put(self.plan.tail) if not self.plan.tail.empty else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from scheduler import FrameSpec, TileSpec
 from tiling import Plan
 from tiling.geometry import Box
@@ -42,9 +44,10 @@ class Wiring:
     stage_weights: tuple[int, ...]
     last_outputs: list[str]  # stage outputs the tail reads (or that the model returns)
     channels: dict[str, int]
+    itemsize: int  # bytes per element of the plan's dtype
 
 
-def wire(plan: Plan, itemsize: int = 4) -> Wiring:
+def wire(plan: Plan) -> Wiring:
     producers: dict[str, int] = {}
     for s in plan.stages:
         for o in s.outputs:
@@ -80,7 +83,8 @@ def wire(plan: Plan, itemsize: int = 4) -> Wiring:
     # a worker holds every stage's weights of a deployment from deploy on, so each stage's tiles are
     # charged the whole deployment's weights (conservative when two stages are in flight at once)
     total_w = sum(s.weight_bytes for s in plan.stages)
-    return Wiring(tiles, producers, tuple(specs), tuple(total_w for _ in plan.stages), last, channels)
+    itemsize = torch.empty((), dtype=plan.dtype).element_size()
+    return Wiring(tiles, producers, tuple(specs), tuple(total_w for _ in plan.stages), last, channels, itemsize)
 
 
 def frame_spec(w: Wiring, frame_id: int, model: str, tail_flops: int, in_bytes: int, out_bytes: int,
@@ -90,11 +94,11 @@ def frame_spec(w: Wiring, frame_id: int, model: str, tail_flops: int, in_bytes: 
                      tail_weights_bytes=tail_weights)
 
 
-def remote_bytes(w: Wiring, ref: TileRef, placed: dict[TileRef, str], device: str, itemsize: int = 4) -> int:
+def remote_bytes(w: Wiring, ref: TileRef, placed: dict[TileRef, str], device: str) -> int:
     """Bytes of a tile's inputs that come from tiles on other devices (what crosses links)."""
     total = 0
     for name, srcs in w.tiles[ref].sources.items():
         for src in srcs:
             if placed.get(src.tile) != device:
-                total += w.channels[name] * src.overlap.area * itemsize
+                total += w.channels[name] * src.overlap.area * w.itemsize
     return total

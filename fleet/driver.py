@@ -53,7 +53,7 @@ class FrameCtx:
     x: np.ndarray
     future: Future
     submitted: float
-    results: dict[TileRef, tuple[Any, Any, str]] = field(default_factory=dict)  # payload ref (twice), device
+    results: dict[TileRef, Any] = field(default_factory=dict)  # payload ref ({'out', 'exp'}) of each accepted tile
     placed: dict[TileRef, str] = field(default_factory=dict)
     done_at: float | None = None
     tail_result_ref: Any = None
@@ -190,7 +190,7 @@ class Driver:
         if meta.get("ok"):
             self._record_trace(device, f"f{fid} s{stage} t{idx}", meta)
             if ctx is not None and refs is not None and self.sched.expects(key, device):
-                ctx.results[(stage, idx)] = (refs[1], refs[1], device)
+                ctx.results[(stage, idx)] = refs[1]
                 ctx.deployment.record_tile(device, meta)
             busy = meta.get("timeline", {})
             compute_s = busy.get("compute_end", 0.0) - busy.get("compute_start", 0.0) if busy else meta.get("compute_s", 0.0)
@@ -263,11 +263,11 @@ class Driver:
             if name == wiring.frame_input:
                 inputs[name] = np.ascontiguousarray(ctx.x[:, :, box.h0:box.h1, box.w0:box.w1])
             else:
-                inputs[name] = [(s.box, ctx.results[s.tile][0], s.name) for s in wiring.sources[name]]
+                inputs[name] = [(s.box, ctx.results[s.tile], s.name) for s in wiring.sources[name]]
         pieces: dict[str, list[Any]] = {}
         for p in tile.pieces_in:
             src = stage.tiles[p.src]
-            pieces.setdefault(p.node, []).append((p.box, ctx.results[(stage_i, p.src)][1], src.pieces_out.index(p)))
+            pieces.setdefault(p.node, []).append((p.box, ctx.results[(stage_i, p.src)], src.pieces_out.index(p)))
         ctx.placed[(stage_i, idx)] = device
         in_bytes = (tile.in_bytes if wiring.frame_input else remote_bytes(dep.wiring, (stage_i, idx), ctx.placed, device))
         cost = {"flops": tile.flops, "in_bytes": in_bytes, "out_bytes": tile.out_bytes + tile.reuse_out_bytes}
@@ -288,33 +288,25 @@ class Driver:
     def _run_tail(self, fid: int, device: str) -> None:
         ctx = self.frames[fid]
         dep = ctx.deployment
-        last = dep.plan.stages[-1]
         if dep.plan.tail.empty:
             # nothing to compute: the driver stitches the outputs itself, straight from the workers.
             # A tile's payload is ready when its metadata is (one task made both), so no waiting.
             self._execute(self.sched.handle(TailDone(fid, device, self.now())))
             return
         parts: dict[str, list[Any]] = {}
+        remote = 0  # bytes of the last stage's outputs that lie on other devices
         for name in dep.wiring.last_outputs:
             st = dep.plan.stages[dep.wiring.producers[name]]
-            parts[name] = [(t.out_boxes[name], ctx.results[(st.index, t.index)][0], name) for t in st.tiles]
+            parts[name] = [(t.out_boxes[name], ctx.results[(st.index, t.index)], name) for t in st.tiles]
+            remote += sum(dep.wiring.channels[name] * t.out_boxes[name].area * ctx.x.itemsize
+                          for t in st.tiles if ctx.placed.get((st.index, t.index)) != device)
         shapes = {n: dep.plan.stages[dep.wiring.producers[n]].shapes[n] for n in parts}
         given = {dep.plan.input_name: ctx.x} if dep.plan.input_name in dep.plan.tail.inputs else {}
-        remote = sum(dep.wiring.channels[name] * b.area * ctx.x.itemsize
-                      for name, plist in parts.items() for b, ref, _ in plist
-                      if ctx.placed.get(self._producer_of(ctx, ref)) != device)
         cost = {"flops": dep.plan.tail.flops, "in_bytes": remote, "out_bytes": dep.plan.tail.out_bytes}
         actor = self.devices[device].actor
         meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(dep.id, parts, shapes, given, cost)
         self.pending[meta_ref] = ("tail", fid, device)
         self._tail_refs[(fid, device)] = out_ref
-
-    @staticmethod
-    def _producer_of(ctx: FrameCtx, ref: Any) -> TileRef | None:
-        for tref, (out_ref, _, _) in ctx.results.items():
-            if out_ref == ref:
-                return tref
-        return None
 
     def _complete(self, fid: int) -> None:
         ctx = self.frames.pop(fid)
@@ -324,7 +316,7 @@ class Driver:
                 last = dep.plan.stages[-1]
                 env = {}
                 n = ctx.x.shape[0]
-                payloads = ray.get([ctx.results[(last.index, t.index)][0] for t in last.tiles], timeout=60)
+                payloads = ray.get([ctx.results[(last.index, t.index)] for t in last.tiles], timeout=60)
                 for name in dep.wiring.last_outputs:
                     full = np.empty((n, *last.shapes[name]), dtype=ctx.x.dtype)
                     for t, pay in zip(last.tiles, payloads):

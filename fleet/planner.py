@@ -105,12 +105,9 @@ def evaluate(plan: tiling.Plan, devices: Sequence[DeviceSpec], mode: str, scale:
     def make(fid: int) -> Any:
         return frame_spec(w, fid, "candidate", plan.tail.flops, frame_bytes, plan.tail.out_bytes, tail_w)
 
-    def rbytes(key: tuple[int, int, int], device: str, placed: dict[tuple[int, int, int], str]) -> int:
-        fid = key[0]
-        per_frame = {(k[1], k[2]): d for k, d in placed.items() if k[0] == fid}
-        return remote_bytes(w, (key[1], key[2]), per_frame, device)
+    def rbytes(key: tuple[int, int, int], device: str, placed: dict[tuple[int, int], str]) -> int:
+        return remote_bytes(w, (key[1], key[2]), placed, device)
 
-    n = len(devices)
     if mode == "latency":
         return predict(devices, make, frames=3, in_flight=1, scale=scale, remote_in_bytes=rbytes,
                        tail_out_bytes=plan.tail.out_bytes)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from scheduler import (Complete, DeviceJoined, Dispatch, FailFrame, FrameSpec, FrameSubmitted, RunTail, Scheduler,
-                       TailDone, TileDone)
+                       TailDone, TileDone, TileSpec)
 
 from .catalog import DeviceSpec
 from .clock import DeviceClock
@@ -22,7 +22,7 @@ from .clock import DeviceClock
 # what the real runtime adds to every tile on this kind of host (driver + actor call), seconds
 DISPATCH_S = 0.002
 
-BytesFn = Callable[[tuple[int, int, int], str, dict[tuple[int, int, int], str]], int]
+BytesFn = Callable[[tuple[int, int, int], str, dict[tuple[int, int], str]], int]
 
 
 @dataclass
@@ -42,16 +42,17 @@ def predict(devices: Sequence[DeviceSpec], make_frame: Callable[[int], FrameSpec
     """Run ``frames`` frames, ``in_flight`` at a time, through the scheduler on emulated clocks.
 
     ``remote_in_bytes(key, device, placed)`` tells how many input bytes of a later-stage tile come
-    over the link given where its producers ran; stage-0 tiles read their ``in_bytes`` from the
-    client.
+    over the link given where the frame's tiles ran (``placed``: (stage, index) -> device); stage-0
+    tiles read their ``in_bytes`` from the client.
     """
     sched = Scheduler(max_in_flight_per_device=max_in_flight_per_device, learn_speed=False)
     clocks = {d.id: DeviceClock(d.profile, scale) for d in devices}
     sched.handle(*(DeviceJoined(d.info(), 0.0) for d in devices))
     specs: dict[int, FrameSpec] = {}
+    tile_index: dict[tuple[int, int, int], TileSpec] = {}
     heap: list[tuple[float, int, object]] = []
     seq = itertools.count()
-    placed: dict[tuple[int, int, int], str] = {}
+    placed: dict[int, dict[tuple[int, int], str]] = {}  # per frame: (stage, index) -> device
     submitted: dict[int, float] = {}
     ended: dict[int, float] = {}
     failed: list[str] = []
@@ -64,6 +65,7 @@ def predict(devices: Sequence[DeviceSpec], make_frame: Callable[[int], FrameSpec
             return
         spec = make_frame(next_frame)
         specs[spec.frame_id] = spec
+        tile_index.update({(spec.frame_id, t.stage, t.index): t for t in spec.tiles})
         submitted[spec.frame_id] = t
         next_frame += 1
         heapq.heappush(heap, (t, next(seq), FrameSubmitted(spec, t)))
@@ -71,14 +73,14 @@ def predict(devices: Sequence[DeviceSpec], make_frame: Callable[[int], FrameSpec
     def obey(instructions: list[object], t: float) -> None:
         for ins in instructions:
             if isinstance(ins, Dispatch):
-                fid, stage, idx = ins.key
-                spec = specs[fid]
-                tile = next(x for x in spec.tiles if x.stage == stage and x.index == idx)
-                placed[ins.key] = ins.device
+                stage = ins.key[1]
+                tile = tile_index[ins.key]
+                frame_placed = placed.setdefault(ins.key[0], {})
+                frame_placed[(stage, ins.key[2])] = ins.device
                 if stage == 0 or remote_in_bytes is None:
                     nbytes = tile.in_bytes
                 else:
-                    nbytes = remote_in_bytes(ins.key, ins.device, placed)
+                    nbytes = remote_in_bytes(ins.key, ins.device, frame_placed)
                 tl = clocks[ins.device].admit(t + dispatch_s, nbytes, tile.flops, tile.out_bytes)
                 busy = tl.compute_end - tl.compute_start
                 heapq.heappush(heap, (tl.done, next(seq), TileDone(ins.key, ins.device, tl.done, compute_s=busy)))

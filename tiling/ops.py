@@ -234,7 +234,6 @@ class Classifier:
                     raise _NotLocal(f"mode='{a['mode']}' interpolates across tile edges; only nearest is local")
                 return self._upsample(node, a["input"], base)
             if any(t is f for f in CAT_FUNCTIONS):
-                tensors = node.args[0] if node.args else node.kwargs.get("tensors")
                 dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
                 if dim not in (1, -3):
                     raise _NotLocal(f"concatenation along dim {dim}; only the channel dim (1) is local")
@@ -260,7 +259,6 @@ class Classifier:
         if not self.is_map(x):
             raise _NotLocal("its input is not an (N, C, H, W) map")
         assert isinstance(x, fx.Node)
-        self._last_in_channels = self.shape(x)[1]  # type: ignore[index]
         return x
 
     def _conv(self, node: fx.Node, x: Any, weight: torch.Tensor, stride: Any, padding: Any, dilation: Any,
@@ -281,7 +279,8 @@ class Classifier:
             p = _pair(padding)
         maps = (Window(k[0], s[0], d[0], p[0]), Window(k[1], s[1], d[1], p[1]))
         macs = int(weight.shape[0]) * int(weight.shape[1]) * k[0] * k[1]
-        return OpSpec(kind="conv", in_channels=self._last_in_channels, inputs=(xin.name,), maps=maps, fill=0.0, how=how,  # type: ignore[arg-type]
+        return OpSpec(kind="conv", in_channels=self.shape(xin)[1],  # type: ignore[index]
+                      inputs=(xin.name,), maps=maps, fill=0.0, how=how,  # type: ignore[arg-type]
                       target=str(node.target) if how == "module" else None, in_hw=(ih, iw),
                       macs_per_pixel=macs, params=dict(stride=s, dilation=d, groups=int(groups)), **base)
 
@@ -291,7 +290,8 @@ class Classifier:
         k, s, p, d = _pair(kernel), _pair(stride if stride is not None else kernel), _pair(padding), _pair(dilation)
         ih, iw = self.shape(xin)[2:]  # type: ignore[index]
         maps = (Window(k[0], s[0], d[0], p[0]), Window(k[1], s[1], d[1], p[1]))
-        return OpSpec(kind="maxpool", in_channels=self._last_in_channels, inputs=(xin.name,), maps=maps, fill=-math.inf, in_hw=(ih, iw),
+        return OpSpec(kind="maxpool", in_channels=self.shape(xin)[1],  # type: ignore[index]
+                      inputs=(xin.name,), maps=maps, fill=-math.inf, in_hw=(ih, iw),
                       params=dict(kernel=k, stride=s, dilation=d), **base)
 
     def _avgpool(self, node: fx.Node, x: Any, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
@@ -300,7 +300,8 @@ class Classifier:
         k, s, p = _pair(kernel), _pair(stride if stride is not None else kernel), _pair(padding)
         ih, iw = self.shape(xin)[2:]  # type: ignore[index]
         maps = (Window(k[0], s[0], 1, p[0]), Window(k[1], s[1], 1, p[1]))
-        return OpSpec(kind="avgpool", in_channels=self._last_in_channels, inputs=(xin.name,), maps=maps, fill=0.0, in_hw=(ih, iw),
+        return OpSpec(kind="avgpool", in_channels=self.shape(xin)[1],  # type: ignore[index]
+                      inputs=(xin.name,), maps=maps, fill=0.0, in_hw=(ih, iw),
                       params=dict(kernel=k, stride=s, padding=p, count_include_pad=bool(count_include_pad),
                                   divisor_override=divisor_override), **base)
 
@@ -314,7 +315,8 @@ class Classifier:
         left, right, top, bottom = pads[:4]
         ih, iw = self.shape(xin)[2:]  # type: ignore[index]
         maps = (Window(1, 1, 1, top), Window(1, 1, 1, left))
-        return OpSpec(kind="pad", in_channels=self._last_in_channels, inputs=(xin.name,), maps=maps, fill=value, in_hw=(ih, iw),
+        return OpSpec(kind="pad", in_channels=self.shape(xin)[1],  # type: ignore[index]
+                      inputs=(xin.name,), maps=maps, fill=value, in_hw=(ih, iw),
                       params=dict(pads=(left, right, top, bottom)), **base)
 
     def _upsample(self, node: fx.Node, x: Any, base: dict[str, Any]) -> OpSpec:
@@ -324,7 +326,8 @@ class Classifier:
         if oh % ih or ow % iw:
             raise _NotLocal(f"upsampling {ih}x{iw} to {oh}x{ow} is not by an integer factor")
         fh, fw = oh // ih, ow // iw
-        return OpSpec(kind="upsample", in_channels=self._last_in_channels, inputs=(xin.name,), maps=(Upsample(fh), Upsample(fw)), in_hw=(ih, iw),
+        return OpSpec(kind="upsample", in_channels=self.shape(xin)[1],  # type: ignore[index]
+                      inputs=(xin.name,), maps=(Upsample(fh), Upsample(fw)), in_hw=(ih, iw),
                       params=dict(factor=(fh, fw)), **base)
 
     def _slice(self, node: fx.Node, base: dict[str, Any]) -> OpSpec:

@@ -43,7 +43,6 @@ class StageProgram(nn.Module):
         for i, (k, v) in enumerate(constants.items()):
             self.register_buffer(f"const_{i}", v.detach().clone() if isinstance(v, torch.Tensor) else v)
             self._const_keys[k] = f"const_{i}"
-        self._divisors: dict[tuple[str, int], torch.Tensor] = {}
 
     # --- accounting helpers -----------------------------------------------------------------------
     @property

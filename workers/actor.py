@@ -81,7 +81,7 @@ class TileWorker:
         arrive = time.monotonic()
         try:
             geo = self.geometries[(deployment, stage)][tile]
-            resolved, fetched = _resolve_inputs(inputs)
+            resolved = _resolve_inputs(inputs)
             resolved_pieces, piece_bytes = _resolve_pieces(pieces)
         except Exception as e:  # noqa: BLE001 - a lost producer: the driver re-runs it and us
             fail = TileFailure("InputLost", f"{type(e).__name__}: {e}", retryable=True)
@@ -99,7 +99,7 @@ class TileWorker:
         if timeline is not None:
             time.sleep(max(0.0, timeline.done - time.monotonic()))
         meta = self._meta(None, arrive, timeline)
-        meta.update(compute_s=res.compute_s, bytes_in=res.bytes_in + fetched, bytes_out=res.bytes_out,
+        meta.update(compute_s=res.compute_s, bytes_in=res.bytes_in, bytes_out=res.bytes_out,
                     torch_device=res.device, computed_at=computed_at)
         return meta, {"out": res.outputs, "exp": res.exports}
 
@@ -153,22 +153,16 @@ def _get(v: Any) -> Any:
     return ray.get(v) if isinstance(v, ray.ObjectRef) else v
 
 
-def _resolve_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+def _resolve_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     """Stage inputs: an array (first stage, sent by the driver) or parts held by other workers."""
     out: dict[str, Any] = {}
-    fetched = 0
     for name, value in inputs.items():
         if isinstance(value, np.ndarray):
             out[name] = value
             continue
         payloads = ray.get([ref for _, ref, _ in value])
-        parts = []
-        for (b, _, out_name), pay in zip(value, payloads):
-            arr = pay["out"][out_name]
-            parts.append((b, arr))
-            fetched += arr.nbytes
-        out[name] = parts
-    return out, 0
+        out[name] = [(b, pay["out"][out_name]) for (b, _, out_name), pay in zip(value, payloads)]
+    return out
 
 
 def _resolve_pieces(pieces: dict[str, list[tuple[Box, Any, int]]]) -> tuple[dict[str, Any], int]:
