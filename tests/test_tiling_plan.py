@@ -287,3 +287,35 @@ def test_summary_mentions_stop(yolo: nn.Module) -> None:
     plan = tiling.partition(m, torch.randn(1, 3, 64, 64), grid=(2, 2))
     text = plan.summary()
     assert "redundancy" in text and "fusion stops at" in text and "AdaptiveAvgPool2d" in text
+
+
+@pytest.mark.parametrize("grid,reuse", [((1, 1), False), ((3, 2), False), ((3, 3), True)])
+def test_batch_norm_folded_only_where_unobserved(grid: tuple[int, int], reuse: bool) -> None:
+    """conv -> bn pairs run as one conv, except where the conv's own output is read elsewhere."""
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, affine=False)
+            self.c, self.bn_c = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = F.leaky_relu(self.bn_a(self.a(x)), 0.1)
+            z = self.b(y)
+            z = self.bn_b(z) + z  # the conv's output is read twice: not folded
+            return self.bn_c(self.c(z))
+
+    torch.manual_seed(3)
+    m = M()
+    for bn in (m.bn_a, m.bn_b, m.bn_c):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        if bn.affine:
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -1, 1)
+    plan = assert_exact(m, torch.randn(2, 3, 23, 19), grid=grid, reuse=reuse)
+    prog = plan.stages[0].program
+    assert sorted(prog._folded) == ["a", "c"]
+    assert "bn_b" in prog.mods and "bn_a" not in prog.mods and "a" not in prog.mods
+    unfolded = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers() if b.dtype.is_floating_point)
+    assert prog.weight_bytes < unfolded * 4

@@ -498,7 +498,7 @@ def _program(fusion: Fusion, part: StageNodes, specs: Mapping[str, OpSpec],
         visit(s.args)
         visit(s.kwargs)
         visit(s.params)
-    return StageProgram(list(specs.values()), modules, consts, part.inputs, input_hw)
+    return StageProgram(list(specs.values()), modules, consts, part.inputs, input_hw, part.outputs)
 
 
 def rel_error(a: Any, b: Any) -> float:

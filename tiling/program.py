@@ -21,6 +21,7 @@ from .ops import Const, OpSpec, Ref
 from .regions import TileGeometry
 
 Value = tuple[torch.Tensor, Box]
+_FOLDABLE_BN = (nn.BatchNorm2d,)
 
 
 def _key(path: str) -> str:
@@ -32,17 +33,56 @@ class StageProgram(nn.Module):
 
     def __init__(self, specs: Sequence[OpSpec], modules: Mapping[str, nn.Module],
                  constants: Mapping[str, torch.Tensor], inputs: Sequence[str],
-                 input_hw: Mapping[str, tuple[int, int]]) -> None:
+                 input_hw: Mapping[str, tuple[int, int]], outputs: Sequence[str] = (), *,
+                 fold_bn: bool = True) -> None:
         super().__init__()
         self.specs = list(specs)
         self.order = [s.name for s in self.specs]
         self.stage_inputs = list(inputs)
         self.input_hw = dict(input_hw)
-        self.mods = nn.ModuleDict({_key(k): v for k, v in modules.items()})
         self._const_keys: dict[str, str] = {}
         for i, (k, v) in enumerate(constants.items()):
             self.register_buffer(f"const_{i}", v.detach().clone() if isinstance(v, torch.Tensor) else v)
             self._const_keys[k] = f"const_{i}"
+        # conv -> batch norm pairs folded into one conv (weights scaled once, here); the batch norm
+        # then passes its input through. Only where nothing else reads the conv's own output.
+        self._folded: dict[str, tuple[str, str]] = {}
+        self._passthrough: set[str] = set()
+        if fold_bn:
+            self._fold_batch_norms(modules, set(outputs))
+        used = {s.target for s in self.specs if s.how == "module" and s.name not in self._passthrough
+                and s.name not in self._folded}
+        self.mods = nn.ModuleDict({_key(k): v for k, v in modules.items() if k in used})
+
+    def _fold_batch_norms(self, modules: Mapping[str, nn.Module], outputs: set[str]) -> None:
+        readers: dict[str, int] = {}
+        for s in self.specs:
+            for i in set(s.inputs):
+                readers[i] = readers.get(i, 0) + 1
+        by_name = {s.name: s for s in self.specs}
+        for s in self.specs:
+            bn = modules.get(s.target) if s.how == "module" and isinstance(s.target, str) else None
+            if not isinstance(bn, _FOLDABLE_BN) or bn.training or bn.running_mean is None or len(s.inputs) != 1:
+                continue
+            conv = by_name.get(s.inputs[0])
+            if conv is None or conv.kind != "conv" or readers.get(conv.name) != 1 or conv.name in outputs:
+                continue
+            if len(s.args) != 1 or s.kwargs:
+                continue
+            w, b = self._conv_weights(conv, modules[conv.target] if conv.how == "module" else None)
+            scale = bn.running_var.double().add(bn.eps).rsqrt()
+            if bn.weight is not None:
+                scale = scale * bn.weight.double()
+            shift = -bn.running_mean.double() * scale
+            if b is not None:
+                shift = shift + b.double() * scale
+            if bn.bias is not None:
+                shift = shift + bn.bias.double()
+            i = len(self._folded)
+            self.register_buffer(f"fold_w_{i}", (w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype))
+            self.register_buffer(f"fold_b_{i}", shift.to(w.dtype))
+            self._folded[conv.name] = (f"fold_w_{i}", f"fold_b_{i}")
+            self._passthrough.add(s.name)
 
     # --- accounting helpers -----------------------------------------------------------------------
     @property
@@ -117,6 +157,8 @@ class StageProgram(nn.Module):
             return self._conv(spec, x)
         if kind == "upsample":
             return self._upsample(spec, comp, values[spec.inputs[0]])
+        if spec.name in self._passthrough:  # a batch norm folded into the conv before it
+            return _crop(values[spec.inputs[0]], comp)
         return self._call(spec, comp, values)
 
     def _empty(self, name: str, values: Mapping[str, Value]) -> torch.Tensor:
@@ -142,14 +184,20 @@ class StageProgram(nn.Module):
             x = F.pad(x, pads, value=spec.fill)
         return x
 
+    def _conv_weights(self, spec: OpSpec, module: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias of a conv: its module's, or constants of the traced graph."""
+        if module is not None:
+            return module.weight, module.bias
+        p = spec.params
+        return self._const(p["weight"]), (self._const(p["bias"]) if p.get("bias") is not None else None)
+
     def _conv(self, spec: OpSpec, x: torch.Tensor) -> torch.Tensor:
         p = spec.params
-        if spec.how == "module":
-            mod = self.mods[_key(spec.target)]
-            w, b = mod.weight, mod.bias
+        folded = self._folded.get(spec.name)
+        if folded is not None:
+            w, b = getattr(self, folded[0]), getattr(self, folded[1])
         else:
-            w = self._const(p["weight"])
-            b = self._const(p["bias"]) if p.get("bias") is not None else None
+            w, b = self._conv_weights(spec, self.mods[_key(spec.target)] if spec.how == "module" else None)
         return F.conv2d(x, w, b, p["stride"], 0, p["dilation"], p["groups"])
 
     def _avgpool(self, spec: OpSpec, comp: Box, x: torch.Tensor) -> torch.Tensor:
