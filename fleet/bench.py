@@ -69,7 +69,12 @@ def _fps(done: list[float], in_flight: int) -> tuple[float, int]:
 def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int = 12, grid: Any = "auto",
               stages: list[int] | None = None, reuse: bool = False, in_flight: int | None = None,
               scale: float | None = None, address: str | None = None, progress: bool = True,
-              standalone: bool = False) -> dict[str, Any]:
+              standalone: bool = False, torch_rounds: int = 0, torch_threads: int = 2) -> dict[str, Any]:
+    """Run ``frames`` timed frames (after 2 warm-up frames) and report by the timing rules above.
+
+    ``torch_rounds`` > 0 also measures plain torch (batch 1, ``torch_threads`` threads, in this
+    process) in that many rounds alternating with the cluster's, for ``host*N`` comparisons.
+    """
     import fleet
 
     warm = 2
@@ -88,24 +93,26 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         warm_outs = list(dep.stream(xs[:warm], in_flight=1))
         dep.reset_stats()
         outs: list[Any] = list(warm_outs)
+        timed = xs[warm:]
+        depth = 1 if mode == "latency" else (in_flight or throughput_depth(
+            [d["gflops"] for d in cluster.devices() if d["state"] == "alive"]))
+        bar = _bar(len(timed), progress)
+        # with a torch baseline, rounds alternate plain torch and the cluster on the same frames, so
+        # that both see the same machine (this VM's speed drifts by tens of percent between minutes)
+        blocks = [list(b) for b in np.array_split(np.arange(len(timed)), max(1, torch_rounds))]
+        rounds: list[dict[str, Any]] = []
         lat: list[float] = []
         done: list[float] = []
-        timed = xs[warm:]
-        bar = _bar(len(timed), progress)
-        if mode == "latency":
-            for x in timed:
-                t = time.monotonic()
-                outs.append(dep.submit(x).result(timeout=600))
-                lat.append(time.monotonic() - t)
-                done.append(time.monotonic())
-                bar.update(1)
-            depth = 1
-        else:
-            depth = in_flight or throughput_depth([d["gflops"] for d in cluster.devices() if d["state"] == "alive"])
-            for y in dep.stream(timed, in_flight=depth):
-                outs.append(y)
-                done.append(time.monotonic())
-                bar.update(1)
+        for b in blocks:
+            block = [timed[i] for i in b]
+            base = _torch_block(w.model, block, torch_threads) if torch_rounds else None
+            o, l, d = _fleet_block(dep, block, mode, depth, bar)
+            outs += o
+            lat += l
+            done += d
+            if base is not None:
+                rounds.append({"torch_s": base, "done": d, "lat": l})
+        if mode == "throughput":
             lat = [v for v in dep.stats()["latency_s"].values()]
         bar.close()
         errs = [tiling.rel_error(y, r) for y, r in zip(outs, refs)]
@@ -116,7 +123,11 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         devs = cluster.devices()
         dep.close()
     timed_lat = np.asarray(lat) / s
-    fps, k = _fps(done, depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
+    if mode == "throughput" and rounds:  # each round's steady state, then the median over rounds
+        per_round = [_fps(r["done"], depth) for r in rounds]
+        fps, k = float(np.median([f for f, _ in per_round])), per_round[0][1]
+    else:
+        fps, k = _fps(done, depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
     fps *= s
     table = profiles()
     specs = parse_spec(devices, table) if not address else []
@@ -138,6 +149,8 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         "per_device": stats["devices"], "device_list": devs,
         "done_s": [(t - done[0]) / s for t in done],
     }
+    if rounds:
+        report.update(_versus_torch(rounds, mode, depth, torch_threads))
     if choice is not None:
         p = choice.predicted
         # the simulation ran on the scaled clock; report it in emulated units like the measurement
@@ -172,22 +185,56 @@ def standalone_fps(w: Workload, devices: str, *, frames: int, scale: float | Non
     return out
 
 
-def host_baseline(w: Workload, frames: int = 10, threads: int = 2) -> dict[str, float]:
-    """Plain torch on this host, batch 1, ``threads`` threads: the bar for ``host*N`` runs."""
+def _fleet_block(dep: Any, xs: list[torch.Tensor], mode: str, depth: int,
+                 bar: Any) -> tuple[list[Any], list[float], list[float]]:
+    """Outputs, latencies (latency mode) and completion times of ``xs`` run on the deployment."""
+    outs: list[Any] = []
+    lat: list[float] = []
+    done: list[float] = []
+    if mode == "latency":
+        for x in xs:
+            t = time.monotonic()
+            outs.append(dep.submit(x).result(timeout=600))
+            lat.append(time.monotonic() - t)
+            done.append(time.monotonic())
+            bar.update(1)
+    else:
+        for y in dep.stream(xs, in_flight=depth):
+            outs.append(y)
+            done.append(time.monotonic())
+            bar.update(1)
+    return outs, lat, done
+
+
+def _torch_block(model: nn.Module, xs: list[torch.Tensor], threads: int) -> list[float]:
+    """Plain torch, batch 1, ``threads`` threads: seconds per frame (after one untimed frame)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        xs = frames_for(w, frames + 2, seed=7)
-        times = []
         with torch.no_grad():
+            model(xs[0])
+            times = []
             for x in xs:
                 t = time.perf_counter()
-                w.model(x)
+                model(x)
                 times.append(time.perf_counter() - t)
-        t = np.asarray(times[2:])
-        return {"p50_ms": float(np.median(t) * 1e3), "fps": float(1.0 / np.mean(t))}
+        return times
     finally:
         torch.set_num_threads(old)
+
+
+def _versus_torch(rounds: list[dict[str, Any]], mode: str, depth: int, threads: int) -> dict[str, Any]:
+    """Plain torch against the cluster, round by round (each ratio from back-to-back blocks)."""
+    base = np.concatenate([r["torch_s"] for r in rounds])
+    hb = {"p50_ms": float(np.median(base) * 1e3), "fps": float(1.0 / np.mean(base)), "threads": threads,
+          "frames": int(len(base)), "rounds": len(rounds)}
+    if mode == "throughput":
+        ratios = [_fps(r["done"], depth)[0] * float(np.mean(r["torch_s"])) for r in rounds]
+        key = "vs_torch_fps"
+    else:
+        ratios = [float(np.median(r["lat"]) / np.median(r["torch_s"])) for r in rounds]
+        key = "vs_torch_p50"
+    return {"host_baseline": hb, key: float(np.median(ratios)), f"{key}_rounds": ratios}
 
 
 def _plan_label(plan: tiling.Plan) -> str:

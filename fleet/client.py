@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
+import re
 import signal
 import statistics
 import time
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 import tiling
-from sims.catalog import DeviceSpec, Profile, clock_scale, host_profile, measure_host_gflops, parse_spec, profiles
+from sims.catalog import DeviceSpec, Profile, ProfileError, clock_scale, host_profile, measure_host_gflops, parse_spec, profiles
 
 from workers.emulation import Emulation
 
@@ -34,6 +36,7 @@ from .driver import Device, Driver, FrameFailed
 
 __all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
 
+log = logging.getLogger("tilefleet.client")
 _deployment_ids = itertools.count()
 HOST_DERATE = 0.5
 
@@ -82,8 +85,8 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
         specs = []
     started = _ray_init(address, num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2))
     try:
-        host_gflops = measure_host_gflops(threads=threads_per_device)
         if specs:
+            host_gflops = measure_host_gflops(threads=threads_per_device)
             specs = [DeviceSpec(s.id, host_profile(host_gflops * threads_per_device)) if not s.profile.emulated
                      else s for s in specs]
             devices = _start_local_devices(specs, host_gflops, scale, threads_per_device)
@@ -95,7 +98,7 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
             ray.shutdown()
         raise
     return Cluster(devices, started, max_in_flight=max_in_flight,
-                   scale=devices[next(iter(devices))].scale if devices else 1.0)
+                   scale=devices[next(iter(devices))].scale if devices else 1.0, publish_tiles=not specs)
 
 
 def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: float | None,
@@ -123,6 +126,42 @@ def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale:
     return out
 
 
+def profile_from_labels(labels: dict[str, str], table: dict[str, Profile]) -> Profile:
+    """A device's profile from the node labels ``tilefleet join`` sets (measured on the device).
+
+    Missing labels fall back to the catalog entry of ``tilefleet/class`` (or ``host``); malformed
+    ones are ignored with a warning, so one badly labelled node cannot stop a deployment.
+    """
+    base = table.get(labels.get("tilefleet/class", "host"), host_profile())
+    changes: dict[str, Any] = {"emulated": False,
+                               "source": "measured on the device by `tilefleet join` (node labels)"}
+    for label, field_name, factor in _LABEL_FIELDS:
+        raw = labels.get(label)
+        if raw is None:
+            continue
+        try:
+            v = float(raw)
+            if not v >= 0 or v == float("inf"):
+                raise ValueError(raw)
+        except ValueError:
+            log.warning("node label %s=%r is not a number >= 0; using the catalog's figure", label, raw)
+            continue
+        changes[field_name] = int(v * factor) if field_name == "memory_bytes" else v * factor
+    if "tilefleet/gpu" in labels:
+        changes["gpu"] = labels["tilefleet/gpu"] in ("1", "true", "yes")
+    try:
+        return dataclasses.replace(base, **changes)
+    except ProfileError as e:
+        log.warning("node labels give an invalid profile (%s); using the catalog's %s", e, base.name)
+        return dataclasses.replace(base, emulated=False)
+
+
+# node label -> Profile field, and the factor from the label's unit to the field's
+_LABEL_FIELDS = (("tilefleet/gflops", "gflops", 1.0), ("tilefleet/tile_overhead_ms", "tile_overhead_s", 1e-3),
+                 ("tilefleet/memory_mb", "memory_bytes", 2**20), ("tilefleet/link_mbps", "link_mbps", 1.0),
+                 ("tilefleet/latency_ms", "latency_s", 1e-3))
+
+
 def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
     """Devices of an existing cluster: one worker per alive node with CPUs, described by its labels."""
     import ray
@@ -131,34 +170,36 @@ def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
     from workers.actor import TileWorker
 
     out: dict[str, Device] = {}
+    pending = []
     for node in ray.nodes():
         if not node.get("Alive") or node.get("Resources", {}).get("CPU", 0) < 1:
             continue
         labels = node.get("Labels", {}) or {}
-        klass = labels.get("tilefleet/class", "host")
-        base = table.get(klass, host_profile())
-        prof = base
-        if "tilefleet/gflops" in labels:
-            prof = dataclasses.replace(prof, gflops=float(labels["tilefleet/gflops"]))
-        name = labels.get("tilefleet/name", node["NodeManagerHostname"])
+        prof = profile_from_labels(labels, table)
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", labels.get("tilefleet/name", node["NodeManagerHostname"]))[:40]
         did = f"{name}-{node['NodeID'][:6]}"
-        actor = TileWorker.options(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node["NodeID"], soft=False)).remote(did, int(labels.get("tilefleet/threads", 1)), None)
-        info = ray.get(actor.info.remote(), timeout=120)
+        threads = max(1, min(int(node["Resources"]["CPU"]), int(float(labels.get("tilefleet/threads", 1) or 1))))
+        actor = TileWorker.options(num_cpus=threads, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node["NodeID"], soft=False)).remote(did, threads, None)
+        pending.append((did, prof, actor))
+    if not pending:
+        raise RuntimeError("the Ray cluster has no alive node with CPUs to run tiles on; "
+                           "join devices with `tilefleet join` (see `tilefleet devices`)")
+    infos = ray.get([a.info.remote() for _, _, a in pending], timeout=120)
+    for (did, prof, actor), info in zip(pending, infos):
         out[did] = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
-    if not out:
-        raise RuntimeError("the Ray cluster has no alive node with CPUs to run tiles on")
     return out
 
 
 class Cluster:
     """A set of devices with one driver; deployments share it (and the devices' memory)."""
 
-    def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float) -> None:
+    def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float,
+                 publish_tiles: bool = False) -> None:
         self._devices = devices
         self._owns_ray = owns_ray
         self.scale = scale
-        self.driver = Driver(devices, max_in_flight=max_in_flight)
+        self.driver = Driver(devices, max_in_flight=max_in_flight, publish_tiles=publish_tiles)
         self.deployments: list[Deployment] = []
         self.closed = False
 

@@ -28,6 +28,10 @@ from .deployment_plan import TileRef, remote_bytes
 
 log = logging.getLogger("tilefleet.driver")
 
+KV_NAMESPACE = "tilefleet"
+TILES_KEY = "tilefleet/tiles/"  # + Ray node id (hex): ascii count of tiles done there, all drivers together
+PUBLISH_EVERY_S = 2.0
+
 
 class FrameFailed(RuntimeError):
     """A frame the runtime could not complete; the message says why."""
@@ -72,7 +76,8 @@ class TraceEvent:
 class Driver:
     """Runs frames of any number of deployments on one set of devices."""
 
-    def __init__(self, devices: dict[str, Device], *, max_in_flight: int = 2, max_retries: int = 3) -> None:
+    def __init__(self, devices: dict[str, Device], *, max_in_flight: int = 2, max_retries: int = 3,
+                 publish_tiles: bool = False) -> None:
         self.devices = devices
         self.sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries, learn_speed=False)
         self.inbox: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -86,6 +91,10 @@ class Driver:
         self._sent: dict[Any, float] = {}  # (key, device) -> when the tile was dispatched
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        # tiles done per Ray node, published to the cluster's KV for `tilefleet devices` (LAN clusters)
+        self._publish = publish_tiles
+        self._unpublished: dict[str, int] = {}
+        self._published_at = 0.0
         self.sched.handle(*(DeviceJoined(d.info, self.now()) for d in devices.values()))
         self.thread = threading.Thread(target=self._loop, name="tilefleet-driver", daemon=True)
         self.thread.start()
@@ -139,6 +148,8 @@ class Driver:
                         ready, _ = ray.wait(refs, num_returns=1, timeout=0.02)
                     for ref in ready:
                         self._on_ready(ref)
+                if self._unpublished and (time.monotonic() - self._published_at > PUBLISH_EVERY_S or not self.pending):
+                    self._publish_tiles()
         except BaseException as e:  # pragma: no cover - a bug in the shell: fail every frame loudly
             log.exception("driver loop crashed")
             self.error = e
@@ -192,6 +203,9 @@ class Driver:
             if ctx is not None and refs is not None and self.sched.expects(key, device):
                 ctx.results[(stage, idx)] = refs[1]
                 ctx.deployment.record_tile(device, meta)
+                if self._publish:
+                    node = self.devices[device].node_id
+                    self._unpublished[node] = self._unpublished.get(node, 0) + 1
             busy = meta.get("timeline", {})
             compute_s = busy.get("compute_end", 0.0) - busy.get("compute_start", 0.0) if busy else meta.get("compute_s", 0.0)
             ev: Any = TileDone(key, device, t, compute_s=compute_s, bytes_in=meta.get("bytes_in", 0),
@@ -202,6 +216,21 @@ class Driver:
             ev = TileFailed(key, device, t, error=f"{meta.get('error')}: {meta.get('message')}",
                             retryable=bool(meta.get("retryable", True)))
         self._execute(self.sched.handle(ev))
+
+    def _publish_tiles(self) -> None:
+        """Add this driver's new tile counts to the cluster-wide per-node totals (best effort)."""
+        from ray.experimental import internal_kv
+
+        counts, self._unpublished = self._unpublished, {}
+        self._published_at = time.monotonic()
+        try:
+            for node, n in counts.items():
+                key = f"{TILES_KEY}{node}".encode()
+                old = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+                total = (int(old) if old and old.isdigit() else 0) + n
+                internal_kv._internal_kv_put(key, str(total).encode(), overwrite=True, namespace=KV_NAMESPACE)
+        except Exception as e:  # noqa: BLE001 - statistics must never break inference
+            log.warning("could not publish tile counts: %s", e)
 
     def _on_tail(self, fid: int, device: str, meta: dict[str, Any], t: float) -> None:
         ctx = self.frames.get(fid)

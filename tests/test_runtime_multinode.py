@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import time
+
 import pytest
 import torch
 
@@ -52,3 +54,17 @@ def test_existing_cluster_devices_and_exact_results(ray_cluster: object) -> None
             assert tiling.rel_error(y, zm.model(f)) <= 1e-4
         st = dep.stats()
         assert sum(1 for d in st["devices"].values() if d["tiles"] > 0) == 3  # every node computed tiles
+        # the per-node counts `tilefleet devices` shows: published to the cluster's KV by the driver
+        from ray.experimental import internal_kv
+
+        from fleet.driver import KV_NAMESPACE, TILES_KEY
+
+        total = sum(d["tiles"] for d in st["devices"].values())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            keys = internal_kv._internal_kv_list(TILES_KEY, namespace=KV_NAMESPACE)
+            published = sum(int(internal_kv._internal_kv_get(k, namespace=KV_NAMESPACE)) for k in keys)
+            if published >= total:
+                break
+            time.sleep(0.2)
+        assert len(keys) == 3 and published >= total

@@ -158,3 +158,21 @@ def test_device_info_from_profile() -> None:
     info = d.info()
     assert isinstance(info, DeviceInfo) and info.gflops == 4 and info.memory_bytes == d.profile.usable_bytes
     assert DeviceSpec("x", d.profile).info().id == "x"
+
+
+def test_profile_from_labels_uses_measured_figures_and_ignores_bad_ones() -> None:
+    from fleet.client import profile_from_labels
+    from sims.catalog import profiles
+
+    table = profiles()
+    p = profile_from_labels({"tilefleet/class": "pi4", "tilefleet/gflops": "9.5",
+                             "tilefleet/tile_overhead_ms": "2.5", "tilefleet/memory_mb": "1024",
+                             "tilefleet/link_mbps": "20", "tilefleet/latency_ms": "4", "tilefleet/gpu": "0"},
+                            table)
+    assert (p.name, p.gflops, p.tile_overhead_s, p.memory_bytes, p.link_mbps, p.latency_s, p.gpu, p.emulated) == (
+        "pi4", 9.5, 0.0025, 1024 * 2**20, 20.0, 0.004, False, False)
+    bad = profile_from_labels({"tilefleet/class": "pi4", "tilefleet/gflops": "fast", "tilefleet/link_mbps": "-3"},
+                              table)
+    assert (bad.gflops, bad.link_mbps, bad.emulated) == (table["pi4"].gflops, table["pi4"].link_mbps, False)
+    unknown = profile_from_labels({"tilefleet/class": "no-such-class"}, table)
+    assert unknown.name == "host" and not unknown.emulated
