@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import statistics
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -98,7 +99,8 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
             ray.shutdown()
         raise
     return Cluster(devices, started, max_in_flight=max_in_flight,
-                   scale=devices[next(iter(devices))].scale if devices else 1.0, publish_tiles=not specs)
+                   scale=devices[next(iter(devices))].scale if devices else 1.0, publish_tiles=not specs,
+                   watch=None if specs else table)
 
 
 def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: float | None,
@@ -133,8 +135,7 @@ def profile_from_labels(labels: dict[str, str], table: dict[str, Profile]) -> Pr
     ones are ignored with a warning, so one badly labelled node cannot stop a deployment.
     """
     base = table.get(labels.get("tilefleet/class", "host"), host_profile())
-    changes: dict[str, Any] = {"emulated": False,
-                               "source": "measured on the device by `tilefleet join` (node labels)"}
+    changes: dict[str, Any] = {"emulated": False, "source": LABEL_SOURCE}
     for label, field_name, factor in _LABEL_FIELDS:
         raw = labels.get(label)
         if raw is None:
@@ -153,55 +154,115 @@ def profile_from_labels(labels: dict[str, str], table: dict[str, Profile]) -> Pr
         return dataclasses.replace(base, **changes)
     except ProfileError as e:
         log.warning("node labels give an invalid profile (%s); using the catalog's %s", e, base.name)
-        return dataclasses.replace(base, emulated=False)
+        return dataclasses.replace(base, emulated=False, source=LABEL_SOURCE)
 
 
+LABEL_SOURCE = "measured on the device by `tilefleet join` (node labels)"
 # node label -> Profile field, and the factor from the label's unit to the field's
 _LABEL_FIELDS = (("tilefleet/gflops", "gflops", 1.0), ("tilefleet/tile_overhead_ms", "tile_overhead_s", 1e-3),
                  ("tilefleet/memory_mb", "memory_bytes", 2**20), ("tilefleet/link_mbps", "link_mbps", 1.0),
                  ("tilefleet/latency_ms", "latency_s", 1e-3))
 
 
-def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
-    """Devices of an existing cluster: one worker per alive node with CPUs, described by its labels."""
-    import ray
+def _node_device(node: dict[str, Any], table: dict[str, Profile]) -> tuple[str, Profile, Any] | None:
+    """Start a tile worker on a Ray node that offers CPUs: (device id, profile, actor); None otherwise."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from workers.actor import TileWorker
 
-    out: dict[str, Device] = {}
-    pending = []
-    for node in ray.nodes():
-        if not node.get("Alive") or node.get("Resources", {}).get("CPU", 0) < 1:
-            continue
-        labels = node.get("Labels", {}) or {}
-        prof = profile_from_labels(labels, table)
-        name = re.sub(r"[^A-Za-z0-9._-]", "-", labels.get("tilefleet/name", node["NodeManagerHostname"]))[:40]
-        did = f"{name}-{node['NodeID'][:6]}"
-        threads = max(1, min(int(node["Resources"]["CPU"]), int(float(labels.get("tilefleet/threads", 1) or 1))))
-        actor = TileWorker.options(num_cpus=threads, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node["NodeID"], soft=False)).remote(did, threads, None)
-        pending.append((did, prof, actor))
+    cpus = node.get("Resources", {}).get("CPU", 0)
+    if not node.get("Alive") or cpus < 1:
+        return None
+    labels = node.get("Labels", {}) or {}
+    prof = profile_from_labels(labels, table)
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", labels.get("tilefleet/name", node["NodeManagerHostname"]))[:40]
+    did = f"{name}-{node['NodeID'][:6]}"
+    try:
+        wanted = int(float(labels.get("tilefleet/threads", 1) or 1))
+    except ValueError:
+        wanted = 1
+    threads = max(1, min(int(cpus), wanted))
+    actor = TileWorker.options(num_cpus=threads, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote(did, threads, None)
+    return did, prof, actor
+
+
+def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
+    """Devices of an existing cluster: one worker per alive node with CPUs, described by its labels."""
+    import ray
+
+    pending = [d for d in (_node_device(n, table) for n in ray.nodes()) if d is not None]
     if not pending:
         raise RuntimeError("the Ray cluster has no alive node with CPUs to run tiles on; "
                            "join devices with `tilefleet join` (see `tilefleet devices`)")
     infos = ray.get([a.info.remote() for _, _, a in pending], timeout=120)
-    for (did, prof, actor), info in zip(pending, infos):
-        out[did] = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
-    return out
+    return {did: Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
+            for (did, prof, actor), info in zip(pending, infos)}
+
+
+class _NodeWatcher:
+    """Follows an existing cluster's membership: a node that dies loses its device (and the results
+    stored there), a node that joins gets a worker, every deployment's weights, and work."""
+
+    def __init__(self, cluster: Cluster, table: dict[str, Profile], period_s: float = 1.0) -> None:
+        self.cluster, self.table, self.period_s = cluster, table, period_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="tilefleet-nodes", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import ray
+
+        while not self.stop.wait(self.period_s):
+            try:
+                self._check(ray.nodes())
+            except Exception as e:  # noqa: BLE001 - a GCS hiccup must not end the watch
+                log.warning("could not read the cluster's nodes: %s", e)
+
+    def _check(self, nodes: list[dict[str, Any]]) -> None:
+        driver = self.cluster.driver
+        alive = {n["NodeID"] for n in nodes if n.get("Alive")}
+        known = {d.node_id for d in self.cluster._devices.values()}
+        for did, dev in list(self.cluster._devices.items()):
+            if dev.alive and dev.node_id not in alive:
+                driver.inbox.put(lambda did=did: driver._lost(did, "its Ray node died", results_lost=True))
+        for node in nodes:
+            if node["NodeID"] in alive and node["NodeID"] not in known:
+                self._add(node)
+
+    def _add(self, node: dict[str, Any]) -> None:
+        import ray
+
+        made = _node_device(node, self.table)
+        if made is None:
+            return
+        did, prof, actor = made
+        try:
+            info = ray.get(actor.info.remote(), timeout=60)
+            deps = [d for d in self.cluster.deployments if not d.closed]
+            ray.get([actor.load.remote(d.id, *d.shipped) for d in deps], timeout=300)
+        except Exception as e:  # noqa: BLE001 - it may join again later
+            log.warning("node %s joined but its worker did not start: %s", node["NodeID"][:8], e)
+            ray.kill(actor)
+            return
+        dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
+        log.info("device %s joined (%s, %.1f GFLOP/s)", did, prof.name, prof.gflops)
+        self.cluster.driver.call(lambda: self.cluster.driver.add_device(did, dev))
 
 
 class Cluster:
     """A set of devices with one driver; deployments share it (and the devices' memory)."""
 
     def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float,
-                 publish_tiles: bool = False) -> None:
+                 publish_tiles: bool = False, watch: dict[str, Profile] | None = None) -> None:
         self._devices = devices
         self._owns_ray = owns_ray
         self.scale = scale
         self.driver = Driver(devices, max_in_flight=max_in_flight, publish_tiles=publish_tiles)
         self.deployments: list[Deployment] = []
         self.closed = False
+        # an existing cluster: follow nodes joining and dying (its profile table prices the newcomers)
+        self._watcher = _NodeWatcher(self, watch) if watch is not None else None
 
     def __enter__(self) -> Cluster:
         return self
@@ -244,6 +305,9 @@ class Cluster:
     def close(self) -> None:
         if self.closed:
             return
+        if self._watcher is not None:
+            self._watcher.stop.set()
+            self._watcher.thread.join(timeout=5)
         for dep in list(self.deployments):
             dep.close()
         self.driver.stop()
@@ -274,9 +338,9 @@ class Deployment:
             from .planner import choose_plan
 
             alive = [DeviceSpec(d.info.id, d.profile) for d in cluster._devices.values() if d.alive]
-            if any(not d.profile.emulated for d in alive):
+            if any(_this_host(d.profile) for d in alive):
                 rate = _calibrate(model, example)
-                alive = [d if d.profile.emulated else DeviceSpec(d.id, dataclasses.replace(d.profile, gflops=rate))
+                alive = [DeviceSpec(d.id, dataclasses.replace(d.profile, gflops=rate)) if _this_host(d.profile) else d
                          for d in alive]
             self.plan, self.choice = choose_plan(model, example, alive, mode=mode, scale=cluster.scale, **kw)
         else:
@@ -287,8 +351,9 @@ class Deployment:
         programs = {s.index: ray.put(s.program) for s in self.plan.stages}
         tail = ray.put(self.plan.tail) if not self.plan.tail.empty else None
         geos = ray.put({s.index: [t.geometry for t in s.tiles] for s in self.plan.stages})
+        self.shipped = (programs, tail, geos)  # references: a device that joins later loads from them
         alive = [d for d in cluster._devices.values() if d.alive]
-        ray.get([d.actor.load.remote(self.id, programs, tail, geos) for d in alive], timeout=300)
+        ray.get([d.actor.load.remote(self.id, *self.shipped) for d in alive], timeout=300)
         self.deploy_s = time.monotonic() - t0
         self.latencies: dict[int, float] = {}
         self.counters: dict[str, dict[str, Any]] = {}
@@ -453,6 +518,11 @@ class Deployment:
         if self.closed:
             raise ClusterClosed("this deployment is closed; deploy again")
         self.cluster._check()
+
+
+def _this_host(p: Profile) -> bool:
+    """A worker on this machine, priced by timing the model here (LAN devices bring their own figures)."""
+    return not p.emulated and p.source != LABEL_SOURCE
 
 
 def _calibrate(model: nn.Module, example: torch.Tensor, threads: int = 1) -> float:

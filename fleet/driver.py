@@ -31,6 +31,7 @@ log = logging.getLogger("tilefleet.driver")
 KV_NAMESPACE = "tilefleet"
 TILES_KEY = "tilefleet/tiles/"  # + Ray node id (hex): ascii count of tiles done there, all drivers together
 PUBLISH_EVERY_S = 2.0
+INPUT_LOST_GRACE_S = 3.0  # > Ray's node death detection with fast health checks (about 1.5 s)
 
 
 class FrameFailed(RuntimeError):
@@ -93,6 +94,8 @@ class Driver:
         self.error: BaseException | None = None
         # tiles done per Ray node, published to the cluster's KV for `tilefleet devices` (LAN clusters)
         self._publish = publish_tiles
+        self._deferred: list[tuple[float, Any]] = []  # (when, event): failures held back a moment
+        self._node_id = ray.get_runtime_context().get_node_id()
         self._unpublished: dict[str, int] = {}
         self._published_at = 0.0
         self.sched.handle(*(DeviceJoined(d.info, self.now()) for d in devices.values()))
@@ -148,6 +151,8 @@ class Driver:
                         ready, _ = ray.wait(refs, num_returns=1, timeout=0.02)
                     for ref in ready:
                         self._on_ready(ref)
+                while self._deferred and self._deferred[0][0] <= time.monotonic():
+                    self._execute(self.sched.handle(self._deferred.pop(0)[1]))
                 if self._unpublished and (time.monotonic() - self._published_at > PUBLISH_EVERY_S or not self.pending):
                     self._publish_tiles()
         except BaseException as e:  # pragma: no cover - a bug in the shell: fail every frame loudly
@@ -215,6 +220,11 @@ class Driver:
                 ctx.deployment.record_failure(device)
             ev = TileFailed(key, device, t, error=f"{meta.get('error')}: {meta.get('message')}",
                             retryable=bool(meta.get("retryable", True)))
+            if meta.get("error") == "InputLost":
+                # a producer's machine died: the node watch will report it (and the scheduler re-run the
+                # producer and cancel this tile) within a health-check period; retrying now would fail again
+                self._deferred.append((time.monotonic() + INPUT_LOST_GRACE_S, ev))
+                return
         self._execute(self.sched.handle(ev))
 
     def _publish_tiles(self) -> None:
@@ -245,10 +255,19 @@ class Driver:
                             retryable=bool(meta.get("retryable", True)))
         self._execute(self.sched.handle(ev))
 
-    def _lost(self, device: str, why: str) -> None:
+    def add_device(self, device_id: str, dev: Device) -> None:
+        """A device that joined the cluster: it takes work from now on (driver thread only)."""
+        self.devices[device_id] = dev
+        self._execute(self.sched.handle(DeviceJoined(dev.info, self.now())))
+
+    def _lost(self, device: str, why: str, results_lost: bool | None = None) -> None:
+        """``results_lost``: the device's stored tile outputs are gone too. By default, when it
+        ran on another Ray node than this driver (its node's object store may have gone with it)."""
         dev = self.devices[device]
         if not dev.alive:
             return
+        if results_lost is None:
+            results_lost = dev.node_id != self._node_id
         dev.alive = False
         if dev.killed_at is not None:
             dev.detected_after_s = time.monotonic() - dev.killed_at
@@ -256,7 +275,7 @@ class Driver:
         for ref, (_, _, d) in list(self.pending.items()):
             if d == device:
                 self.pending.pop(ref)
-        self._execute(self.sched.handle(DeviceLost(device, self.now())))
+        self._execute(self.sched.handle(DeviceLost(device, self.now(), results_lost=results_lost)))
 
     # --- instructions ------------------------------------------------------------------------------
 

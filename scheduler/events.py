@@ -94,10 +94,15 @@ class DeviceJoined:
 
 @dataclass(frozen=True, slots=True)
 class DeviceLost:
-    """A device is gone; everything it held must run elsewhere."""
+    """A device is gone; everything it held must run elsewhere.
+
+    ``results_lost``: the outputs of tiles it finished went with it (they were stored on its
+    machine). Those still needed, by a tile not yet done or by the tail, then run again.
+    """
 
     device_id: str
     t: float
+    results_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)

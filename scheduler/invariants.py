@@ -83,6 +83,8 @@ def _check_tile(tile: TileRecord, frame: FrameRecord, devices: Mapping[str, Devi
     if tile.state == "dropped":
         _fail(f"tile {k} is dropped but frame {frame.frame_id} is active")
     undone = {dep for dep in tile.spec.deps if frame.tiles[dep].state != "done"}
+    if tile.state == "done":
+        undone = set()  # its inputs may run again (results lost with a device); it needs them no more
     if undone != tile.missing:
         _fail(f"tile {k}: missing deps {sorted(tile.missing)} != undone deps {sorted(undone)}")
     if tile.state != "waiting" and tile.missing:

@@ -47,7 +47,7 @@ from scheduler.events import (
 )
 from scheduler.invariants import check_invariants
 from scheduler.log import LogEntry, Subject, Transition
-from scheduler.model import FrameSpec, TileKey, frame_problems, tile_key
+from scheduler.model import FrameSpec, TileKey, TileRef, frame_problems, tile_key
 from scheduler.placement import compute_s
 from scheduler.records import DeviceRecord, DeviceStats, FrameRecord, FrameStatus, TileRecord
 
@@ -357,6 +357,8 @@ class Scheduler(SchedulerCore):
                 moved.append(tile)
             else:
                 tile.state, tile.device = "dropped", None
+        if ev.results_lost:
+            moved += self._rerun_lost_results(ev.device_id, out)
         dev.requeued += len(moved)
         dev.in_flight.clear()
         dev.planned.clear()
@@ -377,8 +379,60 @@ class Scheduler(SchedulerCore):
             t
             for t in moved
             if self._frames.get(t.key[0]) is not None and self._frames[t.key[0]].status == "active"
+            and t.state == "waiting" and not t.missing
         ]
         self._plan(still, out, why=f"{ev.device_id} lost")
+
+    def _rerun_lost_results(self, device_id: str, out: list[Instruction]) -> list[TileRecord]:
+        """Done tiles whose outputs were stored on ``device_id`` and are still needed run again.
+
+        Needed: a dependent is not done (or is itself re-run), or the tile belongs to the last
+        stage and the tail is not done. Dependents already dispatched are cancelled (their inputs
+        are gone) and wait again; a tail already running waits for the re-run tiles.
+        """
+        requeued: list[TileRecord] = []
+        for frame in self._frames.values():
+            if frame.status != "active" or not frame.tiles:
+                continue
+            last = max(t.spec.stage for t in frame.tiles.values())
+            rerun: set[TileRef] = set()
+            grew = True
+            while grew:  # a re-run tile needs its own inputs again, so needs can chain back
+                grew = False
+                for t in frame.tiles.values():
+                    if t.state != "done" or t.device != device_id or t.spec.ref in rerun:
+                        continue
+                    if (t.spec.stage == last and frame.tail != "done") or any(
+                            frame.tiles[d].state != "done" or d in rerun for d in t.dependents):
+                        rerun.add(t.spec.ref)
+                        grew = True
+            if not rerun:
+                continue
+            for ref in sorted(rerun):
+                t = frame.tiles[ref]
+                t.state, t.device = "waiting", None
+                frame.left_in_stage[t.spec.stage] += 1
+                if t.spec.stage in frame.stitched:
+                    frame.stitched.remove(t.spec.stage)
+                self._log.note(self.now, t.key, "done", "waiting", device_id, "its result was lost")
+                requeued.append(t)
+            for t in frame.tiles.values():  # dependents see the re-run producers as missing again
+                if t.state == "done":
+                    continue
+                undone = {d for d in t.spec.deps if frame.tiles[d].state != "done"}
+                if undone == t.missing:
+                    continue
+                if t.state == "planned" and t.device is not None:
+                    self._devices[t.device].unplan(t.key)
+                elif t.state == "in_flight" and t.device is not None and t.device != device_id:
+                    self._take_back(t.key, t.device)
+                    out.append(Cancel(t.key, t.device))
+                    requeued.append(t)
+                t.state, t.device, t.missing = "waiting", None, undone
+            if frame.tail == "running" and frame.tail_device is not None:
+                self._release_tail(frame.frame_id, frame.tail_device)  # its late result is ignored
+            frame.tail, frame.tail_device = "blocked", None
+        return requeued
 
     def _on_device_slow(self, ev: DeviceSlow, out: list[Instruction]) -> None:
         dev = self._devices.get(ev.device_id)

@@ -6,9 +6,8 @@ outputs cross nodes worker to worker, and a killed node's work is re-run elsewhe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -68,3 +67,36 @@ def test_existing_cluster_devices_and_exact_results(ray_cluster: object) -> None
                 break
             time.sleep(0.2)
         assert len(keys) == 3 and published >= total
+
+
+def test_node_death_and_join_mid_stream(ray_cluster: object) -> None:
+    """A node dies mid-stream taking stored stage outputs with it: no frame is lost (producers
+    re-run). A node that joins mid-stream gets the weights and starts receiving tiles."""
+    c = ray_cluster
+    zm = zoo.get("yolov2-16", input_size=96)
+    x = zoo.example(zm)
+    victim = c.add_node(num_cpus=1, labels={"tilefleet/class": "pi4", "tilefleet/name": "victim"})
+    c.wait_for_nodes()
+    frames = [torch.randn_like(x) for _ in range(30)]
+    refs = [zm.model(f) for f in frames]
+    with fleet.connect(c.address) as cl:  # type: ignore[attr-defined]
+        assert len(cl.devices()) == 4
+        dep = cl.deploy(zm.model, x, stages=[8], grids=[(2, 2), (2, 2)])
+        outs = []
+        newcomer = None
+        for i, y in enumerate(dep.stream(frames, in_flight=3)):
+            outs.append(y)
+            if i == 5:
+                c.remove_node(victim, allow_graceful=False)  # type: ignore[attr-defined]
+            if i == 12:
+                newcomer = c.add_node(num_cpus=1, labels={"tilefleet/class": "pi4", "tilefleet/name": "late"})
+            if i == 20:
+                time.sleep(2.0)  # give the newcomer time to start and load
+        assert newcomer is not None and len(outs) == len(frames)
+        assert max(tiling.rel_error(y, r) for y, r in zip(outs, refs)) <= 1e-4
+        states = {d["id"].split("-")[0]: d["state"] for d in cl.devices()}
+        assert states["victim"] == "lost" and states["late"] == "alive"
+        st = dep.stats()
+        late = [v for k, v in st["devices"].items() if k.startswith("late")]
+        assert late and late[0]["tiles"] > 0, st["devices"]
+    c.remove_node(newcomer)  # type: ignore[attr-defined]

@@ -221,3 +221,50 @@ def test_non_retryable_tail_failure() -> None:
     ]
     assert h(TailFailed(1, "a", 1.6, "boom")) == []
     assert h.s.frame_status(1) == "failed"
+
+
+# ------------------------------------------------------------------ results lost with a machine
+
+
+def test_lost_results_still_needed_run_again() -> None:
+    """A machine dies after finishing (1,0,0): its output is gone, and both stage-1 tiles need it.
+    (1,0,0) runs again; (1,1,1), already sent to b with the lost input, is cancelled and waits."""
+    from scheduler.testing import layered_frame
+
+    h = Checked(max_in_flight_per_device=2)
+    fleet(h, "a", "b")
+    assert h(FrameSubmitted(layered_frame(1, 2, 2), 0.0)) == [Dispatch((1, 0, 0), "a"), Dispatch((1, 0, 1), "b")]
+    assert h(TileDone((1, 0, 0), "a", 1.0)) == []
+    assert h(TileDone((1, 0, 1), "b", 1.0)) == [
+        Stitch(1, 0), Dispatch((1, 1, 0), "a"), Dispatch((1, 1, 1), "b")]
+    assert h(DeviceLost("a", 1.5, results_lost=True)) == [Cancel((1, 1, 1), "b"), Dispatch((1, 0, 0), "b")]
+    assert h(TileDone((1, 1, 1), "b", 1.6)) == []  # ran on lost inputs before the cancel: ignored
+    assert h(TileDone((1, 0, 0), "b", 2.5)) == [Stitch(1, 0), Dispatch((1, 1, 0), "b"), Dispatch((1, 1, 1), "b")]
+    assert h(TileDone((1, 1, 0), "b", 3.5)) == []
+    assert h(TileDone((1, 1, 1), "b", 4.5)) == [Stitch(1, 1), RunTail(1, "b")]
+    assert h(TailDone(1, "b", 4.5)) == [Complete(1)]
+
+
+def test_lost_results_chain_back_to_what_they_need() -> None:
+    """The tail needs the last stage's output, which needs the first stage's: both were on a, so
+    both run again, in order. Without results_lost (only a worker process died; its machine's
+    store lives on) only the tail moves. After the frame ended, a loss changes nothing."""
+    from scheduler.testing import layered_frame
+
+    for results_lost in (True, False):
+        h = Checked(max_in_flight_per_device=2)
+        fleet(h, "a", "b")
+        h(FrameSubmitted(layered_frame(1, 2, 1), 0.0))
+        assert h(TileDone((1, 0, 0), "a", 1.0)) == [Stitch(1, 0), Dispatch((1, 1, 0), "a")]
+        assert h(TileDone((1, 1, 0), "a", 2.0)) == [Stitch(1, 1), RunTail(1, "a")]
+        lost = h(DeviceLost("a", 2.5, results_lost=results_lost))
+        if not results_lost:
+            assert lost == [RunTail(1, "b")]
+            continue
+        assert lost == [Dispatch((1, 0, 0), "b")]
+        assert h(TileDone((1, 0, 0), "b", 3.5)) == [Stitch(1, 0), Dispatch((1, 1, 0), "b")]
+        assert h(TileDone((1, 1, 0), "b", 4.5)) == [Stitch(1, 1), RunTail(1, "b")]
+        assert h(TailDone(1, "a", 4.6)) == []  # the lost device's tail: ignored
+        assert h(TailDone(1, "b", 5.0)) == [Complete(1)]
+        fleet(h, "c")
+        assert h(DeviceLost("b", 6.0, results_lost=True)) == []
