@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+pytest_plugins = ["netns"]  # the lan / lan_factory fixtures (tests/netns.py)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TIERS = ("sim", "ray", "netns", "gpu")
