@@ -65,14 +65,16 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
 
 def connect(address: str | None = None, *, emulate: str | None = None, profiles_file: str | None = None,
             scale: float | None = None, max_in_flight: int = 2, threads_per_device: int = 1,
-            num_cpus: int | None = None) -> Cluster:
+            num_cpus: int | None = None, nodes: bool = False) -> Cluster:
     """Connect to a cluster.
 
     ``connect(emulate="pi3*4,laptop")``: a local Ray instance whose devices are emulated profiles
     (see ``tilefleet devices --catalog``). ``connect()``: a local instance whose devices are this
     host's own cores. ``connect("auto")`` or ``connect("ray://host:10001")``: an existing cluster.
     ``scale`` overrides the emulation clock scale (by default chosen so the host stays well ahead of
-    every emulated device).
+    every emulated device). ``nodes=True`` (local devices only) makes each device its own Ray node
+    on this machine, with its own object store: stage outputs cross nodes as on a LAN, and
+    ``fail()`` kills the device's whole node.
     """
     import ray
 
@@ -84,28 +86,80 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
         specs = parse_spec(f"host*{n}", table)
     else:
         specs = []
-    started = _ray_init(address, num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2))
+    if nodes and not specs:
+        raise ValueError("nodes=True makes local devices one Ray node each; it does not apply to an existing "
+                         "cluster (address=...)")
+    local_nodes = _LocalNodes(specs, threads_per_device) if nodes else None
+    try:
+        started = _ray_init(local_nodes.address if local_nodes else address,
+                            num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2))
+    except BaseException:
+        if local_nodes:
+            local_nodes.shutdown()
+        raise
     try:
         if specs:
             host_gflops = measure_host_gflops(threads=threads_per_device)
             specs = [DeviceSpec(s.id, host_profile(host_gflops * threads_per_device)) if not s.profile.emulated
                      else s for s in specs]
-            devices = _start_local_devices(specs, host_gflops, scale, threads_per_device)
+            devices = _start_local_devices(specs, host_gflops, scale, threads_per_device,
+                                           local_nodes.node_ids if local_nodes else None)
         else:
             devices = _discover_devices(table)
             scale = 1.0
     except BaseException:
         if started:
             ray.shutdown()
+        if local_nodes:
+            local_nodes.shutdown()
         raise
     return Cluster(devices, started, max_in_flight=max_in_flight,
                    scale=devices[next(iter(devices))].scale if devices else 1.0, publish_tiles=not specs,
-                   watch=None if specs else table)
+                   watch=table if (local_nodes or not specs) else None, local_nodes=local_nodes)
+
+
+class _LocalNodes:
+    """One Ray node per local device on this machine (``connect(..., nodes=True)``).
+
+    Built on ``ray.cluster_utils.Cluster``: a head that offers no CPUs (the driver's node) and a
+    worker raylet with its own object store per device. Killing a device kills its node's
+    processes with SIGKILL, as a machine's crash would.
+    """
+
+    def __init__(self, specs: Sequence[DeviceSpec], threads: int) -> None:
+        import ray
+        from ray.cluster_utils import Cluster as RayCluster
+
+        if ray.is_initialized():
+            raise RuntimeError("nodes=True starts its own Ray cluster; call ray.shutdown() first")
+        store = 96 * 2**20
+        self.rc = RayCluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "object_store_memory": store,
+            "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                               "health_check_failure_threshold": 3}})
+        self.nodes: dict[str, Any] = {}
+        try:
+            for spec in specs:
+                self.nodes[spec.id] = self.rc.add_node(num_cpus=threads, object_store_memory=store,
+                                                       labels={"tilefleet/device": spec.id})
+            self.rc.wait_for_nodes()
+        except BaseException:
+            self.rc.shutdown()
+            raise
+        self.address = self.rc.address
+        self.node_ids = {did: node.node_id for did, node in self.nodes.items()}
+
+    def kill(self, device_id: str) -> None:
+        self.rc.remove_node(self.nodes[device_id], allow_graceful=False)
+
+    def shutdown(self) -> None:
+        self.rc.shutdown()
 
 
 def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: float | None,
-                         threads: int) -> dict[str, Device]:
+                         threads: int, node_ids: dict[str, str] | None = None) -> dict[str, Device]:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from workers.actor import TileWorker
 
@@ -118,8 +172,10 @@ def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale:
         emu = None
         if spec.profile.emulated:
             emu = Emulation(spec.profile, s).to_dict()
-        opts: dict[str, Any] = {"num_cpus": 0 if emu else threads, "name": None}
-        actors[spec.id] = TileWorker.options(num_cpus=opts["num_cpus"]).remote(spec.id, threads, emu)
+        opts: dict[str, Any] = {"num_cpus": 0 if emu else threads}
+        if node_ids is not None:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_ids[spec.id], soft=False)
+        actors[spec.id] = TileWorker.options(**opts).remote(spec.id, threads, emu)
     infos = ray.get([a.info.remote() for a in actors.values()], timeout=120)
     out: dict[str, Device] = {}
     for spec, info in zip(specs, infos):
@@ -254,9 +310,11 @@ class Cluster:
     """A set of devices with one driver; deployments share it (and the devices' memory)."""
 
     def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float,
-                 publish_tiles: bool = False, watch: dict[str, Profile] | None = None) -> None:
+                 publish_tiles: bool = False, watch: dict[str, Profile] | None = None,
+                 local_nodes: _LocalNodes | None = None) -> None:
         self._devices = devices
         self._owns_ray = owns_ray
+        self._local_nodes = local_nodes
         self.scale = scale
         self.driver = Driver(devices, max_in_flight=max_in_flight, publish_tiles=publish_tiles)
         self.deployments: list[Deployment] = []
@@ -290,13 +348,17 @@ class Cluster:
         return dep
 
     def fail(self, device_id: str) -> float:
-        """Crash a device as hardware would: SIGKILL its worker process. Returns the kill time."""
+        """Crash a device as hardware would: SIGKILL its worker process (with ``nodes=True``, every
+        process of its Ray node). Returns the kill time."""
         self._check()
         dev = self._devices.get(device_id)
         if dev is None:
             raise KeyError(f"no device '{device_id}'; devices: {', '.join(self._devices)}")
         dev.killed_at = time.monotonic()
-        os.kill(dev.pid, signal.SIGKILL)
+        if self._local_nodes is not None:
+            self._local_nodes.kill(device_id)
+        else:
+            os.kill(dev.pid, signal.SIGKILL)
         return dev.killed_at
 
     def detection_times(self) -> dict[str, float | None]:
@@ -316,6 +378,8 @@ class Cluster:
             import ray
 
             ray.shutdown()
+        if self._local_nodes is not None:
+            self._local_nodes.shutdown()
 
     def _check(self) -> None:
         if self.closed:

@@ -183,7 +183,7 @@ def _cluster_run(args: argparse.Namespace, *, model: str | None, cfg: str | None
         if stages:
             kw["stages"] = [int(v) for v in stages.split(",")]
     with fleet.connect(address, emulate=None if address else devices, scale=scale,
-                       profiles_file=profiles_file) as cluster:
+                       profiles_file=profiles_file, nodes=bool(getattr(args, "nodes", False))) as cluster:
         t0 = time.monotonic()
         dep = cluster.deploy(w.model, w.example, grid=g, **kw)
         print(f"deployed in {time.monotonic() - t0:.1f} s (weights shipped once per device)")
