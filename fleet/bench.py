@@ -69,7 +69,8 @@ def _fps(done: list[float], in_flight: int) -> tuple[float, int]:
 def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int = 12, grid: Any = "auto",
               stages: list[int] | None = None, reuse: bool = False, in_flight: int | None = None,
               scale: float | None = None, address: str | None = None, progress: bool = True,
-              standalone: bool = False, torch_rounds: int = 0, torch_threads: int = 2) -> dict[str, Any]:
+              standalone: bool = False, torch_rounds: int = 0, torch_threads: int = 2,
+              nodes: bool = False) -> dict[str, Any]:
     """Run ``frames`` timed frames (after 2 warm-up frames) and report by the timing rules above.
 
     ``torch_rounds`` > 0 also measures plain torch (batch 1, ``torch_threads`` threads, in this
@@ -84,7 +85,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
     kw: dict[str, Any] = {"mode": mode}
     if grid != "auto":  # stages and reuse only go with an explicit grid; 'auto' chooses them
         kw.update(reuse=reuse, **({"stages": stages} if stages else {}))
-    with fleet.connect(address, emulate=None if address else devices, scale=scale) as cluster:
+    with fleet.connect(address, emulate=None if address else devices, scale=scale, nodes=nodes) as cluster:
         s = cluster.scale
         t0 = time.monotonic()
         dep = cluster.deploy(w.model, w.example, grid=grid, **kw)

@@ -93,7 +93,8 @@ def one(args: argparse.Namespace | None, name: str, model: str | None, cfg: str 
         standalone: bool = False, host: bool = False) -> dict[str, Any]:
     w = load_workload(model, cfg, size)
     r = run_bench(w, devices, mode=mode, frames=frames, grid=grid, stages=stages, reuse=reuse, in_flight=in_flight,
-                  scale=scale, address=address, standalone=standalone, torch_rounds=TORCH_ROUNDS if host else 0)
+                  scale=scale, address=address, standalone=standalone, torch_rounds=TORCH_ROUNDS if host else 0,
+                  nodes=bool(getattr(args, "nodes", False)))
     r["name"] = name
     return r
 
