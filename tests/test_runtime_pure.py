@@ -176,3 +176,16 @@ def test_profile_from_labels_uses_measured_figures_and_ignores_bad_ones() -> Non
     assert (bad.gflops, bad.link_mbps, bad.emulated) == (table["pi4"].gflops, table["pi4"].link_mbps, False)
     unknown = profile_from_labels({"tilefleet/class": "no-such-class"}, table)
     assert unknown.name == "host" and not unknown.emulated
+
+
+def test_near_tie_goes_to_the_plan_with_fewer_tiles() -> None:
+    from fleet.planner import NEAR_TIE, Candidate, _within
+    from sims.predict import Prediction
+
+    assert _within(-3.93, -3.99, NEAR_TIE) and not _within(-3.80, -3.99, NEAR_TIE)  # fps scores are negative
+    assert _within(1.02, 1.0, NEAR_TIE) and not _within(1.05, 1.0, NEAR_TIE)
+    # on two equal real devices, throughput mode gives each whole frames (1x1), not a reuse grid
+    m, x = small_net(), torch.randn(1, 3, 96, 96)
+    plan, choice = choose_plan(m, x, parse_spec("pi4*2", profiles()), mode="throughput")
+    assert [s.grid for s in plan.stages] == [(1, 1)], choice.summary()
+    assert isinstance(choice.best, Candidate) and isinstance(choice.predicted, Prediction)
