@@ -189,3 +189,36 @@ def test_near_tie_goes_to_the_plan_with_fewer_tiles() -> None:
     plan, choice = choose_plan(m, x, parse_spec("pi4*2", profiles()), mode="throughput")
     assert [s.grid for s in plan.stages] == [(1, 1)], choice.summary()
     assert isinstance(choice.best, Candidate) and isinstance(choice.predicted, Prediction)
+
+
+@pytest.mark.parametrize("name,size,grid,reuse", [
+    ("yolov2-16", 96, (3, 3), False), ("yolov2-16", 80, (2, 2), True), ("resnet18", 64, (2, 2), False),
+    ("mobilenetv2", 96, (2, 3), False), ("vgg16", 96, (3, 2), True), ("yolov2", 96, (2, 2), False)])
+def test_channels_last_executor_matches_nchw(name: str, size: int, grid: tuple[int, int], reuse: bool) -> None:
+    """Workers compute in NHWC (faster on CPU); every tile equals the NCHW reference within 1e-5."""
+    from tiling import zoo
+
+    zm = zoo.get(name, input_size=size)
+    x = zoo.example(zm)
+    plan = tiling.partition(zm.model, x, grid=grid, reuse=reuse)
+    st = plan.stages[0]
+    fast, ref = TileExecutor(threads=1), TileExecutor(threads=1, channels_last=False)
+    assert fast.channels_last and not ref.channels_last
+    for ex in (fast, ref):
+        ex.load("d", {st.index: st.program})
+    xn = x.numpy()
+    exports: dict[int, list[np.ndarray]] = {}
+    for t in sorted(st.tiles, key=lambda t: (t.group, t.index)):  # reuse: producers before consumers
+        b = t.in_box
+        pieces: dict[str, list] = {}
+        for p in t.geometry.pieces_in:
+            src = st.tiles[p.src]
+            pieces.setdefault(p.node, []).append((p.box, exports[p.src][src.geometry.pieces_out.index(p)]))
+        got = [ex.run("d", st.index, t.geometry, {plan.input_name: xn[:, :, b.h0:b.h1, b.w0:b.w1]}, pieces)
+               for ex in (fast, ref)]
+        assert all(isinstance(r, TileResult) for r in got), got
+        exports[t.index] = got[1].exports
+        for o in got[1].outputs:
+            a, e = torch.from_numpy(got[0].outputs[o]), torch.from_numpy(got[1].outputs[o])
+            assert got[0].outputs[o].flags["C_CONTIGUOUS"]
+            assert tiling.rel_error(a, e) <= 1e-5, (name, t.index, o)

@@ -75,8 +75,12 @@ def assemble(box: Box, parts: Sequence[Part], channels: int, batch: int, dtype: 
 class TileExecutor:
     """Runs tiles of the stages it holds, on one torch device, with a fixed thread count."""
 
-    def __init__(self, *, threads: int | None = None, prefer_cuda: bool = True, allow_tf32: bool = False) -> None:
+    def __init__(self, *, threads: int | None = None, prefer_cuda: bool = True, allow_tf32: bool = False,
+                 channels_last: bool | None = None) -> None:
         self.device = pick_device(prefer_cuda)
+        # NHWC: oneDNN's CPU convolutions run about 1.6x faster on it than on NCHW (YOLOv2-16, one
+        # thread: 0.40 s vs 0.66 s). Tiles still cross Ray as NCHW arrays; only the compute is NHWC.
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else channels_last
         if threads is not None:
             torch.set_num_threads(max(1, int(threads)))
         if self.device.type == "cuda":
@@ -89,12 +93,19 @@ class TileExecutor:
     def load(self, deployment: str, programs: Mapping[int, StageProgram]) -> int:
         """Hold these stages' weights (once per deployment); returns the bytes now held for it."""
         for k, prog in programs.items():
-            self.stages[(deployment, k)] = prog.to(self.device).eval()
+            prog = prog.to(self.device).eval()
+            if self.channels_last:
+                prog = prog.to(memory_format=torch.channels_last)
+            self.stages[(deployment, k)] = prog
         return sum(p.weight_bytes for (d, _), p in self.stages.items() if d == deployment)
 
     def unload(self, deployment: str) -> None:
         for key in [k for k in self.stages if k[0] == deployment]:
             del self.stages[key]
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last and t.dim() == 4 else t
 
     @property
     def weight_bytes(self) -> int:
@@ -121,12 +132,12 @@ class TileExecutor:
                     ref = parts[0][1]
                     value = assemble(box, parts, ref.shape[1], ref.shape[0], ref.dtype)
                 bytes_in += value.nbytes
-                crops[name] = torch.from_numpy(np.ascontiguousarray(value)).to(self.device)
+                crops[name] = self._tensor(value)
             tp: dict[str, list[tuple[Box, torch.Tensor]]] = {}
             for node, parts in (pieces or {}).items():
                 for b, arr in parts:
                     bytes_in += arr.nbytes
-                    tp.setdefault(node, []).append((b, torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)))
+                    tp.setdefault(node, []).append((b, self._tensor(arr)))
             outs, exports = prog.run_tile(geo, crops, tp)
             res_out = {k: _numpy(v) for k, v in outs.items()}
             res_exp = [_numpy(v) for v in exports]
