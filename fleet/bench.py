@@ -4,6 +4,7 @@ Timing rules (the same for every row a report compares):
 - references are computed before the timed window and compared after it;
 - latency: ``submit()`` to the future resolving at the client, one frame in flight, p50/p95 over
   the frames after 2 warm-up frames; deploy time (weights shipped) is reported separately;
+- throughput warms up with at least one frame per device, at the timed depth;
 - throughput: steady state, fps = (N - 2k) / (t_done[N-k] - t_done[k]), k frames trimmed at
   each end, with the number in flight reported;
 - emulated runs on a scaled clock (s > 1) are reported in emulated seconds (wall / s), with s.
@@ -78,7 +79,10 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
     """
     import fleet
 
-    warm = 2
+    # 2 warm-up frames; in throughput mode at least one per device, streamed at the timed depth,
+    # so that every worker has run (and allocated for) a whole frame before the clock starts
+    n_devices = len(parse_spec(devices, profiles())) if not address else 2
+    warm = 2 if mode == "latency" else max(2, n_devices)
     xs = frames_for(w, frames + warm)
     with torch.no_grad():  # references before the timed window
         refs = [w.model(x) for x in xs]
@@ -91,12 +95,12 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         dep = cluster.deploy(w.model, w.example, grid=grid, **kw)
         deploy_s = time.monotonic() - t0
         # warm-up frames first, then counters reset, so every statistic covers the timed window only
-        warm_outs = list(dep.stream(xs[:warm], in_flight=1))
+        depth = 1 if mode == "latency" else (in_flight or throughput_depth(
+            [d["gflops"] for d in cluster.devices() if d["state"] == "alive"]))
+        warm_outs = list(dep.stream(xs[:warm], in_flight=min(depth, warm)))
         dep.reset_stats()
         outs: list[Any] = list(warm_outs)
         timed = xs[warm:]
-        depth = 1 if mode == "latency" else (in_flight or throughput_depth(
-            [d["gflops"] for d in cluster.devices() if d["state"] == "alive"]))
         bar = _bar(len(timed), progress)
         # with a torch baseline, rounds alternate plain torch and the cluster on the same frames, so
         # that both see the same machine (this VM's speed drifts by tens of percent between minutes)

@@ -403,7 +403,7 @@ class Deployment:
 
             alive = [DeviceSpec(d.info.id, d.profile) for d in cluster._devices.values() if d.alive]
             if any(_this_host(d.profile) for d in alive):
-                rate = _calibrate(model, example)
+                rate = _calibrate(model, example, concurrent=sum(_this_host(d.profile) for d in alive))
                 alive = [DeviceSpec(d.id, dataclasses.replace(d.profile, gflops=rate)) if _this_host(d.profile) else d
                          for d in alive]
             self.plan, self.choice = choose_plan(model, example, alive, mode=mode, scale=cluster.scale, **kw)
@@ -589,28 +589,41 @@ def _this_host(p: Profile) -> bool:
     return not p.emulated and p.source != LABEL_SOURCE
 
 
-def _calibrate(model: nn.Module, example: torch.Tensor, threads: int = 1) -> float:
-    """This host's real GFLOP/s on this model (one thread, as a host device runs), for the planner.
+def _calibrate(model: nn.Module, example: torch.Tensor, concurrent: int = 1) -> float:
+    """This host's real GFLOP/s on this model as a worker runs it (one thread, NHWC, BN folded).
 
     The catalog's conv micro-benchmark flatters the host (early layers with 3 input channels run
-    far slower), so real devices are priced by one timed pass of the model itself.
+    far slower), and plain torch on the model is not what a worker runs, so workers on this host
+    are priced by timing the model's whole-frame stages in the workers' own executor, in
+    ``concurrent`` threads at once: workers sharing the host's cores slow each other down
+    (memory bandwidth, caches), and a lone measurement would promise too much.
     """
-    flops_plan = tiling.partition(model, example[:1], grid=(1, 1))
-    flops = flops_plan.untiled_flops + flops_plan.tail.flops
-    from tiling.trace import eval_copy
+    from concurrent.futures import ThreadPoolExecutor
 
-    m = eval_copy(model)  # never switch the caller's model to eval mode behind its back
+    from workers.executor import TileExecutor
+
+    plan = tiling.partition(model, example[:1], grid=(1, 1))
+    x = example[:1].numpy()
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    ex = TileExecutor(threads=1)
+    ex.load("calibrate", {s.index: s.program for s in plan.stages})
+
+    def frame() -> float:
+        t0 = time.perf_counter()
+        env = {plan.input_name: x}
+        for st in plan.stages:
+            r = ex.run("calibrate", st.index, st.tiles[0].geometry, {n: env[n] for n in st.inputs})
+            if not hasattr(r, "outputs"):
+                raise RuntimeError(f"calibration run failed: {r}")
+            env.update(r.outputs)
+        return time.perf_counter() - t0
+
     try:
-        with torch.no_grad():
-            m(example[:1])
-            t0 = time.perf_counter()
-            m(example[:1])
-            dt = time.perf_counter() - t0
+        with ThreadPoolExecutor(max(1, concurrent)) as pool:
+            times = list(pool.map(lambda _: (frame(), frame())[1], range(max(1, concurrent))))  # 1st run allocates
     finally:
         torch.set_num_threads(old)
-    return max(0.1, flops / dt / 1e9)
+    return max(0.1, plan.untiled_flops / statistics.median(times) / 1e9)
 
 
 def _counter() -> dict[str, Any]:
