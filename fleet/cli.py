@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import commands
+from . import commands, lancli
 
 DESCRIPTION = """\
 tilefleet splits CNN inference across a cluster of heterogeneous edge devices.
@@ -24,6 +24,9 @@ examples:
   tilefleet run --model resnet18 --devices pi3*2,pi4*2,laptop --frames 8
   tilefleet bench --devices pi3*6 --mode latency --frames 12 --json out.json
   tilefleet devices --catalog                  the emulated device profiles and their sources
+  tilefleet head --name lab                    start a cluster on this machine (Ray head, agent, zeroconf)
+  tilefleet join --cluster lab                 join this device to it (found by zeroconf)
+  tilefleet devices                            the LAN's clusters and their devices
   tilefleet plan --model vgg16 --grid 2x2      how a zoo model would be cut
   tilefleet plan --cfg yolov2.cfg --upto 16    the same for a Darknet config
   tilefleet models                             the model zoo
@@ -91,11 +94,42 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results", help="directory for --standard results")
     b.set_defaults(func=commands.bench)
 
-    dv = sub.add_parser("devices", help="list device profiles (the emulation catalog)",
-                        description="Show the emulation catalog: every device profile with its figures and source.")
-    dv.add_argument("--catalog", action="store_true", help="the built-in and custom profiles (default)")
-    dv.add_argument("--profiles", help="a TOML file of custom profiles")
-    dv.set_defaults(func=commands.devices)
+    dv = sub.add_parser("devices", help="the devices on the LAN and in its clusters (--catalog: emulation profiles)",
+                        description="Browse the LAN (zeroconf, or --address) for tilefleet heads and list each "
+                                    "cluster's devices: name, address, class, measured GFLOP/s, memory, GPU, link, "
+                                    "state and tiles done. With --catalog, list the emulation catalog instead: "
+                                    "every device profile with its figures and their source.",
+                        epilog="examples:\n  tilefleet devices\n  tilefleet devices --cluster lab --json\n"
+                               "  tilefleet devices --address 192.168.1.10:6390\n  tilefleet devices --catalog\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    dv.add_argument("--catalog", action="store_true", help="the emulation catalog (built-in and custom profiles)")
+    dv.add_argument("--profiles", help="with --catalog: a TOML file of custom profiles")
+    lancli.add_devices_lan_args(dv)
+    dv.set_defaults(func=_devices)
+
+    lancli.add_lan_commands(sub)
+
+    for name, summary in (("cluster-config", "write a `ray up` YAML for LAN devices (local provider, over SSH)"),
+                          ("up", "write that YAML and run `ray up` on it")):
+        cc = sub.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=summary[0].upper() + summary[1:] + ". Every node starts through "
+                            "`tilefleet head` / `tilefleet join` (token, measured labels, no `ray stop`). The devices "
+                            "need an SSH server that accepts --ssh-key for --ssh-user, rsync, and the same Python, Ray "
+                            "and tilefleet versions as this machine, with `tilefleet` on the login PATH (or "
+                            "--remote-bin).",
+                            epilog=f"examples:\n  tilefleet {name} --head 192.168.1.10 --workers 192.168.1.11,192.168.1.12 "
+                                   "--ssh-user pi\n  tilefleet up --head 10.0.0.2 --workers 10.0.0.3 --remote-bin "
+                                   "/opt/venv/bin/tilefleet --out lab.yaml\n")
+        cc.add_argument("--head", required=True, metavar="IP", help="the head device's address")
+        cc.add_argument("--workers", required=True, metavar="IPS", help="the other devices, comma-separated")
+        cc.add_argument("--ssh-user", help="user ray up logs in as (default: yours)")
+        cc.add_argument("--ssh-key", help="private key ray up logs in with (default: ~/.ssh/id_ed25519)")
+        cc.add_argument("--token-file", help="the join token to copy to every device (default: ~/.config/tilefleet/token)")
+        cc.add_argument("--insecure", action="store_true", help="no token: anyone on the LAN can join")
+        cc.add_argument("--name", default="tilefleet", help="cluster name")
+        cc.add_argument("--remote-bin", default="tilefleet", help="the tilefleet command on the devices")
+        cc.add_argument("--out", default="tilefleet-cluster.yaml", help="where to write the YAML")
+        cc.set_defaults(func=_cluster_config, launch=(name == "up"))
 
     pl = sub.add_parser("plan", help="show how a model would be partitioned (no execution)",
                         description="Partition a zoo model or a Darknet .cfg and print the plan: stages, grids, "
@@ -116,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the model zoo", description="List the models built in code.")
     m.set_defaults(func=commands.models)
     return p
+
+
+def _devices(args: argparse.Namespace) -> int:
+    return commands.devices(args) if args.catalog else lancli.devices_lan(args)
+
+
+def _cluster_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import clusterconfig as cc
+
+    try:
+        opts = cc.options_from_args(args.head, cc.parse_hosts(args.workers), args.ssh_user, args.ssh_key,
+                                    args.token_file, args.insecure, name=args.name, remote_bin=args.remote_bin)
+    except cc.ClusterConfigError as e:
+        print(f"tilefleet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.write_text(cc.dump(cc.build(opts)))
+    out.chmod(0o600)
+    print(f"wrote {out}: head {opts.head}, workers {', '.join(opts.workers)}, ssh {opts.ssh_user} with {opts.ssh_key}")
+    if not args.launch:
+        print(f"bring it up with: ray up -y {out}   (or: tilefleet up ...)")
+        return 0
+    return cc.launch(out)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

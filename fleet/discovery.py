@@ -35,7 +35,8 @@ from zeroconf import Zeroconf
 __all__ = [
     "SERVICE_TYPE", "WIRE_VERSION", "AmbiguousHead", "BadAdvert", "DiscoveryListener", "HeadAdvert",
     "HeadRegistry", "NoHeadFound", "ZeroconfAdvertiser", "ZeroconfBrowser", "challenge_response",
-    "new_nonce", "static_heads", "token_fingerprint", "verify_response",
+    "device_response", "new_nonce", "static_heads", "token_fingerprint", "verify_device_response",
+    "verify_response",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ _HEX_RE: Final = re.compile(r"[0-9a-f]{16,64}")
 _LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _FINGERPRINT_LABEL: Final = b"tilefleet-fingerprint-v1\x00"
 _CHALLENGE_LABEL: Final = b"tilefleet-join-challenge-v1\x00"
+DEVICE_LABEL: Final = b"tilefleet-device-proof-v1\x00"
+"""Label of the device-to-head proof (:func:`device_response`), distinct from the head's, so
+neither side can reflect the other's challenge back at it."""
 NONCE_MIN: Final = 16
 NONCE_MAX: Final = 1024
 
@@ -117,6 +121,24 @@ def verify_response(token: bytes, nonce: bytes, response: bytes) -> bool:
     if not isinstance(response, (bytes, bytearray)):
         return False
     return hmac.compare_digest(challenge_response(token, nonce), bytes(response))
+
+
+def device_response(token: bytes, nonce: bytes) -> bytes:
+    """The device's proof that it holds ``token``: HMAC-SHA256(token, DEVICE_LABEL || nonce).
+
+    Sent only after the head has proved itself, in answer to the head's own fresh nonce; gates
+    the agent's privileged operations (the device list, the link probes).
+    """
+    _check_token(token)
+    _check_nonce(nonce)
+    return hmac.new(bytes(token), DEVICE_LABEL + bytes(nonce), hashlib.sha256).digest()
+
+
+def verify_device_response(token: bytes, nonce: bytes, response: bytes) -> bool:
+    """Whether ``response`` is a device's proof for ``nonce`` and ``token`` (constant time)."""
+    if not isinstance(response, (bytes, bytearray)):
+        return False
+    return hmac.compare_digest(device_response(token, nonce), bytes(response))
 
 
 # --- The advert -----------------------------------------------------------------------------------
@@ -340,6 +362,14 @@ class HeadRegistry:
         """The current adverts, one per cluster id (the latest record wins)."""
         with self._cond:  # _by_name is in recency order, so later records overwrite earlier ones
             return list({a.cluster_id: a for a in self._by_name.values()}.values())
+
+    def matching(self, cluster_name: str | None = None) -> list[HeadAdvert]:
+        """Every advert of ``cluster_name`` (or of any cluster), one per service, duplicates of a
+        cluster id included: a rogue head may copy a real one's name, id and fingerprint, and only
+        the join challenge tells them apart."""
+        with self._cond:
+            return [a for a in self._by_name.values()
+                    if cluster_name is None or a.cluster_name.casefold() == cluster_name.casefold()]
 
     def find(self, cluster_name: str | None = None) -> HeadAdvert:
         """The one head to join: of ``cluster_name``, or the only cluster on the LAN.

@@ -146,6 +146,20 @@ def test_challenge_response_verifies_and_detects_tampering() -> None:
         d.challenge_response(TOKEN, b"short")
 
 
+def test_device_proof_is_apart_from_the_heads() -> None:
+    """Distinct labels: neither side's answer can be reflected as the other's proof."""
+    nonce = d.new_nonce()
+    proof = d.device_response(TOKEN, nonce)
+    assert len(proof) == 32 and proof != d.challenge_response(TOKEN, nonce)
+    assert d.verify_device_response(TOKEN, nonce, proof)
+    assert not d.verify_device_response(TOKEN, nonce, d.challenge_response(TOKEN, nonce))
+    assert not d.verify_response(TOKEN, nonce, proof)
+    assert not d.verify_device_response(b"another-token", nonce, proof)
+    assert not d.verify_device_response(TOKEN, nonce, "not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="nonce"):
+        d.device_response(TOKEN, b"short")
+
+
 # --- the registry ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,806 @@
+"""The LAN subcommands: ``profile``, ``head``, ``join``, ``leave``, ``stop`` and the LAN ``devices``.
+
+``add_lan_commands(subparsers)`` adds the first five to ``tilefleet``'s parser; ``devices_lan`` is
+the handler of ``tilefleet devices`` without ``--catalog`` (:func:`add_devices_lan_args` adds its
+options). ``python -m fleet.lancli`` runs these commands alone; ``--detach`` re-runs itself that way.
+Expected failures are one line on stderr and exit 2 (usage, configuration, refusals) or 1 (runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import lan
+from .agent import AgentClient, AgentError, HeadNotProven
+from .discovery import HeadAdvert, static_heads
+from .lan import LanError
+
+SETTLE_S = 1.0  # after the first advert, how long more adverts of the same cluster may take to arrive
+INSECURE_FINGERPRINT = "0" * 16
+"""The fingerprint an ``--insecure`` head advertises: no token, nothing to compare."""
+
+HEAD_EPILOG = """\
+examples:
+  tilefleet head                               cluster named after this host, Ray on 6379, agent on 6390
+  tilefleet head --name lab --detach           in the background; `tilefleet stop` ends it
+  tilefleet head --node-ip 192.168.1.10        pick the LAN address on a machine with several
+  tilefleet head --num-cpus 0                  coordinate only: run no tiles on this machine
+
+The join token is ~/.config/tilefleet/token (created on first use, mode 0600): copy it to every
+device (same path there, or pass --token-file). Devices find the head by zeroconf (mDNS) or with
+`tilefleet join --address HEAD_IP:6390`.
+"""
+
+JOIN_EPILOG = """\
+examples:
+  tilefleet join                               the only cluster on the LAN (zeroconf)
+  tilefleet join --cluster lab --detach        cluster 'lab', in the background
+  tilefleet join --address 192.168.1.10:6390   no multicast on this LAN: ask the head's agent
+  tilefleet join --client                      a node that offers no CPUs, to run a driver here
+
+Before anything starts, the head must prove it holds this device's token (a challenge the head
+answers with an HMAC), and tilefleet, Ray and Python versions must match the head's.
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is an integer 1..65535, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is an integer 1..65535, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"expected seconds in (0, 600], got {text!r}")
+    return value
+
+
+def _token_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", metavar="F",
+                   help="the cluster's join token (default: $XDG_CONFIG_HOME/tilefleet/token, "
+                        "~/.config/tilefleet/token)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no token: anyone on the LAN can join and run code (only on a network you own)")
+
+
+def add_lan_commands(sub: Any) -> None:
+    """Add ``profile``, ``head``, ``join``, ``leave`` and ``stop`` to ``tilefleet``'s subparsers."""
+    raw = argparse.RawDescriptionHelpFormatter
+    pr = sub.add_parser(
+        "profile", help="measure this device (conv GFLOP/s, per-tile overhead, memory, link to the head)",
+        description="Measure this device: 3x3-conv GFLOP/s and per-tile overhead (about --seconds of torch work), "
+                    "available memory, cores and GPU; cached per host and reused unless --refresh. With a head "
+                    "known (the one this device joined, or --address), also the link's bandwidth and one-way "
+                    "latency to it. --json prints the emulation catalog's profile format.",
+        epilog="examples:\n  tilefleet profile\n  tilefleet profile --refresh --seconds 3\n"
+               "  tilefleet profile --address 192.168.1.10:6390 --json > me.json\n", formatter_class=raw)
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON (sims.catalog.Profile fields)")
+    pr.add_argument("--refresh", action="store_true", help="measure again instead of using the cache")
+    pr.add_argument("--seconds", type=_seconds, default=1.0, help="measuring time when measuring (default 1)")
+    pr.add_argument("--address", metavar="HOST[:AGENTPORT]", help="measure the link to this head's agent")
+    _token_args(pr)
+    pr.set_defaults(func=profile)
+
+    h = sub.add_parser(
+        "head", help="start a cluster's head on this machine (Ray head, agent, zeroconf advert)",
+        description="Start the head of a tilefleet cluster: a Ray head with token authentication, fast failure "
+                    "detection and this device's labels (the head computes tiles too unless --num-cpus 0), the "
+                    "tilefleet agent that lets devices check the head and measure their link, and a zeroconf "
+                    "advert (_tilefleet._tcp.local.). Runs in the foreground until Ctrl-C or SIGTERM, which "
+                    "withdraw the advert and stop Ray; --detach runs it in the background.",
+        epilog=HEAD_EPILOG, formatter_class=raw)
+    h.add_argument("--name", help="cluster name devices join by (default: this host's name)")
+    h.add_argument("--port", type=_port, default=lan.DEFAULT_RAY_PORT, help="Ray's GCS port (default 6379)")
+    h.add_argument("--agent-port", type=_port, default=lan.DEFAULT_AGENT_PORT,
+                   help="the tilefleet agent's TCP port (default 6390)")
+    h.add_argument("--node-ip", metavar="IP", help="this machine's address on the devices' LAN (default: its only one)")
+    _token_args(h)
+    h.add_argument("--detach", action="store_true", help="run in the background; `tilefleet stop` ends it")
+    h.add_argument("--num-cpus", type=_count, metavar="N", help="CPUs this machine offers to tiles (default: all)")
+    h.add_argument("--autoscaling-config", metavar="YAML",
+                   help="passed to `ray start` (what `ray up` writes on the head: its monitor then starts the "
+                        "workers the YAML lists; see `tilefleet cluster-config`)")
+    h.set_defaults(func=head)
+
+    j = sub.add_parser(
+        "join", help="join this device to a cluster (found by zeroconf or --address)",
+        description="Find a head (zeroconf, or --address for the head's agent), check versions and the token's "
+                    "fingerprint, make the head prove it holds the token, measure the link to it, profile this "
+                    "device, and start a Ray node labelled with those figures. Foreground until Ctrl-C or SIGTERM; "
+                    "--detach runs it in the background (`tilefleet leave` drains and ends it).",
+        epilog=JOIN_EPILOG, formatter_class=raw)
+    j.add_argument("--cluster", metavar="NAME", help="the cluster to join when several are on the LAN")
+    j.add_argument("--address", metavar="HOST[:AGENTPORT]", help="the head's agent, instead of zeroconf (port 6390)")
+    j.add_argument("--node-ip", metavar="IP", help="this device's address (default: the one that reaches the head)")
+    j.add_argument("--device-name", metavar="NAME", help="this device's name in the cluster (default: host name)")
+    _token_args(j)
+    j.add_argument("--client", action="store_true",
+                   help="offer no CPUs (labelled role=client): a node to run a driver on")
+    j.add_argument("--detach", action="store_true", help="run in the background; `tilefleet leave` ends it")
+    j.add_argument("--num-cpus", type=_count, metavar="N", help="CPUs this device offers to tiles (default: all)")
+    j.add_argument("--timeout", type=_seconds, default=5.0, metavar="S",
+                   help="seconds to look for the head and for each answer of its agent (default 5)")
+    j.set_defaults(func=join)
+
+    lv = sub.add_parser("leave", help="drain this device's node and stop it",
+                        description="Ask the head to drain this device's Ray node (running work moves elsewhere), "
+                                    "then stop the local `tilefleet join`.")
+    lv.set_defaults(func=leave)
+
+    st = sub.add_parser("stop", help="stop this machine's tilefleet head and join processes",
+                        description="Stop the `tilefleet head` and `tilefleet join` processes of this machine (by the "
+                                    "pids in their state files, ~/.local/state/tilefleet), and whatever Ray processes "
+                                    "they leave behind. Never touches other Ray instances.")
+    st.set_defaults(func=stop)
+
+
+def add_devices_lan_args(p: argparse.ArgumentParser) -> None:
+    """The LAN options of ``tilefleet devices`` (the parser keeps ``--catalog`` for the catalog)."""
+    p.add_argument("--cluster", metavar="NAME", help="only this cluster")
+    p.add_argument("--address", metavar="HOST[:AGENTPORT]",
+                   help="ask these heads' agents (comma-separated), not zeroconf")
+    p.add_argument("--json", action="store_true", help="print heads and devices as JSON")
+    p.add_argument("--timeout", type=_seconds, default=3.0, metavar="S",
+                   help="seconds to browse and to wait for answers")
+    _token_args(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _token(args: argparse.Namespace, *, create: bool) -> lan.Token | None:
+    """None in insecure mode (with the loud warning); else the token, with what to tell the user."""
+    if args.insecure:
+        if args.token_file:
+            raise LanError("--insecure and --token-file contradict each other; pick one")
+        _err("WARNING: --insecure: no token, anyone who can reach this LAN can join the cluster and run code on it")
+        return None
+    token = lan.resolve_token(args.token_file, create=create)
+    if token.created:
+        print(f"created the join token {token.path} (mode 0600); devices need a copy of it at the same path "
+              f"(or pass --token-file)")
+    if token.warning:
+        _err(token.warning)
+    return token
+
+
+def _token_args_of(token: lan.Token | None) -> list[str]:
+    return ["--insecure"] if token is None else ["--token-file", str(token.path)]
+
+
+def _profile(refresh: bool = False, seconds: float = 1.0) -> Any:
+    from . import profiling
+
+    try:
+        return profiling.get(refresh=refresh, seconds=seconds, progress=True)
+    except ValueError as e:  # ProfileCacheError says how to fix it
+        raise LanError(str(e)) from None
+
+
+def _serve_until_stopped(stopper: lan.Stopper, child: subprocess.Popen[bytes], what: str, ray_log: Path) -> int:
+    """Block until SIGTERM/SIGINT (0) or until the Ray child dies (1, with its log tail)."""
+    while not stopper.event.wait(0.5):
+        if child.poll() is not None:
+            _err(f"{what}: Ray exited unexpectedly (code {child.returncode}); the end of {ray_log}:\n"
+                 f"{lan.log_tail(ray_log)}")
+            return 1
+    return 0
+
+
+def _detach(command: list[str], state_file: Path, log_path: Path, summary: Callable[[dict[str, Any]], str]) -> int:
+    """Run ``python -m fleet.lancli COMMAND`` in a new session and wait until its state file says it is up."""
+    argv = [sys.executable, "-m", "fleet.lancli", *command]
+    child = lan.start_child(argv, os.environ, log_path)
+    deadline = time.monotonic() + lan.START_TIMEOUT_S + 30
+    while time.monotonic() < deadline:
+        state = lan.read_state(state_file)
+        if state is not None and state.get("pid") == child.pid:
+            print(summary(state))
+            print(f"  running in the background (pid {child.pid}); log: {log_path}")
+            return 0
+        if child.poll() is not None:
+            _err(f"tilefleet {command[0]} failed in the background (exit {child.returncode}); the end of {log_path}:\n"
+                 f"{lan.log_tail(log_path)}")
+            return child.returncode or 1
+        time.sleep(0.2)
+    lan.terminate(child.pid, pgid=child.pid)
+    _err(f"tilefleet {command[0]} did not come up within {lan.START_TIMEOUT_S + 30:g} s; the end of {log_path}:\n"
+         f"{lan.log_tail(log_path)}")
+    return 1
+
+
+def _zeroconf(interfaces: Any) -> Any:
+    import zeroconf
+
+    try:
+        return zeroconf.Zeroconf(interfaces=interfaces)
+    except OSError as e:
+        raise LanError(f"cannot use zeroconf (mDNS) here ({e.strerror or e}); pass --address HOST:AGENTPORT",
+                       1) from None
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Expected errors become one line and an exit code, not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except LanError as e:
+            _err(f"tilefleet {args.command}: error: {e}")
+            return e.code
+        except AgentError as e:
+            _err(f"tilefleet {args.command}: error: {e}")
+            return 2 if isinstance(e, HeadNotProven) else 1
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# head
+# --------------------------------------------------------------------------------------------------
+
+
+def head_summary(st: dict[str, Any]) -> str:
+    where = f"{st['node_ip']}:{st['agent_port']}"
+    token = "none (--insecure)" if st.get("insecure") else f"{st['token_path']} (fingerprint {st['fingerprint']})"
+    return "\n".join([
+        f"tilefleet head: cluster {st['cluster_name']} (id {st['cluster_id'][:8]}) is up",
+        f"  ray:    {st['node_ip']}:{st['ray_port']}",
+        f"  agent:  {where}"
+        + ("" if st.get("advertised") else "  (not advertised over zeroconf: join with --address)"),
+        f"  token:  {token}" + ("" if st.get("insecure") else ": copy it to every device"),
+        f"  join:   tilefleet join --cluster {st['cluster_name']}   or   tilefleet join --address {where}",
+        "  stop:   Ctrl-C in the foreground, or `tilefleet stop`",
+    ])
+
+
+@_guard
+def head(args: argparse.Namespace) -> int:
+    """Start the head (see the parser's description)."""
+    state = lan.state_dir()
+    running = lan.read_state(state / "head.json")
+    if running is not None:
+        raise LanError(f"a tilefleet head already runs on this machine (pid {running['pid']}, cluster "
+                       f"{running['cluster_name']} at {running['node_ip']}:{running['ray_port']}); "
+                       "`tilefleet stop` ends it")
+    name = lan.check_cluster_name(args.name or lan.default_cluster_name())
+    if args.port == args.agent_port:
+        raise LanError(f"--port and --agent-port are both {args.port}; give them different ports")
+    node_ip = lan.choose_node_ip(args.node_ip)
+    if ipaddress.ip_address(node_ip).is_loopback:
+        _err(f"warning: --node-ip {node_ip} is a loopback address: only this machine can join this head")
+    token = _token(args, create=True)
+    if not lan.port_free(args.port):
+        raise LanError(f"port {args.port} (Ray's GCS) is in use on this machine (another Ray head?); "
+                       "pick another with --port")
+    if not lan.port_free(args.agent_port, node_ip):
+        raise LanError(f"port {args.agent_port} (the tilefleet agent) is in use on {node_ip}; "
+                       "pick another with --agent-port")
+    if args.detach:
+        command = ["head", "--name", name, "--port", str(args.port), "--agent-port", str(args.agent_port),
+                   "--node-ip", node_ip, *_token_args_of(token)]
+        if args.num_cpus is not None:
+            command += ["--num-cpus", str(args.num_cpus)]
+        if args.autoscaling_config:
+            command += ["--autoscaling-config", str(Path(args.autoscaling_config).expanduser())]
+        return _detach(command, state / "head.json", state / "head.log", head_summary)
+    return _run_head(args, name, node_ip, token, state)
+
+
+def _run_head(args: argparse.Namespace, name: str, node_ip: str, token: lan.Token | None, state: Path) -> int:
+    from .agent import Agent
+
+    versions = lan.local_versions()
+    advert = HeadAdvert(cluster_name=name, cluster_id=lan.cluster_id(state), host=node_ip, ray_port=args.port,
+                        agent_port=args.agent_port, tilefleet_version=versions["tilefleet_version"],
+                        wire_version=int(versions["wire_version"]), ray_version=versions["ray_version"],
+                        python_version=versions["python_version"],
+                        token_fingerprint=token.fingerprint if token else INSECURE_FINGERPRINT)
+    prof = _profile()
+    labels = lan.device_labels(prof, name=socket.gethostname(), role="head")
+    gcs_address = f"{node_ip}:{args.port}"
+    gcs: dict[str, Any] = {}
+
+    def devices() -> list[dict[str, Any]]:
+        if "client" not in gcs:
+            gcs["client"] = lan.gcs_client(gcs_address)
+        return lan.list_devices(gcs["client"])
+
+    try:
+        agent = Agent(advert, token.value if token else None, devices, host=node_ip, port=args.agent_port)
+    except OSError as e:
+        raise LanError(f"cannot open the agent's port {node_ip}:{args.agent_port} ({e.strerror or e}); "
+                       "pick another with --agent-port") from None
+    stopper = lan.Stopper()
+    temp = lan.ray_temp_dir(state, "head")
+    temp.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ray_log = state / "ray-head.log"
+    lan.use_ray_auth(token.path if token else None)
+    argv = lan.ray_head_argv(lan.ray_executable(), port=args.port, node_ip=node_ip, temp_dir=temp, labels=labels,
+                             num_cpus=args.num_cpus, autoscaling_config=str(Path(args.autoscaling_config).expanduser())
+                             if args.autoscaling_config else None)
+    child = lan.start_child(argv, lan.ray_env(os.environ, token.path if token else None), ray_log)
+    zc = advertiser = None
+    try:
+        try:
+            running = lambda: child.poll() is None and not stopper.event.is_set()  # noqa: E731
+            lan.wait_port(node_ip, args.port, lan.START_TIMEOUT_S, running)
+            _wait_head_node(devices, running)
+        except LanError as e:
+            raise LanError(f"the Ray head {e}; the end of {ray_log}:\n{lan.log_tail(ray_log)}", 1) from None
+        agent.start()
+        try:
+            import zeroconf
+
+            from .discovery import ZeroconfAdvertiser
+
+            zc = zeroconf.Zeroconf(interfaces=[node_ip])
+            advertiser = ZeroconfAdvertiser(advert, zc)
+            advertiser.start()
+        except Exception as e:  # multicast may be unavailable; --address still works
+            _err(f"warning: cannot advertise over zeroconf on {node_ip} ({type(e).__name__}: {e}); "
+                 f"devices can join with --address {node_ip}:{args.agent_port}")
+            advertiser = None
+        st = {**lan.own_identity(), "role": "head", "node_ip": node_ip, "ray_port": args.port,
+              "agent_port": args.agent_port, "cluster_name": name, "cluster_id": advert.cluster_id,
+              "token_path": str(token.path) if token else None, "fingerprint": advert.token_fingerprint,
+              "insecure": token is None, "temp_dir": str(temp), "log_path": str(ray_log), "ray_pid": child.pid,
+              "ray_pgid": child.pid, "advertised": advertiser is not None}
+        lan.write_state(state / "head.json", st)
+        print(head_summary(st), flush=True)
+        return _serve_until_stopped(stopper, child, "tilefleet head", ray_log)
+    finally:
+        if advertiser is not None:
+            advertiser.close()
+        if zc is not None:
+            zc.close()
+        agent.close()
+        lan.terminate(child.pid, pgid=child.pid, marker=str(temp))
+        st_now = lan.read_state(state / "head.json")
+        if st_now is not None and st_now.get("pid") == os.getpid():
+            lan.remove_state(state / "head.json")
+
+
+def _wait_head_node(devices: Callable[[], list[dict[str, Any]]], running: Callable[[], bool]) -> None:
+    """Until the head's own node is alive in the GCS (port open is not enough: the raylet comes after)."""
+    deadline = time.monotonic() + lan.START_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        if not running():
+            raise LanError("exited or was stopped before it was up", 1)
+        try:
+            if any(d["is_head"] and d["alive"] for d in devices()):
+                return
+        except Exception as e:  # the GCS may not answer yet
+            last = f" (last error: {type(e).__name__}: {str(e)[:200]})"
+        time.sleep(0.3)
+    raise LanError(f"did not report its node alive within {lan.START_TIMEOUT_S:g} s{last}", 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# join, leave, stop
+# --------------------------------------------------------------------------------------------------
+
+
+def _find_heads(args: argparse.Namespace) -> list[tuple[HeadAdvert, AgentClient]]:
+    """Candidate heads and a connection to each one's agent: ``--address``, else zeroconf.
+
+    From zeroconf, every advert of the cluster counts (a rogue may copy a real head's name, id and
+    fingerprint); :func:`join` keeps the ones that pass the challenge.
+    """
+    if args.address:
+        try:
+            ((host, port),) = static_heads(args.address, default_port=lan.DEFAULT_AGENT_PORT)
+        except ValueError as e:
+            raise LanError(f"--address: {e}; give one head as HOST[:AGENTPORT]") from None
+        client = AgentClient(host, port, timeout=args.timeout)
+        advert = client.info()
+        if args.cluster and advert.cluster_name.casefold() != args.cluster.casefold():
+            raise LanError(f"the head at {client.where} runs cluster {advert.cluster_name}, not {args.cluster}")
+        return [(advert, client)]
+    import zeroconf
+
+    from .discovery import AmbiguousHead, HeadRegistry, NoHeadFound, ZeroconfBrowser
+
+    zc = _zeroconf([args.node_ip] if args.node_ip else zeroconf.InterfaceChoice.All)
+    try:
+        registry = HeadRegistry()
+        with ZeroconfBrowser(registry, zc):
+            try:
+                registry.wait_for(args.cluster, timeout=args.timeout)
+            except AmbiguousHead:
+                pass  # several adverts of one name: the challenge decides below
+            time.sleep(SETTLE_S)  # adverts of the same name that arrive a moment later count too
+            found = registry.matching(args.cluster) or [registry.find(args.cluster)]
+    except NoHeadFound as e:
+        raise LanError(str(e), 1) from None
+    except AmbiguousHead as e:
+        raise LanError(str(e)) from None
+    finally:
+        zc.close()
+    return [(a, AgentClient(a.host, a.agent_port, timeout=args.timeout)) for a in found]
+
+
+def _pick_head(args: argparse.Namespace, token: lan.Token | None) -> tuple[HeadAdvert, AgentClient]:
+    """The one candidate that passes every check; rogue heads (failed challenge) are reported."""
+    candidates = _find_heads(args)
+    proven: list[tuple[HeadAdvert, AgentClient]] = []
+    problems: list[str] = []
+    for advert, client in candidates:
+        try:
+            _check_head(advert, client, token)
+            proven.append((advert, client))
+        except (LanError, AgentError) as e:
+            client.close()
+            if len(candidates) == 1:
+                raise
+            problems.append(f"{advert.host}:{advert.agent_port}: {e}")
+            _err(f"tilefleet join: skipping the head at {advert.host}:{advert.agent_port}: {e}")
+    if not proven:
+        raise LanError("no head passed the checks:\n  " + "\n  ".join(problems))
+    if len({a.cluster_id for a, _ in proven}) > 1:
+        for _, c in proven:
+            c.close()
+        where = ", ".join(f"{a.cluster_name} (id {a.cluster_id[:8]}) at {a.host}" for a, _ in proven)
+        raise LanError(f"{len(proven)} clusters hold your token and match: {where}; pass --cluster NAME or --address")
+    for _, c in proven[1:]:
+        c.close()
+    return proven[0]
+
+
+def _check_head(advert: HeadAdvert, client: AgentClient, token: lan.Token | None) -> None:
+    """Versions, the token's fingerprint, then the head's proof that it holds the token."""
+    problem = lan.version_mismatch(advert)
+    if problem:
+        raise LanError(problem)
+    if token is not None and advert.token_fingerprint == INSECURE_FINGERPRINT:
+        raise LanError(f"cluster {advert.cluster_name} runs without a token (--insecure); join it with "
+                       "--insecure if you trust this LAN")
+    if token is not None:
+        problem = lan.fingerprint_mismatch(advert, token)
+        if problem:
+            raise LanError(problem)
+    client.prove_head(token.value if token else None, insecure=token is None)
+
+
+def join_summary(st: dict[str, Any]) -> str:
+    return "\n".join([
+        f"tilefleet join: this device is node {st['node_id'][:12]} of cluster {st['cluster_name']} "
+        f"(head {st['head_host']}:{st['ray_port']})",
+        f"  as:     {st['name']} at {st['node_ip']}, role {st['role']}",
+        f"  link:   {st['down_mbps']:.1f} Mbit/s down, {st['up_mbps']:.1f} Mbit/s up, "
+        f"{st['latency_ms']:.2f} ms one-way",
+        "  leave:  Ctrl-C in the foreground, or `tilefleet leave`",
+    ])
+
+
+@_guard
+def join(args: argparse.Namespace) -> int:
+    """Join a cluster (see the parser's description)."""
+    state = lan.state_dir()
+    running = lan.read_state(state / "join.json")
+    if running is not None:
+        raise LanError(f"this machine already joined cluster {running['cluster_name']} (pid {running['pid']}); "
+                       "`tilefleet leave` first")
+    token = _token(args, create=False)
+    advert, client = _pick_head(args, token)
+    with client:
+        node_ip = lan.choose_node_ip(args.node_ip, advert.host)
+        if args.detach:
+            command = ["join", "--address", f"{client.host}:{client.port}", "--node-ip", node_ip,
+                       "--timeout", str(args.timeout), *_token_args_of(token)]
+            command += ["--client"] if args.client else []
+            command += ["--device-name", args.device_name] if args.device_name else []
+            command += ["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else []
+            return _detach(command, state / "join.json", state / "join.log", join_summary)
+        return _run_join(args, advert, client, token, node_ip, state)
+
+
+def _run_join(args: argparse.Namespace, advert: HeadAdvert, client: AgentClient, token: lan.Token | None,
+              node_ip: str, state: Path) -> int:
+    link = client.probe()
+    prof = _profile()
+    join_id = secrets.token_hex(8)
+    name = args.device_name or socket.gethostname()
+    role = "client" if args.client else "device"
+    labels = lan.device_labels(prof, name=name, role=role, join_id=join_id,
+                               link_mbps=min(link.down_mbps, link.up_mbps), latency_ms=link.latency_ms)
+    temp = lan.ray_temp_dir(state, "node")
+    temp.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ray_log = state / "ray-node.log"
+    argv = lan.ray_node_argv(lan.ray_executable(), head=f"{advert.host}:{advert.ray_port}", node_ip=node_ip,
+                             temp_dir=temp, labels=labels, num_cpus=0 if args.client else args.num_cpus)
+    stopper = lan.Stopper()
+    child = lan.start_child(argv, lan.ray_env(os.environ, token.path if token else None), ray_log)
+    try:
+        node_id = _wait_joined(client, token, join_id, lambda: child.poll() is None and not stopper.event.is_set(),
+                               ray_log)
+        client.close()
+        st = {**lan.own_identity(), "role": role, "name": labels["tilefleet/name"], "node_id": node_id,
+              "node_ip": node_ip, "head_host": advert.host, "ray_port": advert.ray_port,
+              "agent_host": client.host, "agent_port": client.port, "cluster_name": advert.cluster_name,
+              "cluster_id": advert.cluster_id, "token_path": str(token.path) if token else None,
+              "insecure": token is None, "temp_dir": str(temp), "log_path": str(ray_log), "ray_pid": child.pid,
+              "ray_pgid": child.pid, "join_id": join_id, "down_mbps": link.down_mbps, "up_mbps": link.up_mbps,
+              "latency_ms": link.latency_ms}
+        lan.write_state(state / "join.json", st)
+        print(join_summary(st), flush=True)
+        return _serve_until_stopped(stopper, child, "tilefleet join", ray_log)
+    finally:
+        client.close()
+        lan.terminate(child.pid, pgid=child.pid, marker=str(temp))
+        st_now = lan.read_state(state / "join.json")
+        if st_now is not None and st_now.get("pid") == os.getpid():
+            lan.remove_state(state / "join.json")
+
+
+def _wait_joined(client: AgentClient, token: lan.Token | None, join_id: str, running: Callable[[], bool],
+                 ray_log: Path) -> str:
+    """The new node's id, once the head lists it alive (found by its one-off join id label)."""
+    deadline = time.monotonic() + lan.START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not running():
+            raise LanError(f"Ray could not join the head (it exited, or this was stopped); the end of {ray_log}:\n"
+                           f"{lan.log_tail(ray_log)}", 1)
+        for d in client.devices(token.value if token else None, insecure=token is None):
+            if d.get("labels", {}).get("tilefleet/join_id") == join_id and d.get("alive"):
+                return str(d["node_id"])
+        time.sleep(0.5)
+    raise LanError(f"the head did not list this node within {lan.START_TIMEOUT_S:g} s; the end of {ray_log}:\n"
+                   f"{lan.log_tail(ray_log)}", 1)
+
+
+def _stop_one(path: Path, what: str) -> str | None:
+    """Stop the process of a state file (and its Ray leftovers, even if it died); what happened."""
+    st = lan.read_state(path, live_only=False)
+    if st is None:
+        return None
+    alive = lan.pid_alive(st["pid"], st.get("pid_start"))
+    killed = lan.terminate(st["pid"], start=st.get("pid_start"), pgid=st.get("ray_pgid"),
+                           marker=st.get("temp_dir"), timeout=lan.STOP_TIMEOUT_S)
+    lan.remove_state(path)
+    status = f"stopped {what} (pid {st['pid']})" if alive else f"cleaned up after {what} (pid {st['pid']} was gone)"
+    return status + (f"; killed {len(killed)} leftover process(es): {killed}" if killed else "")
+
+
+@_guard
+def stop(args: argparse.Namespace) -> int:
+    """Stop this machine's head and join processes."""
+    state = lan.state_dir()
+    done = [m for m in (_stop_one(state / "join.json", "tilefleet join"),
+                        _stop_one(state / "head.json", "tilefleet head")) if m]
+    if not done:
+        print(f"nothing to stop: no tilefleet head or join runs on this machine (state in {state})")
+    for line in done:
+        print(line)
+    return 0
+
+
+@_guard
+def leave(args: argparse.Namespace) -> int:
+    """Drain this device's node, then stop the join process."""
+    path = lan.state_dir() / "join.json"
+    st = lan.read_state(path)
+    if st is None:
+        print("nothing to leave: this machine runs no `tilefleet join`")
+        return 0
+    lan.use_ray_auth(Path(st["token_path"]) if st.get("token_path") else None)
+    print(lan.drain(f"{st['head_host']}:{st['ray_port']}", st["node_id"]))
+    print(_stop_one(path, "tilefleet join"))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------------------
+
+
+@_guard
+def profile(args: argparse.Namespace) -> int:
+    """Measure (or recall) this device's profile, plus its link to a known head."""
+    prof = _profile(refresh=args.refresh, seconds=args.seconds)
+    target, explicit = None, bool(args.address)
+    if args.address:
+        try:
+            ((host, port),) = static_heads(args.address, default_port=lan.DEFAULT_AGENT_PORT)
+        except ValueError as e:
+            raise LanError(f"--address: {e}") from None
+        target = (host, port, None if args.insecure else lan.resolve_token(args.token_file, create=False))
+    link_note = "not measured: no head known (join one, or pass --address HOST:AGENTPORT)"
+    st = None if args.address else lan.read_state(lan.state_dir() / "join.json")
+    if st is not None:
+        try:
+            target = (st["agent_host"], st["agent_port"],
+                      None if st.get("insecure") else lan.load_token(Path(st["token_path"])))
+        except LanError as e:
+            link_note = f"not measured: {e}"
+    if target is not None:
+        host, port, token = target
+        try:
+            with AgentClient(host, port) as client:
+                client.prove_head(token.value if token else None, insecure=token is None)
+                link = client.probe()
+            prof = dataclasses.replace(prof, link_mbps=min(link.down_mbps, link.up_mbps),
+                                       latency_s=link.latency_ms / 1e3)
+            link_note = (f"{link.down_mbps:.1f} Mbit/s down, {link.up_mbps:.1f} up, {link.latency_ms:.2f} ms one-way "
+                         f"to {host}:{port}")
+        except AgentError as e:
+            if explicit:
+                raise
+            link_note = f"not measured: {e}"
+    if args.json:
+        print(json.dumps(dataclasses.asdict(prof.to_catalog_profile(emulated=False)), indent=1))
+        return 0
+    from tiling.report import table
+
+    gpu = f"{prof.gpu_name}, {prof.gpu_gflops:.1f} GFLOP/s" if prof.gpu and prof.gpu_gflops else "none"
+    rows = [["name", prof.name], ["class", prof.klass],
+            ["conv GFLOP/s", f"{prof.gflops:.1f} on {prof.threads} threads"],
+            ["per-tile overhead", f"{prof.tile_overhead_s * 1e3:.3f} ms"],
+            ["available memory", f"{prof.memory_bytes / 2**20:.0f} MiB"], ["cores", str(prof.cores)], ["GPU", gpu],
+            ["link to head", link_note],
+            ["measured", time.strftime("%Y-%m-%d %H:%M", time.localtime(prof.measured_at))]]
+    print(table(["figure", "value"], rows))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# devices (LAN)
+# --------------------------------------------------------------------------------------------------
+
+
+def _browse(timeout: float) -> list[HeadAdvert]:
+    import zeroconf
+
+    from .discovery import HeadRegistry, ZeroconfBrowser
+
+    zc = _zeroconf(zeroconf.InterfaceChoice.All)
+    try:
+        registry = HeadRegistry()
+        with ZeroconfBrowser(registry, zc):
+            time.sleep(timeout)
+        return registry.heads()
+    finally:
+        zc.close()
+
+
+def collect_devices(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every head found (zeroconf or ``--address``) with its advert and device list, or the
+    reason it could not be listed."""
+    token: lan.Token | None = None
+    token_error = None
+    if not args.insecure:
+        try:
+            token = lan.resolve_token(args.token_file, create=False)
+        except LanError as e:
+            token_error = str(e)
+    targets: list[tuple[str, int, HeadAdvert | None]] = []
+    if args.address:
+        try:
+            targets = [(h, p, None) for h, p in static_heads(args.address, default_port=lan.DEFAULT_AGENT_PORT)]
+        except ValueError as e:
+            raise LanError(f"--address: {e}") from None
+    else:
+        targets = [(a.host, a.agent_port, a) for a in _browse(args.timeout)]
+    heads = []
+    for host, port, advert in targets:
+        entry: dict[str, Any] = {"agent": f"{host}:{port}", "advert": None, "devices": None, "error": None}
+        heads.append(entry)
+        try:
+            with AgentClient(host, port, timeout=args.timeout) as client:
+                advert = advert or client.info()
+                entry["advert"] = dataclasses.asdict(advert)
+                if args.cluster and advert.cluster_name.casefold() != args.cluster.casefold():
+                    heads.pop()
+                    continue
+                if token is not None and advert.token_fingerprint == INSECURE_FINGERPRINT:
+                    entry["error"] = "this head runs without a token (--insecure): list it with --insecure"
+                elif token is None and not args.insecure:
+                    entry["error"] = token_error
+                elif token is not None and lan.fingerprint_mismatch(advert, token):
+                    entry["error"] = f"not your cluster: {lan.fingerprint_mismatch(advert, token)}"
+                else:
+                    entry["devices"] = client.devices(token.value if token else None, insecure=token is None)
+        except AgentError as e:
+            entry["error"] = str(e)
+    return heads
+
+
+def devices_table(devices: Sequence[dict[str, Any]]) -> str:
+    from tiling.report import table
+
+    rows = []
+    for d in sorted(devices, key=lambda d: (not d["is_head"], d["labels"].get("tilefleet/name", ""), d["node_id"])):
+        lab = d["labels"]
+        rows.append([lab.get("tilefleet/name", "?"), d["node_id"][:12], d["ip"], lab.get("tilefleet/class", "?"),
+                     f"{d['cpus']:g}", lab.get("tilefleet/gflops", "?"), lab.get("tilefleet/memory_mb", "?"),
+                     "yes" if lab.get("tilefleet/gpu") == "1" else "no", lab.get("tilefleet/link_mbps", "-"),
+                     lab.get("tilefleet/role", "?"), d["state"], d["tiles_done"]])
+    return table(["name", "node", "address", "class", "CPUs", "GFLOP/s", "memory MiB", "GPU", "link Mbit/s", "role",
+                  "state", "tiles done"], rows)
+
+
+@_guard
+def devices_lan(args: argparse.Namespace) -> int:
+    """``tilefleet devices`` on the LAN: the heads found and each one's devices."""
+    heads = collect_devices(args)
+    if args.json:
+        print(json.dumps({"heads": heads}, indent=1))
+    elif not heads:
+        where = args.address or "zeroconf (mDNS) on this LAN"
+        print(f"no tilefleet head found via {where}" + (f" for cluster {args.cluster}" if args.cluster else ""))
+    for h in heads if not args.json else []:
+        a = h["advert"]
+        if a:
+            print(f"cluster {a['cluster_name']} (id {a['cluster_id'][:8]}): Ray at {a['host']}:{a['ray_port']}, agent "
+                  f"{h['agent']}; tilefleet {a['tilefleet_version']}, Ray {a['ray_version']}, "
+                  f"Python {a['python_version']}")
+        else:
+            print(f"agent {h['agent']}")
+        print(f"  {h['error']}" if h["error"] else devices_table(h["devices"]))
+        print()
+    if not heads:
+        return 1
+    return 0 if any(h["devices"] is not None for h in heads) else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m fleet.lancli (what --detach runs)
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="tilefleet", description="tilefleet's LAN commands")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_lan_commands(sub)
+    dv = sub.add_parser("devices", help="the LAN's heads and their devices")
+    add_devices_lan_args(dv)
+    dv.set_defaults(func=devices_lan)
+    args = p.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
