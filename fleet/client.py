@@ -46,7 +46,7 @@ class ClusterClosed(RuntimeError):
     """The cluster (or deployment) was closed; connect again."""
 
 
-def _ray_init(address: str | None, num_cpus: int | None) -> bool:
+def _ray_init(address: str | None, num_cpus: int | None, node_ip: str | None = None) -> bool:
     """Start or join Ray; returns whether we started it (and so must shut it down)."""
     import ray
 
@@ -59,18 +59,38 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
                  _system_config={"health_check_period_ms": 500, "health_check_timeout_ms": 500,
                                  "health_check_failure_threshold": 3})
         return True
-    ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.init(address=address, log_to_driver=False, configure_logging=False,
+             **({"_node_ip_address": node_ip} if node_ip else {}))
     return True
+
+
+def _lan_head(cluster: str | None, token_file: str | None, insecure: bool, timeout: float) -> tuple[str, str]:
+    """Find a LAN head by zeroconf and check it like ``tilefleet join`` does: (GCS address, our IP).
+
+    A Ray driver needs a raylet on its own machine: run this on a joined device, or after
+    ``tilefleet join --client`` on a laptop.
+    """
+    from . import lan, lancli
+
+    token = None if insecure else lan.resolve_token(token_file, create=False)
+    advert, client = lancli.pick_head(token, cluster=cluster, timeout=timeout)
+    client.close()
+    lan.use_ray_auth(token.path if token else None)
+    return f"{advert.host}:{advert.ray_port}", lan.choose_node_ip(None, advert.host)
 
 
 def connect(address: str | None = None, *, emulate: str | None = None, profiles_file: str | None = None,
             scale: float | None = None, max_in_flight: int = 2, threads_per_device: int = 1,
-            num_cpus: int | None = None, nodes: bool = False) -> Cluster:
+            num_cpus: int | None = None, nodes: bool = False, cluster: str | None = None,
+            token_file: str | None = None, insecure: bool = False, timeout: float = 5.0) -> Cluster:
     """Connect to a cluster.
 
     ``connect(emulate="pi3*4,laptop")``: a local Ray instance whose devices are emulated profiles
     (see ``tilefleet devices --catalog``). ``connect()``: a local instance whose devices are this
     host's own cores. ``connect("auto")`` or ``connect("ray://host:10001")``: an existing cluster.
+    ``connect("zeroconf")`` or ``connect(cluster="lab")``: a LAN cluster started with ``tilefleet
+    head``, found by zeroconf and checked like ``tilefleet join`` (versions, token fingerprint, the
+    head's proof), using the join token (``token_file``, default ~/.config/tilefleet/token).
     ``scale`` overrides the emulation clock scale (by default chosen so the host stays well ahead of
     every emulated device). ``nodes=True`` (local devices only) makes each device its own Ray node
     on this machine, with its own object store: stage outputs cross nodes as on a LAN, and
@@ -79,6 +99,11 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
     import ray
 
     table = profiles(profiles_file)
+    node_ip = None
+    if address == "zeroconf" or cluster is not None:
+        if emulate is not None or nodes:
+            raise ValueError("connect to a LAN cluster (zeroconf / cluster=) or emulate devices, not both")
+        address, node_ip = _lan_head(cluster, token_file, insecure, timeout)
     if emulate is not None:
         specs = parse_spec(emulate, table)
     elif address is None:
@@ -92,7 +117,7 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
     local_nodes = _LocalNodes(specs, threads_per_device) if nodes else None
     try:
         started = _ray_init(local_nodes.address if local_nodes else address,
-                            num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2))
+                            num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2), node_ip)
     except BaseException:
         if local_nodes:
             local_nodes.shutdown()

@@ -483,7 +483,9 @@ class ZeroconfAdvertiser:
         except ValueError:
             raise ValueError(f"advertise an IP address, not the host name {self.advert.host!r}") from None
         packed = socket.inet_aton(str(ip)) if ip.version == 4 else socket.inet_pton(socket.AF_INET6, str(ip))
-        server = f"{self.advert.cluster_name}-{self.advert.cluster_id[:8]}.local.".replace("_", "-")
+        # the host record is named after the address, not the cluster: a second advert of the same
+        # cluster (a restarted head elsewhere, or a rogue copying it) must not re-point this one
+        server = f"tilefleet-{str(ip).replace('.', '-').replace(':', '-')}.local."
         return _zc.ServiceInfo(SERVICE_TYPE, self.service_name, addresses=[packed], port=self.advert.ray_port,
                                properties=self.advert.to_txt(), server=server)
 

@@ -185,8 +185,11 @@ class Driver:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError, ray.exceptions.ObjectLostError) as e:
             self._lost(device, f"{type(e).__name__}")
             return
-        except ray.exceptions.RayTaskError as e:
-            meta = {"ok": False, "error": type(e).__name__, "message": str(e).splitlines()[0], "retryable": True}
+        except ray.exceptions.TaskCancelledError:
+            return  # we cancelled it (its inputs were lost); the scheduler no longer expects it
+        except ray.exceptions.RayError as e:  # a task error, or anything else Ray reports: a retryable failure
+            meta = {"ok": False, "error": type(e).__name__, "message": (str(e).splitlines() or [""])[0],
+                    "retryable": True}
         t = self.now()
         if not dev.alive:
             return

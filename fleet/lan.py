@@ -357,10 +357,19 @@ def ray_env(base: Mapping[str, str], token_path: Path | None) -> dict[str, str]:
 
 
 def use_ray_auth(token_path: Path | None) -> None:
-    """Set this process's Ray auth environment; call before this process first talks to Ray."""
+    """Set this process's Ray auth environment; call before this process first talks to Ray.
+
+    Ray reads ``RAY_AUTH_MODE`` into its config when ``ray`` is imported, and caches the token it
+    loaded, so both are refreshed here (the same calls Ray makes when it turns token mode on).
+    """
     for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         os.environ.pop(key, None)
     os.environ.update({k: v for k, v in ray_env({}, token_path).items() if k.startswith("RAY_AUTH")})
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -424,48 +424,51 @@ def _wait_head_node(devices: Callable[[], list[dict[str, Any]]], running: Callab
 # --------------------------------------------------------------------------------------------------
 
 
-def _find_heads(args: argparse.Namespace) -> list[tuple[HeadAdvert, AgentClient]]:
+def _find_heads(*, cluster: str | None, address: str | None, timeout: float,
+                node_ip: str | None) -> list[tuple[HeadAdvert, AgentClient]]:
     """Candidate heads and a connection to each one's agent: ``--address``, else zeroconf.
 
     From zeroconf, every advert of the cluster counts (a rogue may copy a real head's name, id and
     fingerprint); :func:`join` keeps the ones that pass the challenge.
     """
-    if args.address:
+    if address:
         try:
-            ((host, port),) = static_heads(args.address, default_port=lan.DEFAULT_AGENT_PORT)
+            ((host, port),) = static_heads(address, default_port=lan.DEFAULT_AGENT_PORT)
         except ValueError as e:
             raise LanError(f"--address: {e}; give one head as HOST[:AGENTPORT]") from None
-        client = AgentClient(host, port, timeout=args.timeout)
+        client = AgentClient(host, port, timeout=timeout)
         advert = client.info()
-        if args.cluster and advert.cluster_name.casefold() != args.cluster.casefold():
-            raise LanError(f"the head at {client.where} runs cluster {advert.cluster_name}, not {args.cluster}")
+        if cluster and advert.cluster_name.casefold() != cluster.casefold():
+            raise LanError(f"the head at {client.where} runs cluster {advert.cluster_name}, not {cluster}")
         return [(advert, client)]
     import zeroconf
 
     from .discovery import AmbiguousHead, HeadRegistry, NoHeadFound, ZeroconfBrowser
 
-    zc = _zeroconf([args.node_ip] if args.node_ip else zeroconf.InterfaceChoice.All)
+    zc = _zeroconf([node_ip] if node_ip else zeroconf.InterfaceChoice.All)
     try:
         registry = HeadRegistry()
         with ZeroconfBrowser(registry, zc):
             try:
-                registry.wait_for(args.cluster, timeout=args.timeout)
+                registry.wait_for(cluster, timeout=timeout)
             except AmbiguousHead:
                 pass  # several adverts of one name: the challenge decides below
             time.sleep(SETTLE_S)  # adverts of the same name that arrive a moment later count too
-            found = registry.matching(args.cluster) or [registry.find(args.cluster)]
+            found = registry.matching(cluster) or [registry.find(cluster)]
     except NoHeadFound as e:
         raise LanError(str(e), 1) from None
     except AmbiguousHead as e:
         raise LanError(str(e)) from None
     finally:
         zc.close()
-    return [(a, AgentClient(a.host, a.agent_port, timeout=args.timeout)) for a in found]
+    return [(a, AgentClient(a.host, a.agent_port, timeout=timeout)) for a in found]
 
 
-def _pick_head(args: argparse.Namespace, token: lan.Token | None) -> tuple[HeadAdvert, AgentClient]:
-    """The one candidate that passes every check; rogue heads (failed challenge) are reported."""
-    candidates = _find_heads(args)
+def pick_head(token: lan.Token | None, *, cluster: str | None = None, address: str | None = None,
+              timeout: float = 5.0, node_ip: str | None = None) -> tuple[HeadAdvert, AgentClient]:
+    """The one head (found by zeroconf, or at ``address``) that passes every check: versions, the
+    token's fingerprint and the challenge. Rogue heads (failed challenge) are reported and skipped."""
+    candidates = _find_heads(cluster=cluster, address=address, timeout=timeout, node_ip=node_ip)
     proven: list[tuple[HeadAdvert, AgentClient]] = []
     problems: list[str] = []
     for advert, client in candidates:
@@ -477,7 +480,7 @@ def _pick_head(args: argparse.Namespace, token: lan.Token | None) -> tuple[HeadA
             if len(candidates) == 1:
                 raise
             problems.append(f"{advert.host}:{advert.agent_port}: {e}")
-            _err(f"tilefleet join: skipping the head at {advert.host}:{advert.agent_port}: {e}")
+            _err(f"tilefleet: skipping the head at {advert.host}:{advert.agent_port}: {e}")
     if not proven:
         raise LanError("no head passed the checks:\n  " + "\n  ".join(problems))
     if len({a.cluster_id for a, _ in proven}) > 1:
@@ -525,7 +528,8 @@ def join(args: argparse.Namespace) -> int:
         raise LanError(f"this machine already joined cluster {running['cluster_name']} (pid {running['pid']}); "
                        "`tilefleet leave` first")
     token = _token(args, create=False)
-    advert, client = _pick_head(args, token)
+    advert, client = pick_head(token, cluster=args.cluster, address=args.address, timeout=args.timeout,
+                               node_ip=args.node_ip)
     with client:
         node_ip = lan.choose_node_ip(args.node_ip, advert.host)
         if args.detach:

@@ -514,7 +514,10 @@ def _remove_token(token: str, prefix: str) -> list[str]:
     for link in sorted(_link_names(), key=lambda n: n.endswith("-br")):
         if name_re.fullmatch(link):
             removed.append(link)
-            _quiet(["ip", "link", "del", link])
+            # the kernel removes a deleted namespace's veth pairs asynchronously: one listed a moment
+            # ago may be gone by now, which is what we wanted
+            if _run(["ip", "link", "del", link], check=False).returncode and link in _link_names():
+                log.warning("cleanup step failed: could not delete link %s", link)
     workdir = TMP_ROOT / f"{prefix}-{token}"
     if workdir.is_dir():
         removed.append(str(workdir))

@@ -1,0 +1,278 @@
+"""A tilefleet cluster on a LAN of network namespaces, set up as a user would: real commands.
+
+Hosts (tests/netns.py): h0 runs ``tilefleet head``; h1 and h2 ``tilefleet join`` by zeroconf,
+h2 behind a 100 Mbit/s link; h3 joins with ``--client`` and runs the Python client; h4 plays the
+attacker (a wrong token, a token-less Ray worker, a rogue head) and later joins for real. No
+address is typed except where a test is about ``--address``. Every process is a real subprocess
+in its host's own PID namespace; the fixture removes everything at the end, even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netns import Host, Lan, make_lan, netns_unavailable
+
+pytestmark = pytest.mark.netns
+
+TILEFLEET = str(Path(sys.executable).with_name("tilefleet"))
+SLOW_MBIT = 100.0  # Wi-Fi-like, against about 15 Gbit/s for the unshaped veths
+
+
+def _state(host: Host, name: str) -> dict[str, Any] | None:
+    p = host.home / ".local" / "state" / "tilefleet" / f"{name}.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_state(host: Host, name: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = _state(host, name)
+        if st is not None:
+            return st
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise AssertionError(f"{host.name}: tilefleet {name} did not come up:\n{host.log(proc)}")  # type: ignore[arg-type]
+
+
+def _copy_token(src: Host, dst: Host) -> Path:
+    """What a user does by hand: copy the head's token file to a device (same path there)."""
+    token = src.home / ".config" / "tilefleet" / "token"
+    target = dst.home / ".config" / "tilefleet" / "token"
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copyfile(token, target)
+    target.chmod(0o600)
+    return target
+
+
+def _devices(host: Host, *extra: str) -> list[dict[str, Any]]:
+    res = host.run([TILEFLEET, "devices", "--json", "--cluster", "lab", *extra], timeout=60, check=False)
+    data = json.loads(res.stdout or "{}")
+    heads = data.get("heads", [])
+    assert len(heads) == 1 and heads[0]["devices"] is not None, res.stdout + res.stderr
+    return heads[0]["devices"]
+
+
+def _alive(devs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in devs if d.get("alive")]
+
+
+@pytest.fixture(scope="module")
+def lan() -> Iterator[Lan]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with make_lan(5, shaped={2: SLOW_MBIT}) as net:
+        yield net
+
+
+@pytest.fixture(scope="module")
+def cluster(lan: Lan) -> dict[str, Any]:
+    h0, h1, h2 = lan[0], lan[1], lan[2]
+    head = h0.spawn([TILEFLEET, "head", "--name", "lab"], name="head")
+    head_state = _wait_state(h0, "head", head)
+    for h in lan.hosts[1:4]:
+        _copy_token(h0, h)
+    # each device profiles itself first, one at a time as separate machines would (all 5 "machines"
+    # share this VM's 2 cores: measured together, they would see a fraction of them); join reuses it
+    for h in (h1, h2):
+        out = h.run([TILEFLEET, "profile", "--json"], timeout=120).stdout
+        assert json.loads(out)["gflops"] > 0
+    joins = {h.name: h.spawn([TILEFLEET, "join", "--cluster", "lab", "--device-name", h.name], name="join")
+             for h in (h1, h2)}
+    states = {name: _wait_state(lan[int(name[1:])], "join", p) for name, p in joins.items()}
+    return {"head": head, "head_state": head_state, "joins": joins, "join_states": states}
+
+
+def test_head_and_joins_form_one_cluster_found_by_zeroconf(lan: Lan, cluster: dict[str, Any]) -> None:
+    h0, h1, h2, h3 = lan[0], lan[1], lan[2], lan[3]
+    st = cluster["head_state"]
+    assert st["node_ip"] == h0.ip and st["advertised"]
+    token = (h0.home / ".config" / "tilefleet" / "token")
+    assert token.stat().st_mode & 0o777 == 0o600
+    # joined by zeroconf: their state names the head they found, at h0's address
+    for h in (h1, h2):
+        js = cluster["join_states"][h.name]
+        assert js["head_host"] == h0.ip and js["node_ip"] == h.ip
+    # the shaped link was measured as such: h2 is well below h1 (which is unshaped)
+    assert cluster["join_states"]["h2"]["down_mbps"] < 2 * SLOW_MBIT < cluster["join_states"]["h1"]["down_mbps"]
+    devs = _alive(_devices(h3))  # from a host that has not joined: zeroconf + the agent
+    by_ip = {d["ip"]: d for d in devs}
+    assert set(by_ip) == {h0.ip, h1.ip, h2.ip}, devs
+    for h in (h1, h2):
+        labels = by_ip[h.ip]["labels"]
+        assert float(labels["tilefleet/gflops"]) > 0 and float(labels["tilefleet/memory_mb"]) > 0
+    assert float(by_ip[h2.ip]["labels"]["tilefleet/link_mbps"]) < 2 * SLOW_MBIT
+    # the human-readable table too
+    table = h3.run([TILEFLEET, "devices", "--cluster", "lab"], timeout=60).stdout
+    assert "lab" in table and h1.ip in table and h2.ip in table
+
+
+def test_wrong_token_and_tokenless_ray_worker_are_refused(lan: Lan, cluster: dict[str, Any]) -> None:
+    h0, h4 = lan[0], lan[4]
+    before = len(_alive(_devices(lan[3])))
+    bad = h4.home / "wrong-token"
+    bad.write_text("f" * 64)
+    bad.chmod(0o600)
+    res = h4.run([TILEFLEET, "join", "--cluster", "lab", "--token-file", str(bad)], timeout=60, check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "fingerprint" in res.stderr and "copy" in res.stderr, res.stderr
+    # a Ray worker without the token cannot attach, whatever tilefleet does
+    env = h4.env({"RAY_AUTH_MODE": "token"})
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    res = h4.run([str(Path(sys.executable).with_name("ray")), "start", "--address", f"{h0.ip}:6379",
+                  "--node-ip-address", h4.ip, "--temp-dir", str(h4.tmp / "rogue-ray"), "--disable-usage-stats"],
+                 env=env, timeout=90, check=False)
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "auth" in (res.stdout + res.stderr).lower()
+    assert len(_alive(_devices(lan[3]))) == before
+
+
+ROGUE = r"""
+import json, signal, sys, threading, secrets
+import zeroconf
+from fleet.agent import Agent
+from fleet.discovery import HeadAdvert, ZeroconfAdvertiser
+real = json.loads(sys.argv[1])
+advert = HeadAdvert(**{**real, "host": sys.argv[2]})          # the real head's name, id and fingerprint
+agent = Agent(advert, secrets.token_hex(32).encode(), lambda: [], host=sys.argv[2], port=advert.agent_port)
+agent.start()
+class Rogue(ZeroconfAdvertiser):  # its own instance name: zeroconf refuses to take over the real one's
+    @property
+    def service_name(self):
+        return "lab-rogue." + super().service_name.split(".", 1)[1]
+zc = zeroconf.Zeroconf(interfaces=[sys.argv[2]])
+adv = Rogue(advert, zc)
+adv.start()
+print("rogue up", flush=True)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: done.set())
+done.wait()
+adv.close(); zc.close(); agent.close()
+"""
+
+
+def test_rogue_head_fails_the_challenge_and_client_joins_the_real_one(lan: Lan, cluster: dict[str, Any]) -> None:
+    h0, h3, h4 = lan[0], lan[3], lan[4]
+    real = h3.run([sys.executable, "-c", "import json,sys; from fleet.agent import AgentClient; "
+                   "import dataclasses; a = AgentClient(sys.argv[1], int(sys.argv[2])).info(); "
+                   "d = dataclasses.asdict(a); d.pop('host'); print(json.dumps(d))",
+                   h0.ip, str(cluster["head_state"]["agent_port"])], timeout=30).stdout
+    rogue = h4.spawn([sys.executable, "-c", ROGUE, real.strip(), h4.ip], name="rogue")
+    deadline = time.monotonic() + 30
+    while "rogue up" not in h4.log(rogue) and time.monotonic() < deadline:
+        assert rogue.poll() is None, h4.log(rogue)
+        time.sleep(0.2)
+    client_join = h3.spawn([TILEFLEET, "join", "--cluster", "lab", "--client", "--device-name", "h3"], name="join")
+    st = _wait_state(h3, "join", client_join)
+    assert st["head_host"] == h0.ip and st["role"] == "client"
+    log = h3.log(client_join)
+    assert f"skipping the head at {h4.ip}" in log and "failed the join challenge" in log, log
+    lan.stop(rogue)
+    cluster["client_join"] = client_join
+
+
+CLIENT = r"""
+import json, sys, time
+import torch
+import fleet, tiling
+from tiling import zoo
+
+zm = zoo.get("yolov2-16", input_size=256)
+x = zoo.example(zm)
+wanted = int(sys.argv[1])
+with fleet.connect(cluster="lab", timeout=10) as c:
+    start = {d["id"] for d in c.devices()}
+    print(json.dumps({"devices": c.devices()}), flush=True)
+    dep = c.deploy(zm.model, x, stages=[8], grids=[(3, 3), (2, 2)])
+    g = torch.Generator().manual_seed(0)
+    worst, n, t0 = 0.0, 0, time.monotonic()
+    batch = wanted  # the first batch is all the frames asked for, in flight 4 at a time
+    while True:
+        frames = [torch.randn(x.shape, generator=g) for _ in range(batch)]
+        batch = 4
+        for f, y in zip(frames, dep.stream(frames, in_flight=4)):
+            worst = max(worst, tiling.rel_error(y, zm.model(f)))
+            n += 1
+            print(f"frame {n}", flush=True)
+        st = dep.stats()["devices"]
+        newcomers = [d for d in st if d not in start and st[d]["tiles"] > 0]
+        if n >= wanted and (len(sys.argv) < 3 or newcomers) or time.monotonic() - t0 > 240:
+            break
+    print(json.dumps({"frames": n, "worst": worst, "stats": st, "final": c.devices(),
+                      "newcomers": newcomers}), flush=True)
+"""
+
+
+def _client(lan: Lan, *args: str) -> subprocess.Popen[bytes]:
+    script = lan.workdir / "client.py"
+    script.write_text(CLIENT)
+    # no PID namespace of its own: Ray's driver finds its node's raylet by scanning the processes it
+    # can see, and the fixture gives each spawned program (here, h3's `join --client`) its own
+    return lan[3].spawn([sys.executable, str(script), *args], name="client", pidns=False)
+
+
+def _result(host: Host, proc: subprocess.Popen[bytes], timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = host.log(proc)  # type: ignore[arg-type]
+    assert proc.returncode == 0, text[-4000:]
+    return json.loads([line for line in text.splitlines() if line.startswith('{"frames"')][-1])
+
+
+def test_client_runs_frames_on_every_device_exactly(lan: Lan, cluster: dict[str, Any]) -> None:
+    if "client_join" not in cluster:
+        pytest.skip("the client's join (previous test) failed")
+    res = _result(lan[3], _client(lan, "12"))
+    assert res["frames"] >= 12 and res["worst"] <= 1e-4
+    tiles = {d: s["tiles"] for d, s in res["stats"].items()}
+    assert len(tiles) == 3 and all(n > 0 for n in tiles.values()), (tiles, res["final"])  # head and devices
+    by_name = {d.split("-")[0]: n for d, n in tiles.items()}
+    assert by_name["h2"] < by_name["h1"], tiles  # the slow link gets less work
+    print("tiles per device:", tiles)
+    # tilefleet devices shows the runtime's per-node counts
+    done = {d["ip"]: d["tiles_done"] for d in _alive(_devices(lan[3]))}
+    assert done[lan[1].ip] >= by_name["h1"] and done[lan[2].ip] >= by_name["h2"], done
+
+
+def test_device_crash_and_join_mid_stream(lan: Lan, cluster: dict[str, Any]) -> None:
+    if "client_join" not in cluster:
+        pytest.skip("the client's join (previous test) failed")
+    h1, h3, h4 = lan[1], lan[3], lan[4]
+    _copy_token(lan[0], h4)
+    client = _client(lan, "24", "wait-for-newcomer")
+    deadline = time.monotonic() + 120
+    while "frame 5\n" not in h3.log(client) and time.monotonic() < deadline:  # type: ignore[arg-type]
+        assert client.poll() is None, h3.log(client)  # type: ignore[arg-type]
+        time.sleep(0.1)
+    # h1 crashes: every process of that machine dies at once
+    pids = subprocess.run(["ip", "netns", "pids", h1.ns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    joined = h4.spawn([TILEFLEET, "join", "--cluster", "lab", "--device-name", "h4"], name="join")
+    _wait_state(h4, "join", joined)
+    res = _result(h3, client)
+    assert res["worst"] <= 1e-4 and res["frames"] >= 24  # no frame lost, every one exact
+    states = {d["id"].split("-")[0]: d["state"] for d in res["final"]}
+    assert states["h1"] == "lost", res["final"]
+    assert any(d.startswith("h4") for d in res["newcomers"]), res["stats"]
