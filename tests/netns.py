@@ -427,8 +427,8 @@ class Lan:
     def sshd(self, host: Host) -> SshAccess:
         """Run OpenSSH's sshd in ``host`` (key login for the current user) and check that it works.
 
-        Sessions get the host's HOME, XDG dirs and TMPDIR (``SetEnv``) and run in the host's PID
-        namespace; their working directory is still the user's real home (sshd's choice).
+        Sessions get the host's HOME, XDG dirs and TMPDIR (``SetEnv``) and run in sshd's PID and
+        mount namespaces, where the user's passwd home is the host's HOME (a bind mount).
         """
         if host.name in self._ssh:
             return self._ssh[host.name]
@@ -456,7 +456,21 @@ class Lan:
             f"SetEnv {session_env}\nSubsystem sftp internal-sftp\n"  # scp speaks sftp since OpenSSH 9
         )
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-        proc = host.spawn([SSHD, "-D", "-e", "-f", config], name="sshd")
+        # The login user's home (from passwd) is this host's private HOME, bind-mounted in the mount
+        # namespace of sshd's PID namespace (private propagation: nothing leaks out): programs that
+        # find the home through passwd, not $HOME (ssh's `-i ~/key`, as Ray's monitor passes it),
+        # then see this host's files, as on a separate machine.
+        # The Python this venv runs on may itself live under the real home (pyenv): that directory is
+        # bound into the host's home first, so it stays where it was.
+        real_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+        script = ""
+        python = Path(os.path.realpath(sys.executable))
+        if python.is_relative_to(real_home):
+            keep = python.relative_to(real_home).parts[0]
+            (host.home / keep).mkdir(exist_ok=True)
+            script += f'mount --bind "$2/{keep}" "$1/{keep}" && '
+        script += 'mount --rbind "$1" "$2" && exec "$3" -D -e -f "$4"'
+        proc = host.spawn(["sh", "-c", script, "sshd", host.home, real_home, SSHD, config], name="sshd")
         user = pwd.getpwuid(os.getuid()).pw_name
         options = [f"UserKnownHostsFile={known_hosts}", "GlobalKnownHostsFile=/dev/null", "StrictHostKeyChecking=yes",
                    "IdentitiesOnly=yes", "BatchMode=yes", "ConnectTimeout=5"]
