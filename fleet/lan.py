@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .discovery import WIRE_VERSION, HeadAdvert, token_fingerprint
+from .profiling import atomic_write
 
 DEFAULT_RAY_PORT: Final = 6379
 DEFAULT_AGENT_PORT: Final = 6390
@@ -160,7 +161,7 @@ def create_token(path: Path) -> Token:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_hex(32).encode()
-    _atomic_write(path, value)
+    atomic_write(path, value)
     return Token(path, value, created=True)
 
 
@@ -173,22 +174,6 @@ def resolve_token(token_file: str | None, *, create: bool) -> Token:
     if not path.exists() and create:
         return create_token(path)
     return load_token(path)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +386,7 @@ def cluster_id(state: Path) -> str:
         pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     value = secrets.token_hex(16)
-    _atomic_write(path, value.encode())
+    atomic_write(path, value.encode())
     return value
 
 
@@ -487,7 +472,7 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
 
 def write_state(path: Path, data: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _atomic_write(path, json.dumps(dict(data), indent=1, sort_keys=True).encode())
+    atomic_write(path, json.dumps(dict(data), indent=1, sort_keys=True).encode())
 
 
 def read_state(path: Path, *, live_only: bool = True) -> dict[str, Any] | None:

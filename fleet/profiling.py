@@ -293,7 +293,12 @@ def save(profile: DeviceProfile, path: Path | None = None) -> Path:
     """Write the cache atomically (temp file + rename) and readable by its owner only."""
     path = Path(path) if path is not None else cache_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = msgpack.packb({"format": CACHE_FORMAT, "profile": asdict(profile)}, use_bin_type=True)
+    atomic_write(path, msgpack.packb({"format": CACHE_FORMAT, "profile": asdict(profile)}, use_bin_type=True))
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file (mode 0600) and a rename: never half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
@@ -307,7 +312,6 @@ def save(profile: DeviceProfile, path: Path | None = None) -> Path:
         except OSError:
             pass
         raise
-    return path
 
 
 _TYPES: Final[dict[str, tuple[type, ...]]] = {
