@@ -218,11 +218,12 @@ def _profile(refresh: bool = False, seconds: float = 1.0) -> Any:
         raise LanError(str(e)) from None
 
 
-def _serve_until_stopped(stopper: lan.Stopper, child: subprocess.Popen[bytes], what: str, ray_log: Path) -> int:
-    """Block until SIGTERM/SIGINT (0) or until the Ray child dies (1, with its log tail)."""
+def _serve_until_stopped(stopper: lan.Stopper, child: subprocess.Popen[bytes], what: str, ray_log: Path,
+                         hint: str = "") -> int:
+    """Block until SIGTERM/SIGINT (0) or until the Ray child dies (1, with its log tail and ``hint``)."""
     while not stopper.event.wait(0.5):
         if child.poll() is not None:
-            _err(f"{what}: Ray exited unexpectedly (code {child.returncode}); the end of {ray_log}:\n"
+            _err(f"{what}: Ray exited unexpectedly (code {child.returncode}){hint}; the end of {ray_log}:\n"
                  f"{lan.log_tail(ray_log)}")
             return 1
     return 0
@@ -571,7 +572,10 @@ def _run_join(args: argparse.Namespace, advert: HeadAdvert, client: AgentClient,
               "latency_ms": link.latency_ms}
         lan.write_state(state / "join.json", st)
         print(join_summary(st), flush=True)
-        return _serve_until_stopped(stopper, child, "tilefleet join", ray_log)
+        hint = (f". If the head at {advert.host} went away (or this device lost the network), Ray gives up "
+                "after about a minute: check with `tilefleet devices`, then run `tilefleet join` again once "
+                "the head is back")
+        return _serve_until_stopped(stopper, child, "tilefleet join", ray_log, hint)
     finally:
         client.close()
         lan.terminate(child.pid, pgid=child.pid, marker=str(temp))
