@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--devices", default="pi3*4", help="emulated devices, 'profile*count,...' (tilefleet devices --catalog)")
     d.add_argument("--frames", type=int, default=6, help="frames to stream")
     d.add_argument("--grid", default="auto", help="tile grid ROWSxCOLS, or 'auto' (chosen by the cost model)")
-    d.add_argument("--mode", choices=["latency", "throughput"], default="throughput", help="what 'auto' optimises")
+    d.add_argument("--mode", choices=["latency", "throughput"], default="latency",
+                   help="what 'auto' optimises (throughput pays off over many more frames than the demo runs)")
     d.add_argument("--size", type=int, default=608, help="input height and width")
     d.add_argument("--in-process", action="store_true", help="plan and run every tile in this process (no Ray)")
     d.add_argument("--reuse", action="store_true", help="checkerboard order with DeepThings' overlap reuse")
