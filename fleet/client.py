@@ -281,12 +281,16 @@ def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
             for (did, prof, actor), info in zip(pending, infos)}
 
 
+RETRY_JOIN_S = 30.0  # a node whose worker failed to start is tried again after this long
+
+
 class _NodeWatcher:
     """Follows an existing cluster's membership: a node that dies loses its device (and the results
     stored there), a node that joins gets a worker, every deployment's weights, and work."""
 
     def __init__(self, cluster: Cluster, table: dict[str, Profile], period_s: float = 1.0) -> None:
         self.cluster, self.table, self.period_s = cluster, table, period_s
+        self._gave_up: dict[str, float] = {}  # node id -> when its worker last failed to start
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tilefleet-nodes", daemon=True)
         self.thread.start()
@@ -308,7 +312,8 @@ class _NodeWatcher:
             if dev.alive and dev.node_id not in alive:
                 driver.inbox.put(lambda did=did: driver._lost(did, "its Ray node died", results_lost=True))
         for node in nodes:
-            if node["NodeID"] in alive and node["NodeID"] not in known:
+            nid = node["NodeID"]
+            if nid in alive and nid not in known and time.monotonic() - self._gave_up.get(nid, -RETRY_JOIN_S) >= RETRY_JOIN_S:
                 self._add(node)
 
     def _add(self, node: dict[str, Any]) -> None:
@@ -323,7 +328,9 @@ class _NodeWatcher:
             deps = [d for d in self.cluster.deployments if not d.closed]
             ray.get([actor.load.remote(d.id, *d.shipped) for d in deps], timeout=300)
         except Exception as e:  # noqa: BLE001 - it may join again later
-            log.warning("node %s joined but its worker did not start: %s", node["NodeID"][:8], e)
+            log.warning("node %s joined but its worker did not start (trying again in %.0f s): %s",
+                        node["NodeID"][:8], RETRY_JOIN_S, e)
+            self._gave_up[node["NodeID"]] = time.monotonic()
             ray.kill(actor)
             return
         dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
