@@ -12,10 +12,8 @@ import itertools
 import json
 import logging
 import os
-import re
 import signal
 import statistics
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,18 +26,17 @@ import torch
 from torch import nn
 
 import tiling
-from sims.catalog import DeviceSpec, Profile, ProfileError, clock_scale, host_profile, measure_host_gflops, parse_spec, profiles
+from sims.catalog import DeviceSpec, Profile, host_profile, measure_host_gflops, parse_spec, profiles
 
-from workers.emulation import Emulation
 
 from .deployment_plan import Wiring, frame_spec, wire
 from .driver import Device, Driver, FrameFailed
+from .nodes import LABEL_SOURCE, LocalNodes, NodeWatcher, discover_devices, start_local_devices
 
 __all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
 
 log = logging.getLogger("tilefleet.client")
 _deployment_ids = itertools.count()
-HOST_DERATE = 0.5
 
 
 class ClusterClosed(RuntimeError):
@@ -114,7 +111,7 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
     if nodes and not specs:
         raise ValueError("nodes=True makes local devices one Ray node each; it does not apply to an existing "
                          "cluster (address=...)")
-    local_nodes = _LocalNodes(specs, threads_per_device) if nodes else None
+    local_nodes = LocalNodes(specs, threads_per_device) if nodes else None
     try:
         started = _ray_init(local_nodes.address if local_nodes else address,
                             num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2), node_ip)
@@ -127,10 +124,10 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
             host_gflops = measure_host_gflops(threads=threads_per_device)
             specs = [DeviceSpec(s.id, host_profile(host_gflops * threads_per_device)) if not s.profile.emulated
                      else s for s in specs]
-            devices = _start_local_devices(specs, host_gflops, scale, threads_per_device,
+            devices = start_local_devices(specs, host_gflops, scale, threads_per_device,
                                            local_nodes.node_ids if local_nodes else None)
         else:
-            devices = _discover_devices(table)
+            devices = discover_devices(table)
             scale = 1.0
     except BaseException:
         if started:
@@ -143,207 +140,12 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
                    watch=table if (local_nodes or not specs) else None, local_nodes=local_nodes)
 
 
-class _LocalNodes:
-    """One Ray node per local device on this machine (``connect(..., nodes=True)``).
-
-    Built on ``ray.cluster_utils.Cluster``: a head that offers no CPUs (the driver's node) and a
-    worker raylet with its own object store per device. Killing a device kills its node's
-    processes with SIGKILL, as a machine's crash would.
-    """
-
-    def __init__(self, specs: Sequence[DeviceSpec], threads: int) -> None:
-        import ray
-        from ray.cluster_utils import Cluster as RayCluster
-
-        if ray.is_initialized():
-            raise RuntimeError("nodes=True starts its own Ray cluster; call ray.shutdown() first")
-        store = 96 * 2**20
-        self.rc = RayCluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": False, "object_store_memory": store,
-            "_system_config": {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
-                               "health_check_failure_threshold": 3}})
-        self.nodes: dict[str, Any] = {}
-        try:
-            for spec in specs:
-                self.nodes[spec.id] = self.rc.add_node(num_cpus=threads, object_store_memory=store,
-                                                       labels={"tilefleet/device": spec.id})
-            self.rc.wait_for_nodes()
-        except BaseException:
-            self.rc.shutdown()
-            raise
-        self.address = self.rc.address
-        self.node_ids = {did: node.node_id for did, node in self.nodes.items()}
-
-    def kill(self, device_id: str) -> None:
-        self.rc.remove_node(self.nodes[device_id], allow_graceful=False)
-
-    def shutdown(self) -> None:
-        self.rc.shutdown()
-
-
-def _start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: float | None,
-                         threads: int, node_ids: dict[str, str] | None = None) -> dict[str, Device]:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from workers.actor import TileWorker
-
-    emulated = [s.profile for s in specs if s.profile.emulated]
-    # the conv micro-benchmark flatters the host, and several emulated devices share its cores: count
-    # on half of it (a laptop profile then runs at s of about 2.7 here, far from late results)
-    s = scale if scale is not None else (clock_scale(emulated, HOST_DERATE * host_gflops) if emulated else 1.0)
-    actors = {}
-    for spec in specs:
-        emu = None
-        if spec.profile.emulated:
-            emu = Emulation(spec.profile, s).to_dict()
-        opts: dict[str, Any] = {"num_cpus": 0 if emu else threads}
-        if node_ids is not None:
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_ids[spec.id], soft=False)
-        actors[spec.id] = TileWorker.options(**opts).remote(spec.id, threads, emu)
-    infos = ray.get([a.info.remote() for a in actors.values()], timeout=120)
-    out: dict[str, Device] = {}
-    for spec, info in zip(specs, infos):
-        out[spec.id] = Device(spec.info(), actors[spec.id], info["pid"], info["node_id"], profile=spec.profile,
-                              scale=s)
-    return out
-
-
-def profile_from_labels(labels: dict[str, str], table: dict[str, Profile]) -> Profile:
-    """A device's profile from the node labels ``tilefleet join`` sets (measured on the device).
-
-    Missing labels fall back to the catalog entry of ``tilefleet/class`` (or ``host``); malformed
-    ones are ignored with a warning, so one badly labelled node cannot stop a deployment.
-    """
-    base = table.get(labels.get("tilefleet/class", "host"), host_profile())
-    changes: dict[str, Any] = {"emulated": False, "source": LABEL_SOURCE}
-    for label, field_name, factor in _LABEL_FIELDS:
-        raw = labels.get(label)
-        if raw is None:
-            continue
-        try:
-            v = float(raw)
-            if not v >= 0 or v == float("inf"):
-                raise ValueError(raw)
-        except ValueError:
-            log.warning("node label %s=%r is not a number >= 0; using the catalog's figure", label, raw)
-            continue
-        changes[field_name] = int(v * factor) if field_name == "memory_bytes" else v * factor
-    if "tilefleet/gpu" in labels:
-        changes["gpu"] = labels["tilefleet/gpu"] in ("1", "true", "yes")
-    try:
-        return dataclasses.replace(base, **changes)
-    except ProfileError as e:
-        log.warning("node labels give an invalid profile (%s); using the catalog's %s", e, base.name)
-        return dataclasses.replace(base, emulated=False, source=LABEL_SOURCE)
-
-
-LABEL_SOURCE = "measured on the device by `tilefleet join` (node labels)"
-# node label -> Profile field, and the factor from the label's unit to the field's
-_LABEL_FIELDS = (("tilefleet/gflops", "gflops", 1.0), ("tilefleet/tile_overhead_ms", "tile_overhead_s", 1e-3),
-                 ("tilefleet/memory_mb", "memory_bytes", 2**20), ("tilefleet/link_mbps", "link_mbps", 1.0),
-                 ("tilefleet/latency_ms", "latency_s", 1e-3))
-
-
-def _node_device(node: dict[str, Any], table: dict[str, Profile]) -> tuple[str, Profile, Any] | None:
-    """Start a tile worker on a Ray node that offers CPUs: (device id, profile, actor); None otherwise."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from workers.actor import TileWorker
-
-    cpus = node.get("Resources", {}).get("CPU", 0)
-    if not node.get("Alive") or cpus < 1:
-        return None
-    labels = node.get("Labels", {}) or {}
-    prof = profile_from_labels(labels, table)
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", labels.get("tilefleet/name", node["NodeManagerHostname"]))[:40]
-    did = f"{name}-{node['NodeID'][:6]}"
-    try:
-        wanted = int(float(labels.get("tilefleet/threads", 1) or 1))
-    except ValueError:
-        wanted = 1
-    threads = max(1, min(int(cpus), wanted))
-    actor = TileWorker.options(num_cpus=threads, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node["NodeID"], soft=False)).remote(did, threads, None)
-    return did, prof, actor
-
-
-def _discover_devices(table: dict[str, Profile]) -> dict[str, Device]:
-    """Devices of an existing cluster: one worker per alive node with CPUs, described by its labels."""
-    import ray
-
-    pending = [d for d in (_node_device(n, table) for n in ray.nodes()) if d is not None]
-    if not pending:
-        raise RuntimeError("the Ray cluster has no alive node with CPUs to run tiles on; "
-                           "join devices with `tilefleet join` (see `tilefleet devices`)")
-    infos = ray.get([a.info.remote() for _, _, a in pending], timeout=120)
-    return {did: Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
-            for (did, prof, actor), info in zip(pending, infos)}
-
-
-RETRY_JOIN_S = 30.0  # a node whose worker failed to start is tried again after this long
-
-
-class _NodeWatcher:
-    """Follows an existing cluster's membership: a node that dies loses its device (and the results
-    stored there), a node that joins gets a worker, every deployment's weights, and work."""
-
-    def __init__(self, cluster: Cluster, table: dict[str, Profile], period_s: float = 1.0) -> None:
-        self.cluster, self.table, self.period_s = cluster, table, period_s
-        self._gave_up: dict[str, float] = {}  # node id -> when its worker last failed to start
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="tilefleet-nodes", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import ray
-
-        while not self.stop.wait(self.period_s):
-            try:
-                self._check(ray.nodes())
-            except Exception as e:  # noqa: BLE001 - a GCS hiccup must not end the watch
-                log.warning("could not read the cluster's nodes: %s", e)
-
-    def _check(self, nodes: list[dict[str, Any]]) -> None:
-        driver = self.cluster.driver
-        alive = {n["NodeID"] for n in nodes if n.get("Alive")}
-        known = {d.node_id for d in self.cluster._devices.values()}
-        for did, dev in list(self.cluster._devices.items()):
-            if dev.alive and dev.node_id not in alive:
-                driver.inbox.put(lambda did=did: driver._lost(did, "its Ray node died", results_lost=True))
-        for node in nodes:
-            nid = node["NodeID"]
-            if nid in alive and nid not in known and time.monotonic() - self._gave_up.get(nid, -RETRY_JOIN_S) >= RETRY_JOIN_S:
-                self._add(node)
-
-    def _add(self, node: dict[str, Any]) -> None:
-        import ray
-
-        made = _node_device(node, self.table)
-        if made is None:
-            return
-        did, prof, actor = made
-        try:
-            info = ray.get(actor.info.remote(), timeout=60)
-            deps = [d for d in self.cluster.deployments if not d.closed]
-            ray.get([actor.load.remote(d.id, *d.shipped) for d in deps], timeout=300)
-        except Exception as e:  # noqa: BLE001 - it may join again later
-            log.warning("node %s joined but its worker did not start (trying again in %.0f s): %s",
-                        node["NodeID"][:8], RETRY_JOIN_S, e)
-            self._gave_up[node["NodeID"]] = time.monotonic()
-            ray.kill(actor)
-            return
-        dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
-        log.info("device %s joined (%s, %.1f GFLOP/s)", did, prof.name, prof.gflops)
-        self.cluster.driver.call(lambda: self.cluster.driver.add_device(did, dev))
-
-
 class Cluster:
     """A set of devices with one driver; deployments share it (and the devices' memory)."""
 
     def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float,
                  publish_tiles: bool = False, watch: dict[str, Profile] | None = None,
-                 local_nodes: _LocalNodes | None = None) -> None:
+                 local_nodes: LocalNodes | None = None) -> None:
         self._devices = devices
         self._owns_ray = owns_ray
         self._local_nodes = local_nodes
@@ -352,7 +154,7 @@ class Cluster:
         self.deployments: list[Deployment] = []
         self.closed = False
         # an existing cluster: follow nodes joining and dying (its profile table prices the newcomers)
-        self._watcher = _NodeWatcher(self, watch) if watch is not None else None
+        self._watcher = NodeWatcher(self, watch) if watch is not None else None
 
     def __enter__(self) -> Cluster:
         return self

@@ -161,7 +161,7 @@ def test_device_info_from_profile() -> None:
 
 
 def test_profile_from_labels_uses_measured_figures_and_ignores_bad_ones() -> None:
-    from fleet.client import profile_from_labels
+    from fleet.nodes import profile_from_labels
     from sims.catalog import profiles
 
     table = profiles()
