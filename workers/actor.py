@@ -25,7 +25,7 @@ from tiling.geometry import Box
 from tiling.regions import TileGeometry
 
 from .emulation import Emulation
-from .executor import TileExecutor, TileFailure, to_numpy_tree, to_torch_tree
+from .executor import TileExecutor, TileFailure, keep_freed_activations, to_numpy_tree, to_torch_tree
 
 RefPart = tuple[Box, Any]  # (box, ObjectRef of a dict of outputs) + output name, see _resolve
 
@@ -41,6 +41,7 @@ class TileWorker:
     def __init__(self, device_id: str, threads: int = 1, emulation: dict[str, Any] | None = None,
                  prefer_cuda: bool = True) -> None:
         self.device_id = device_id
+        keep_freed_activations()  # this process only computes tiles
         self.executor = TileExecutor(threads=threads, prefer_cuda=prefer_cuda)
         self.emulation = Emulation.from_dict(emulation) if emulation else None
         self.tails: dict[str, Any] = {}
