@@ -81,8 +81,8 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
 
     # 2 warm-up frames; in throughput mode at least one per device, streamed at the timed depth,
     # so that every worker has run (and allocated for) a whole frame before the clock starts
-    n_devices = len(parse_spec(devices, profiles())) if not address else 2
-    warm = 2 if mode == "latency" else max(2, n_devices)
+    specs = parse_spec(devices, profiles()) if not address else []
+    warm = 2 if mode == "latency" else max(2, len(specs) or 2)
     xs = frames_for(w, frames + warm)
     with torch.no_grad():  # references before the timed window
         refs = [w.model(x) for x in xs]
@@ -116,7 +116,8 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
             lat += l
             done += d
             if base is not None:
-                rounds.append({"torch_s": base, "done": d, "lat": l})
+                # each round's own steady state (k frames trimmed at its ends), once
+                rounds.append({"torch_s": base, "lat": l, "fps_k": _fps(d, depth) if mode == "throughput" else None})
         if mode == "throughput":
             lat = [v for v in dep.stats()["latency_s"].values()]
         bar.close()
@@ -129,13 +130,10 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         dep.close()
     timed_lat = np.asarray(lat) / s
     if mode == "throughput" and rounds:  # each round's steady state, then the median over rounds
-        per_round = [_fps(r["done"], depth) for r in rounds]
-        fps, k = float(np.median([f for f, _ in per_round])), per_round[0][1]
+        fps, k = float(np.median([r["fps_k"][0] for r in rounds])), rounds[0]["fps_k"][1]
     else:
         fps, k = _fps(done, depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
     fps *= s
-    table = profiles()
-    specs = parse_spec(devices, table) if not address else []
     flops = plan.untiled_flops + plan.tail.flops
     in_bytes = int(np.prod(plan.input_shape)) * 4
     out_bytes = plan.tail.out_bytes or sum(int(np.prod(st.shapes[o])) * 4 for st in plan.stages[-1:] for o in st.outputs)
@@ -155,7 +153,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         "done_s": [(t - done[0]) / s for t in done],
     }
     if rounds:
-        report.update(_versus_torch(rounds, mode, depth, torch_threads))
+        report.update(_versus_torch(rounds, mode, torch_threads))
     if choice is not None:
         p = choice.predicted
         # the simulation ran on the scaled clock; report it in emulated units like the measurement
@@ -228,13 +226,13 @@ def _torch_block(model: nn.Module, xs: list[torch.Tensor], threads: int) -> list
         torch.set_num_threads(old)
 
 
-def _versus_torch(rounds: list[dict[str, Any]], mode: str, depth: int, threads: int) -> dict[str, Any]:
+def _versus_torch(rounds: list[dict[str, Any]], mode: str, threads: int) -> dict[str, Any]:
     """Plain torch against the cluster, round by round (each ratio from back-to-back blocks)."""
     base = np.concatenate([r["torch_s"] for r in rounds])
     hb = {"p50_ms": float(np.median(base) * 1e3), "fps": float(1.0 / np.mean(base)), "threads": threads,
           "frames": int(len(base)), "rounds": len(rounds)}
     if mode == "throughput":
-        ratios = [_fps(r["done"], depth)[0] * float(np.mean(r["torch_s"])) for r in rounds]
+        ratios = [r["fps_k"][0] * float(np.mean(r["torch_s"])) for r in rounds]
         key = "vs_torch_fps"
     else:
         ratios = [float(np.median(r["lat"]) / np.median(r["torch_s"])) for r in rounds]
