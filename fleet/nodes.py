@@ -25,7 +25,7 @@ from .driver import Device
 if TYPE_CHECKING:
     from .client import Cluster
 
-log = logging.getLogger("tilefleet.client")
+log = logging.getLogger("tilefleet.nodes")
 HOST_DERATE = 0.5
 
 
