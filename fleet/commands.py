@@ -102,7 +102,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, torch.Tensor, str]:
     from tiling import zoo
 
     if args.cfg:
-        from tiling.darknet import load_darknet
+        from tiling import load_darknet
 
         model = load_darknet(args.cfg)
         c, h, w = model.input_shape

@@ -24,6 +24,9 @@ import ray
 from scheduler import (Cancel, Complete, DeviceInfo, DeviceJoined, DeviceLost, Dispatch, FailFrame,
                        FrameSubmitted, RunTail, Scheduler, Stitch, TailDone, TailFailed, TileDone, TileFailed)
 
+from tiling.geometry import Box
+from tiling.stitch import stitch
+
 from .deployment_plan import TileRef, remote_bytes
 
 log = logging.getLogger("tilefleet.driver")
@@ -366,15 +369,10 @@ class Driver:
             if dep.plan.tail.empty:
                 last = dep.plan.stages[-1]
                 env = {}
-                n = ctx.x.shape[0]
                 payloads = ray.get([ctx.results[(last.index, t.index)] for t in last.tiles], timeout=60)
                 for name in dep.wiring.last_outputs:
-                    full = np.empty((n, *last.shapes[name]), dtype=ctx.x.dtype)
-                    for t, pay in zip(last.tiles, payloads):
-                        b = t.out_boxes[name]
-                        if not b.empty:
-                            full[:, :, b.h0:b.h1, b.w0:b.w1] = pay["out"][name]
-                    env[name] = full
+                    env[name] = stitch(Box.full(*last.shapes[name][1:]),
+                                       [(t.out_boxes[name], pay["out"][name]) for t, pay in zip(last.tiles, payloads)])
                 result = dep.finish_outputs(env)
             else:
                 result = dep.finish_tail(ray.get(ctx.tail_result_ref))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tiling.darknet import (
+from tiling.sources.darknet import (
     DarknetError,
     DarknetWeightsWarning,
     load_darknet,
@@ -23,7 +23,7 @@ from tiling.darknet import (
     parse_cfg,
     save_darknet_weights,
 )
-from tiling.darknet_layers import DarknetMaxPool, Reorg
+from tiling.sources.darknet_layers import DarknetMaxPool, Reorg
 
 YOLOV2_CFG = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "yolov2.cfg"
 

@@ -16,7 +16,8 @@ from scheduler import DeviceInfo, FrameSpec, TileSpec
 from sims.catalog import DeviceSpec, parse_spec, profiles
 from sims.predict import predict, steady_fps, throughput_depth, trim_for
 from tiling.geometry import Box
-from workers.executor import TileExecutor, TileFailure, TileResult, assemble
+from tiling.stitch import stitch
+from workers.executor import TileExecutor, TileFailure, TileResult
 
 
 def small_net() -> nn.Module:
@@ -90,11 +91,11 @@ def test_executor_returns_failures_not_exceptions(two_stage: tuple[nn.Module, to
 def test_assemble() -> None:
     a = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
     b = a + 100
-    out = assemble(Box(1, 6, 2, 3), [(Box(0, 4, 0, 4), a), (Box(4, 8, 0, 4), b)], 2, 1, np.dtype(np.float32))
+    out = stitch(Box(1, 6, 2, 3), [(Box(0, 4, 0, 4), a), (Box(4, 8, 0, 4), b)])
     assert out.shape == (1, 2, 5, 1)
     assert out[0, 0, :, 0].tolist() == [6, 10, 14, 102, 106]
     with pytest.raises(ValueError, match="cover"):
-        assemble(Box(0, 9, 0, 1), [(Box(0, 4, 0, 4), a)], 2, 1, np.dtype(np.float32))
+        stitch(Box(0, 9, 0, 1), [(Box(0, 4, 0, 4), a)])
 
 
 def test_steady_fps_handles_bursts() -> None:

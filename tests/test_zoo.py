@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import tiling.zoo as zoo
-from tiling.darknet import load_darknet, parse_cfg
+from tiling import zoo
+from tiling.sources.darknet import load_darknet, parse_cfg
 
 YOLOV2_CFG = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "yolov2.cfg"
 

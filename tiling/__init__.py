@@ -11,8 +11,7 @@ from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
 from .plan import Partitioner, Plan, Stage, Tail, Tile, partition, rel_error, run_stage
 from .program import StageProgram
 from .regions import Piece, TileGeometry
-from . import zoo  # noqa: E402  (after the core: the zoo uses it)
-from .darknet import load_darknet  # noqa: E402
+from .sources import load_darknet, zoo
 
 __all__ = [
     "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "Stage", "StageProgram", "Tail",

@@ -21,6 +21,8 @@ from .geometry import Box, check_cuts, deepthings_cuts, even_cuts, scale_cuts, w
 from .ops import Const, OpSpec, Stop
 from .program import StageProgram, _crop
 from .regions import Piece, TileGeometry, cost, plan_pieces, propagate
+from .report import plan_table
+from .stitch import empty_like, paste
 
 GridLike = Union[tuple[int, int], str, Mapping[str, Any], tuple[Sequence[int], Sequence[int]], None]
 
@@ -257,8 +259,6 @@ class Plan:
         return self.tail.run(env)
 
     def summary(self) -> str:
-        from .report import plan_table
-
         return plan_table(self)
 
 
@@ -267,7 +267,8 @@ def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
     """Run every tile of a stage in dependency order and stitch its outputs."""
     first = env[stage.inputs[0]]
     n = first.shape[0]
-    outs = {o: first.new_empty((n, *stage.shapes[o])) for o in stage.outputs}
+    outs = {o: empty_like(first, (n, *stage.shapes[o])) for o in stage.outputs}
+    whole = {o: Box.full(*stage.shapes[o][1:]) for o in stage.outputs}
     exported: dict[tuple[int, int], torch.Tensor] = {}  # (src tile, piece number) -> tensor
     for i in stage.order:
         tile = stage.tiles[i]
@@ -280,9 +281,7 @@ def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
         for k, t in enumerate(exp):
             exported[(i, k)] = t
         for o, t in res.items():
-            b = tile.out_boxes[o]
-            if not b.empty:
-                outs[o][:, :, b.h0:b.h1, b.w0:b.w1] = t
+            paste(outs[o], whole[o], [(tile.out_boxes[o], t)])
         if on_tile is not None:
             on_tile(i)
     return outs

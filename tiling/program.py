@@ -19,6 +19,7 @@ from torch import nn
 from .geometry import Box, need_box
 from .ops import Const, OpSpec, Ref
 from .regions import TileGeometry
+from .stitch import stitch
 
 Value = tuple[torch.Tensor, Box]
 _FOLDABLE_BN = (nn.BatchNorm2d,)
@@ -133,15 +134,8 @@ class StageProgram(nn.Module):
 
     def _assemble(self, spec: OpSpec, need: Box, comp: Box, out: torch.Tensor | None,
                   got: Sequence[tuple[Box, torch.Tensor]], values: Mapping[str, Value]) -> torch.Tensor:
-        ref = out if out is not None else got[0][1]
-        full = ref.new_empty((ref.shape[0], ref.shape[1], need.height, need.width))
-        if out is not None:
-            hs, ws = comp.relative_to(need)
-            full[:, :, hs, ws] = out
-        for box, t in got:
-            hs, ws = box.relative_to(need)
-            full[:, :, hs, ws] = t
-        return full
+        own = [(comp, out)] if out is not None else []
+        return stitch(need, [*own, *got], exact=False)  # the regions were planned to cover ``need``
 
     def _run_op(self, spec: OpSpec, comp: Box, values: Mapping[str, Value]) -> torch.Tensor:
         kind = spec.kind

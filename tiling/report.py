@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .plan import Plan
+
+class PlanView(Protocol):
+    """What a plan table reads of a :class:`tiling.Plan` (a protocol: this module stays below plan.py)."""
+
+    stages: Sequence[Any]
+    tail: Any
+    leaves: Sequence[str]
+
+    @property
+    def stop(self) -> Any: ...
+
+    @property
+    def redundancy(self) -> float: ...
 
 MIB = 2**20
 
@@ -33,7 +44,7 @@ def _isnum(s: str) -> bool:
         return False
 
 
-def plan_table(plan: Plan) -> str:
+def plan_table(plan: PlanView) -> str:
     rows = []
     for s in plan.stages:
         lo, hi = s.layers

@@ -23,6 +23,7 @@ import ray
 
 from tiling.geometry import Box
 from tiling.regions import TileGeometry
+from tiling.stitch import stitch
 
 from .emulation import Emulation
 from .executor import TileExecutor, TileFailure, keep_freed_activations, to_numpy_tree, to_torch_tree
@@ -114,13 +115,8 @@ class TileWorker:
             env: dict[str, Any] = dict(given)
             for name, parts in env_parts.items():
                 payloads = ray.get([ref for _, ref, _ in parts])
-                full = None
-                for (box, _, out_name), pay in zip(parts, payloads):
-                    a = pay["out"][out_name]
-                    if full is None:
-                        full = np.empty((a.shape[0], *shapes[name]), dtype=a.dtype)
-                    full[:, :, box.h0:box.h1, box.w0:box.w1] = a
-                env[name] = full
+                env[name] = stitch(Box.full(*shapes[name][1:]),
+                                   [(box, pay["out"][out]) for (box, _, out), pay in zip(parts, payloads)])
             tail = self.tails[deployment]
             if self.emulation is not None and cost is not None:
                 with self._admit:

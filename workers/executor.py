@@ -21,6 +21,7 @@ import torch
 from tiling.geometry import Box
 from tiling.program import StageProgram
 from tiling.regions import TileGeometry
+from tiling.stitch import stitch
 
 Part = tuple[Box, np.ndarray]  # a region of some tensor, in that tensor's coordinates
 
@@ -74,23 +75,6 @@ def pick_device(prefer_cuda: bool = True) -> torch.device:
     if prefer_cuda and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def assemble(box: Box, parts: Sequence[Part], channels: int, batch: int, dtype: np.dtype) -> np.ndarray:
-    """Cut ``box`` out of several parts that together cover it (previous-stage tile outputs)."""
-    out = np.empty((batch, channels, box.height, box.width), dtype=dtype)
-    covered = 0
-    for pbox, arr in parts:
-        inter = pbox.intersect(box)
-        if inter.empty:
-            continue
-        src_h, src_w = inter.relative_to(pbox)
-        dst_h, dst_w = inter.relative_to(box)
-        out[:, :, dst_h, dst_w] = arr[:, :, src_h, src_w]
-        covered += inter.area
-    if covered < box.area:
-        raise ValueError(f"parts cover {covered} of the {box.area} pixels of {box}")
-    return out
 
 
 class TileExecutor:
@@ -149,9 +133,7 @@ class TileExecutor:
                 value = inputs[name]
                 box = geo.in_boxes[name]
                 if not isinstance(value, np.ndarray):
-                    parts = list(value)
-                    ref = parts[0][1]
-                    value = assemble(box, parts, ref.shape[1], ref.shape[0], ref.dtype)
+                    value = stitch(box, list(value))
                 bytes_in += value.nbytes
                 crops[name] = self._tensor(value)
             tp: dict[str, list[tuple[Box, torch.Tensor]]] = {}

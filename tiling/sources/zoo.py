@@ -1,9 +1,9 @@
 """A small zoo of CNNs built in code with seeded random weights: workloads for partitioning experiments.
 
 Nothing is downloaded: weights are random, reproducible from ``seed`` and calibrated so activations are
-O(1) (see :func:`tiling.darknet_layers.seeded_init_`), which is all that tiling correctness and timing
+O(1) (see :func:`tiling.sources.darknet_layers.seeded_init_`), which is all that tiling correctness and timing
 experiments need.  The YOLOv2 entries are generated as Darknet cfg text and go through
-:func:`tiling.darknet.load_darknet`, so they exercise exactly the importer that real cfgs use.
+:func:`tiling.sources.darknet.load_darknet`, so they exercise exactly the importer that real cfgs use.
 
 Weights depend only on ``(name, seed)``, not on ``input_size``: each entry calibrates at a fixed size.
 That lets a test run a model at a small size and trust the conclusion for the full-size one.
