@@ -17,5 +17,5 @@ def __getattr__(name: str) -> Any:  # Ray is imported only when the client is us
     if name in __all__:
         import importlib
 
-        return getattr(importlib.import_module("fleet.client"), name)
+        return getattr(importlib.import_module("fleet.runtime.client"), name)
     raise AttributeError(name)

@@ -87,11 +87,11 @@ class FrameSpec:
 
     ``stage_weights_bytes[s]`` is the size of stage ``s``'s weights.  A device
     holds those once no matter how many tiles of stage ``s`` it runs, and
-    frames with the same ``model`` share them.  The tail (pooling and fully
+    frames of the same ``deployment`` share them.  The tail (pooling and fully
     connected layers after the last fused stage) runs on one device once every
     tile is done; it needs ``tail_weights_bytes`` plus its input (the stitched
-    last stage) plus its output.  ``model`` and ``tail_weights_bytes`` extend
-    the minimal spec and default to a single unnamed model with a free tail.
+    last stage) plus its output.  ``deployment`` and ``tail_weights_bytes``
+    extend the minimal spec and default to a single unnamed deployment with a free tail.
     """
 
     frame_id: int
@@ -100,7 +100,7 @@ class FrameSpec:
     tail_flops: int = 0
     in_bytes: int = 0
     out_bytes: int = 0
-    model: str = ""
+    deployment: str = ""
     tail_weights_bytes: int = 0
 
     @property

@@ -28,7 +28,7 @@ Priority = tuple[int, int, int]
 """``(frame submission order, stage, index)``: older frames run first."""
 
 WeightKey = tuple[str, int]
-"""``(model, stage)``: weights shared by every frame of one deployment."""
+"""``(deployment, stage)``: weights shared by every frame of one deployment."""
 
 
 @dataclass(slots=True)

@@ -204,7 +204,7 @@ class Scheduler(SchedulerCore):
             frame.tiles[t.ref] = TileRecord(
                 key=tile_key(fid, t.ref),
                 spec=t,
-                weight_key=(spec.model, t.stage),
+                weight_key=(spec.deployment, t.stage),
                 weights=spec.weights_for(t.stage),
                 priority=(self._seq, t.stage, t.index),
                 missing=set(t.deps),

@@ -42,11 +42,11 @@ def independent_frame(
     peak_bytes: int = 0,
     weights: int = 0,
     tail_flops: int = 0,
-    model: str = "",
+    deployment: str = "",
 ) -> FrameSpec:
     """One stage of ``n`` tiles without deps: the MoDNN map case."""
     tiles = tuple(TileSpec(0, i, flops, in_bytes, out_bytes, peak_bytes) for i in range(n))
-    return FrameSpec(frame_id, tiles, (weights,), tail_flops, model=model)
+    return FrameSpec(frame_id, tiles, (weights,), tail_flops, deployment=deployment)
 
 
 def layered_frame(

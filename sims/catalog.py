@@ -15,7 +15,7 @@ which is never emulated.
 
 Clusters are written as specs such as ``"pi3*4,jetson-nano"`` (:func:`parse_spec`); custom profiles
 come from a TOML file (:func:`load_profiles`). No Ray here, and torch only inside
-:func:`measure_host_gflops`, so the catalog is cheap to import from the CLI and the pure tests.
+:func:`sims.speed.measure_host_gflops`, so the catalog is cheap to import from the CLI and the pure tests.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import difflib
 import math
 import os
 import re
-import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -43,11 +42,8 @@ __all__ = [
     "DeviceSpec",
     "Profile",
     "ProfileError",
-    "catalog_table",
-    "clock_scale",
     "host_profile",
     "load_profiles",
-    "measure_host_gflops",
     "parse_spec",
     "profiles",
     "with_host_gflops",
@@ -229,129 +225,127 @@ def host_profile(gflops: float | None = None) -> Profile:
     )
 
 
-def _builtin() -> dict[str, Profile]:
-    ps = [
-        Profile(
-            name="pi3",
-            gflops=4.0,
-            tile_overhead_s=5e-3,
-            memory_bytes=512 * MiB,
-            runtime_overhead_bytes=160 * MiB,
-            gpu=False,
-            link_mbps=40.0,
-            latency_s=3e-3,
-            klass="raspberry-pi",
-            source=(
-                f"Raspberry Pi 3 over Wi-Fi, the device of {_DEEPTHINGS}; speed, per-tile overhead, "
-                "link (effective 802.11n) and latency are tilefleet spec figures (assumption, not "
-                "measured); 512 MiB of the board's 1 GB left to tilefleet: assumption; "
-                + _RUNTIME_NOTE.format(mib=160)
-            ),
+_BUILTIN_PROFILES: Final = (
+    Profile(
+        name="pi3",
+        gflops=4.0,
+        tile_overhead_s=5e-3,
+        memory_bytes=512 * MiB,
+        runtime_overhead_bytes=160 * MiB,
+        gpu=False,
+        link_mbps=40.0,
+        latency_s=3e-3,
+        klass="raspberry-pi",
+        source=(
+            f"Raspberry Pi 3 over Wi-Fi, the device of {_DEEPTHINGS}; speed, per-tile overhead, "
+            "link (effective 802.11n) and latency are tilefleet spec figures (assumption, not "
+            "measured); 512 MiB of the board's 1 GB left to tilefleet: assumption; "
+            + _RUNTIME_NOTE.format(mib=160)
         ),
-        Profile(
-            name="pi3-24m",
-            gflops=4.0,
-            tile_overhead_s=5e-3,
-            memory_bytes=24 * MiB,
-            runtime_overhead_bytes=0,
-            gpu=False,
-            link_mbps=40.0,
-            latency_s=3e-3,
-            klass="raspberry-pi",
-            source=(
-                f"pi3 held to DeepThings' memory setting: {_DEEPTHINGS} report under 23 MB per device "
-                "for YOLOv2 layers 0-15 with Darknet in C, so 24 MiB with no runtime overhead (their "
-                "footprint counts only the network's data); speed, link and latency as pi3 (assumption)"
-            ),
+    ),
+    Profile(
+        name="pi3-24m",
+        gflops=4.0,
+        tile_overhead_s=5e-3,
+        memory_bytes=24 * MiB,
+        runtime_overhead_bytes=0,
+        gpu=False,
+        link_mbps=40.0,
+        latency_s=3e-3,
+        klass="raspberry-pi",
+        source=(
+            f"pi3 held to DeepThings' memory setting: {_DEEPTHINGS} report under 23 MB per device "
+            "for YOLOv2 layers 0-15 with Darknet in C, so 24 MiB with no runtime overhead (their "
+            "footprint counts only the network's data); speed, link and latency as pi3 (assumption)"
         ),
-        Profile(
-            name="pi4",
-            gflops=12.0,
-            tile_overhead_s=3e-3,
-            memory_bytes=2 * GiB,
-            runtime_overhead_bytes=200 * MiB,
-            gpu=False,
-            link_mbps=100.0,
-            latency_s=2e-3,
-            klass="raspberry-pi",
-            source=(
-                "Raspberry Pi 4 (Cortex-A72); speed, per-tile overhead and latency are tilefleet spec "
-                "figures (assumption); 100 Mbit/s as the links of DeeperThings' evaluation; 2 GiB budget: "
-                "assumption; runtime overhead 200 MiB: assumption (as pi3, plus larger 64-bit aarch64 "
-                "torch and Ray wheels)"
-            ),
+    ),
+    Profile(
+        name="pi4",
+        gflops=12.0,
+        tile_overhead_s=3e-3,
+        memory_bytes=2 * GiB,
+        runtime_overhead_bytes=200 * MiB,
+        gpu=False,
+        link_mbps=100.0,
+        latency_s=2e-3,
+        klass="raspberry-pi",
+        source=(
+            "Raspberry Pi 4 (Cortex-A72); speed, per-tile overhead and latency are tilefleet spec "
+            "figures (assumption); 100 Mbit/s as the links of DeeperThings' evaluation; 2 GiB budget: "
+            "assumption; runtime overhead 200 MiB: assumption (as pi3, plus larger 64-bit aarch64 "
+            "torch and Ray wheels)"
         ),
-        Profile(
-            name="laptop",
-            gflops=60.0,
-            tile_overhead_s=1e-3,
-            memory_bytes=8 * GiB,
-            runtime_overhead_bytes=400 * MiB,
-            gpu=False,
-            link_mbps=300.0,
-            latency_s=2e-3,
-            klass="laptop",
-            source=(
-                "a recent x86 laptop on Wi-Fi 5; speed, per-tile overhead, link and latency are tilefleet "
-                "spec figures (assumption); runtime overhead 400 MiB: assumption (x86 torch with oneDNN "
-                "and a Ray worker are larger than on a Pi)"
-            ),
+    ),
+    Profile(
+        name="laptop",
+        gflops=60.0,
+        tile_overhead_s=1e-3,
+        memory_bytes=8 * GiB,
+        runtime_overhead_bytes=400 * MiB,
+        gpu=False,
+        link_mbps=300.0,
+        latency_s=2e-3,
+        klass="laptop",
+        source=(
+            "a recent x86 laptop on Wi-Fi 5; speed, per-tile overhead, link and latency are tilefleet "
+            "spec figures (assumption); runtime overhead 400 MiB: assumption (x86 torch with oneDNN "
+            "and a Ray worker are larger than on a Pi)"
         ),
-        Profile(
-            name="jetson-nano",
-            gflops=10.0,
-            tile_overhead_s=3e-3,
-            memory_bytes=2 * GiB,
-            runtime_overhead_bytes=300 * MiB,
-            gpu=False,
-            link_mbps=1000.0,
-            latency_s=1e-3,
-            klass="jetson",
-            source=(
-                "Jetson Nano on its CPU only (4x Cortex-A57, 4 GB shared LPDDR4, Gigabit Ethernet per "
-                "NVIDIA's datasheet); 10 GFLOP/s, per-tile overhead and 1 ms wired latency: assumption; "
-                "2 GiB of the 4 GB left after the OS: assumption; runtime overhead 300 MiB: assumption"
-            ),
+    ),
+    Profile(
+        name="jetson-nano",
+        gflops=10.0,
+        tile_overhead_s=3e-3,
+        memory_bytes=2 * GiB,
+        runtime_overhead_bytes=300 * MiB,
+        gpu=False,
+        link_mbps=1000.0,
+        latency_s=1e-3,
+        klass="jetson",
+        source=(
+            "Jetson Nano on its CPU only (4x Cortex-A57, 4 GB shared LPDDR4, Gigabit Ethernet per "
+            "NVIDIA's datasheet); 10 GFLOP/s, per-tile overhead and 1 ms wired latency: assumption; "
+            "2 GiB of the 4 GB left after the OS: assumption; runtime overhead 300 MiB: assumption"
         ),
-        Profile(
-            name="jetson-gpu",
-            gflops=200.0,
-            tile_overhead_s=5e-3,
-            memory_bytes=2 * GiB,
-            runtime_overhead_bytes=900 * MiB,
-            gpu=True,
-            link_mbps=1000.0,
-            latency_s=1e-3,
-            klass="jetson",
-            source=(
-                "Jetson Nano's 128-core Maxwell GPU (NVIDIA lists 472 GFLOPS fp16, so about 236 fp32 "
-                "peak); 200 GFLOP/s effective fp32 conv: assumption; per-tile overhead 5 ms (launches and "
-                "synchronisation driven by a slow CPU): assumption; 2 GiB of the 4 GB shared memory: "
-                "assumption; runtime overhead 900 MiB (CUDA context + torch + Ray worker): assumption"
-            ),
+    ),
+    Profile(
+        name="jetson-gpu",
+        gflops=200.0,
+        tile_overhead_s=5e-3,
+        memory_bytes=2 * GiB,
+        runtime_overhead_bytes=900 * MiB,
+        gpu=True,
+        link_mbps=1000.0,
+        latency_s=1e-3,
+        klass="jetson",
+        source=(
+            "Jetson Nano's 128-core Maxwell GPU (NVIDIA lists 472 GFLOPS fp16, so about 236 fp32 "
+            "peak); 200 GFLOP/s effective fp32 conv: assumption; per-tile overhead 5 ms (launches and "
+            "synchronisation driven by a slow CPU): assumption; 2 GiB of the 4 GB shared memory: "
+            "assumption; runtime overhead 900 MiB (CUDA context + torch + Ray worker): assumption"
         ),
-        Profile(
-            name="gpu-server",
-            gflops=10_000.0,
-            tile_overhead_s=0.5e-3,
-            memory_bytes=24 * GiB,
-            runtime_overhead_bytes=1536 * MiB,
-            gpu=True,
-            link_mbps=1000.0,
-            latency_s=0.5e-3,
-            klass="gpu-server",
-            source=(
-                "a server with one 24 GiB GPU on Gigabit Ethernet; 10 TFLOP/s sustained fp32 conv, "
-                "per-tile overhead, latency and a 1.5 GiB runtime overhead (CUDA context + torch + Ray "
-                "worker): assumption"
-            ),
+    ),
+    Profile(
+        name="gpu-server",
+        gflops=10_000.0,
+        tile_overhead_s=0.5e-3,
+        memory_bytes=24 * GiB,
+        runtime_overhead_bytes=1536 * MiB,
+        gpu=True,
+        link_mbps=1000.0,
+        latency_s=0.5e-3,
+        klass="gpu-server",
+        source=(
+            "a server with one 24 GiB GPU on Gigabit Ethernet; 10 TFLOP/s sustained fp32 conv, "
+            "per-tile overhead, latency and a 1.5 GiB runtime overhead (CUDA context + torch + Ray "
+            "worker): assumption"
         ),
-        host_profile(),
-    ]
-    return {p.name: p for p in ps}
+    ),
+    host_profile(),
+)
 
 
-BUILTIN: Final[Mapping[str, Profile]] = MappingProxyType(_builtin())
+BUILTIN: Final[Mapping[str, Profile]] = MappingProxyType({p.name: p for p in _BUILTIN_PROFILES})
 """The built-in profiles by name, read-only: tests and reports rely on them never changing at run time."""
 
 
@@ -563,118 +557,10 @@ def profiles(extra_path: str | os.PathLike[str] | None = None) -> dict[str, Prof
 # Host speed and the emulation clock scale
 # --------------------------------------------------------------------------------------------------
 
-_HOST_GFLOPS: dict[int, float] = {}
-
-
-def measure_host_gflops(seconds: float = 0.3, threads: int = 1, *, refresh: bool = False) -> float:
-    """Sustained conv GFLOP/s of this machine on ``threads`` torch threads, cached per process.
-
-    Emulation is only honest while the host outruns every emulated device (:func:`clock_scale`), so
-    the host's speed must be known, and known for the shape of work tiles do: a 64->64 3x3 conv on
-    1x64x76x76, a YOLOv2-sized layer (0.43 GFLOP, counted as 2 * MACs), not a matrix-multiply peak.
-    After a warm-up (allocator, oneDNN kernel selection), runs repeat for about ``seconds``; the rate
-    comes from the *median* run, which ignores the odd run preempted by a concurrent process while
-    still describing sustained, not best-case, speed. torch's thread count is restored afterwards,
-    since workers set their own. The first measurement per thread count is kept (``refresh=True``
-    measures again): the figure sizes the clock scale, which must not drift within one run.
-    """
-    if not (_is_number(seconds) and math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"seconds must be > 0, got {seconds!r}")
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
-    if not refresh and threads in _HOST_GFLOPS:
-        return _HOST_GFLOPS[threads]
-
-    import torch  # local: the catalog must stay importable (and cheap) without paying for torch
-
-    c, h, w, k = 64, 76, 76, 3
-    flops = 2 * c * c * k * k * h * w  # stride 1, padding 1: output is h x w
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(1, c, h, w, generator=gen)
-        weight = torch.randn(c, c, k, k, generator=gen) * 0.05
-        with torch.inference_mode():
-            for _ in range(3):
-                torch.nn.functional.conv2d(x, weight, padding=1)
-            times: list[float] = []
-            start = time.perf_counter()
-            while True:
-                t0 = time.perf_counter()
-                torch.nn.functional.conv2d(x, weight, padding=1)
-                t1 = time.perf_counter()
-                times.append(t1 - t0)
-                if len(times) >= 5 and t1 - start >= seconds:
-                    break
-    finally:
-        torch.set_num_threads(before)
-    times.sort()
-    median = times[len(times) // 2]
-    rate = flops / max(median, 1e-9) / 1e9
-    _HOST_GFLOPS[threads] = rate
-    return rate
-
-
-def clock_scale(profiles: Sequence[Profile], host_gflops: float) -> float:
-    """How much to slow the emulated clock so the host stays well ahead of every emulated device.
-
-    An emulated tile really runs on the host and then waits until its emulated finish time; if the
-    host needs longer than the emulated device would, the device is emulated *too slow* and the
-    result is silently wrong. With :data:`SAFETY_MARGIN` = 2 (room for Ray, the driver and other
-    workers sharing the host) the scale is ``s = max(1, 2 * max(emulated gflops) / host_gflops)``,
-    and every emulated duration (compute, transfer, latency) is multiplied by ``s``. Non-emulated
-    profiles (``host``) do not count. Relative results survive scaling, but absolute ones drift as
-    Ray's own real, unscaled costs shrink in comparison: runs with ``s > 4``
-    (:data:`COMPARABLE_SCALE`) are not comparable to the targets (DeepThings' and MoDNN's figures),
-    and reports should say so.
-    """
-    if not (_is_number(host_gflops) and math.isfinite(host_gflops) and host_gflops > 0):
-        raise ValueError(f"host_gflops must be a finite number > 0, got {host_gflops!r}")
-    fastest = max((p.gflops for p in profiles if p.emulated), default=0.0)
-    return max(1.0, SAFETY_MARGIN * fastest / host_gflops)
-
 
 # --------------------------------------------------------------------------------------------------
 # Table for the CLI
 # --------------------------------------------------------------------------------------------------
-
-
-def _fmt_num(v: float) -> str:
-    return f"{v:g}" if v >= 1 or v == 0 else f"{v:.3g}"
-
-
-def catalog_table(extra: Mapping[str, Profile] | None = None) -> str:
-    """All profiles as an aligned text table, sources last, for ``tilefleet devices`` and reports."""
-    table: dict[str, Profile] = dict(BUILTIN)
-    if extra:
-        table.update(extra)
-    head = [
-        "profile", "GFLOP/s", "overhead ms", "memory MiB", "runtime MiB", "GPU", "link Mbit/s", "latency ms", "source"
-    ]
-    rows = [
-        [
-            p.name + ("" if p.emulated else " (real)"),
-            _fmt_num(p.gflops),
-            _fmt_num(p.tile_overhead_s * 1e3),
-            _fmt_num(round(p.memory_bytes / MiB, 1)),
-            _fmt_num(round(p.runtime_overhead_bytes / MiB, 1)),
-            "yes" if p.gpu else "no",
-            _fmt_num(p.link_mbps),
-            _fmt_num(p.latency_s * 1e3),
-            p.source,
-        ]
-        for p in table.values()
-    ]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
-
-    def line(cells: list[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        mid = [c.rjust(wd) for c, wd in zip(cells[1:-1], widths[1:])]
-        return "  ".join([first, *mid, cells[-1]]).rstrip()
-
-    sep = "  ".join(["-" * wd for wd in widths] + ["-" * len(head[-1])])
-    return "\n".join([line(head), sep, *(line(r) for r in rows)])
 
 
 def with_host_gflops(table: Mapping[str, Profile], gflops: float) -> dict[str, Profile]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from sims.catalog import DeviceSpec, Profile, parse_spec
 
-__all__ = ["ClusterClock", "DeviceClock", "DeviceStats", "Timeline"]
+__all__ = ["ClusterClock", "DeviceClock", "EmulatedStats", "Timeline"]
 
 
 def _check_time(name: str, v: float) -> float:
@@ -137,7 +137,7 @@ class Timeline:
 
 
 @dataclass(frozen=True)
-class DeviceStats:
+class EmulatedStats:
     """What one emulated device has done since its last reset; the basis of utilisation reports."""
 
     tiles: int = 0
@@ -228,9 +228,9 @@ class DeviceClock:
         return self._tx.free_at
 
     @property
-    def stats(self) -> DeviceStats:
+    def stats(self) -> EmulatedStats:
         """A snapshot of the counters (a frozen copy: later calls do not change it)."""
-        return DeviceStats(
+        return EmulatedStats(
             tiles=self._tiles,
             compute_busy_s=self._compute_busy,
             rx_busy_s=self._rx.busy_s,
@@ -402,6 +402,6 @@ class ClusterClock:
             clock.reset()
 
     @property
-    def stats(self) -> dict[str, DeviceStats]:
+    def stats(self) -> dict[str, EmulatedStats]:
         """Per-device counters by id."""
         return {k: c.stats for k, c in self._clocks.items()}

@@ -10,11 +10,12 @@ from typing import Any
 import msgpack
 import pytest
 
-from fleet import discovery as d
-from fleet.agent import (
+from fleet.lan import discovery as d
+from fleet.lan import tokens as tk
+from fleet.lan.agent import (
     MAX_FRAME, Agent, AgentClient, AgentRefused, AgentUnreachable, HeadNotProven, encode_frame, read_frame,
 )
-from fleet.discovery import HeadAdvert
+from fleet.lan.discovery import HeadAdvert
 
 TOKEN = b"0123456789abcdef0123456789abcdef-agent-token"
 OTHER = b"fedcba9876543210fedcba9876543210-other-token"
@@ -25,7 +26,7 @@ DEVICES = [{"node_id": "ab" * 28, "ip": "10.0.0.5", "alive": True, "state": "ali
 def advert(token: bytes = TOKEN) -> HeadAdvert:
     return HeadAdvert(cluster_name="lab", cluster_id="0123456789abcdef0123456789abcdef", host="127.0.0.1",
                       ray_port=6379, agent_port=6390, tilefleet_version="0.1.0", wire_version=d.WIRE_VERSION,
-                      ray_version="2.60.0", python_version="3.11.7", token_fingerprint=d.token_fingerprint(token))
+                      ray_version="2.60.0", python_version="3.11.7", token_fingerprint=tk.token_fingerprint(token))
 
 
 def _start(token: bytes | None, devices: Any = lambda: DEVICES) -> Agent:
@@ -72,10 +73,10 @@ def test_head_with_another_token_fails_the_challenge() -> None:
 
 def test_device_with_wrong_token_is_refused_and_agent_keeps_serving(agent: Agent) -> None:
     with raw(agent) as s:
-        s.sendall(encode_frame({"op": "challenge", "nonce": d.new_nonce()}))
+        s.sendall(encode_frame({"op": "challenge", "nonce": tk.new_nonce()}))
         reply = read_frame(s, 2**20)
         assert reply["ok"] and len(reply["nonce2"]) == 32
-        s.sendall(encode_frame({"op": "prove", "mac": d.device_response(OTHER, reply["nonce2"])}))
+        s.sendall(encode_frame({"op": "prove", "mac": tk.device_response(OTHER, reply["nonce2"])}))
         bad = read_frame(s, 2**20)
         assert bad["ok"] is False and "device proof failed" in bad["error"]
         assert s.recv(1) == b""  # closed

@@ -16,13 +16,12 @@ from sims.catalog import (
     DeviceSpec,
     Profile,
     ProfileError,
-    catalog_table,
-    clock_scale,
     load_profiles,
-    measure_host_gflops,
     parse_spec,
     profiles,
 )
+from sims.report import catalog_table
+from sims.speed import clock_scale, measure_host_gflops
 
 MiB = 2**20
 GiB = 2**30

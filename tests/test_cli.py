@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.cli import main
+from fleet.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from sims.catalog import BUILTIN, Profile, parse_spec
-from sims.clock import ClusterClock, DeviceClock, DeviceStats, Timeline
+from sims.clock import ClusterClock, DeviceClock, EmulatedStats, Timeline
 
 PI3 = BUILTIN["pi3"]  # 4 GFLOP/s, 5 ms per tile, 40 Mbit/s = 5e6 B/s, 3 ms latency
 MB = 1_000_000
@@ -121,7 +121,7 @@ def test_stats_and_reset() -> None:
     c.charge_tx(0.0, 1000)
     c.charge_rx(0.0, 2000)
     s = c.stats
-    assert s == DeviceStats(
+    assert s == EmulatedStats(
         tiles=2,
         compute_busy_s=approx(2.01),
         rx_busy_s=approx(0.4004),
@@ -131,7 +131,7 @@ def test_stats_and_reset() -> None:
         flops=8 * GFLOP,
     )
     c.reset()
-    assert c.stats == DeviceStats()
+    assert c.stats == EmulatedStats()
     assert (c.rx_free, c.compute_free, c.tx_free) == (0.0, 0.0, 0.0)
     assert _one_tile(c).done == approx(1.231)
     assert s.tiles == 2  # snapshots are unaffected by later calls
@@ -184,7 +184,7 @@ def test_cluster_clock_holds_one_clock_per_device() -> None:
     with pytest.raises(KeyError, match="no device 'extra'"):
         cc["extra"]
     cc.reset()
-    assert all(s == DeviceStats() for s in cc.stats.values())
+    assert all(s == EmulatedStats() for s in cc.stats.values())
     assert ClusterClock.from_spec("pi3,pi4", scale=2.0)["pi4-0"].scale == 2.0
     assert ClusterClock({"x": PI3}).ids == ["x"]
 

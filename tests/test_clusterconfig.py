@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet import clusterconfig as cc
+from fleet.lan import clusterconfig as cc
 
 
 @pytest.fixture

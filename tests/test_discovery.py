@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import zeroconf
 
-from fleet import discovery as d
-from fleet.discovery import AmbiguousHead, BadAdvert, HeadAdvert, HeadRegistry, NoHeadFound
+from fleet.lan import discovery as d
+from fleet.lan import tokens as tk
+from fleet.lan.discovery import AmbiguousHead, BadAdvert, HeadAdvert, HeadRegistry, NoHeadFound
 
 TOKEN = b"s3cret-join-token-0123456789abcdef"
 
@@ -20,7 +21,7 @@ def advert(**kw: Any) -> HeadAdvert:
     base = dict(
         cluster_name="lab", cluster_id="0123456789abcdef0123456789abcdef", host="10.0.0.5", ray_port=6379,
         agent_port=7070, tilefleet_version="0.1.0", wire_version=d.WIRE_VERSION, ray_version="2.60.0",
-        python_version="3.11.9", token_fingerprint=d.token_fingerprint(TOKEN),
+        python_version="3.11.9", token_fingerprint=tk.token_fingerprint(TOKEN),
     )
     base.update(kw)
     return HeadAdvert(**base)
@@ -114,50 +115,50 @@ def test_bad_host_and_constructor_validation() -> None:
 
 
 def test_fingerprint_hides_the_token() -> None:
-    fp = d.token_fingerprint(TOKEN)
+    fp = tk.token_fingerprint(TOKEN)
     assert len(fp) == 16 and all(c in "0123456789abcdef" for c in fp)
-    assert fp == d.token_fingerprint(TOKEN) and fp != d.token_fingerprint(TOKEN + b"x")
+    assert fp == tk.token_fingerprint(TOKEN) and fp != tk.token_fingerprint(TOKEN + b"x")
     for token in (TOKEN, b"0123456789abcdef", bytes.fromhex("00112233445566778899aabbccddeeff")):
-        f = d.token_fingerprint(token)
+        f = tk.token_fingerprint(token)
         assert f.encode() != token and f.encode() not in token and token.hex() not in f
         assert token.decode("latin-1") not in f and f not in token.hex()
     with pytest.raises(ValueError):
-        d.token_fingerprint(b"")
+        tk.token_fingerprint(b"")
 
 
 def test_challenge_response_verifies_and_detects_tampering() -> None:
-    nonce = d.new_nonce()
-    assert len(nonce) == 32 and nonce != d.new_nonce()
-    resp = d.challenge_response(TOKEN, nonce)
+    nonce = tk.new_nonce()
+    assert len(nonce) == 32 and nonce != tk.new_nonce()
+    resp = tk.challenge_response(TOKEN, nonce)
     assert len(resp) == 32 and TOKEN not in resp
-    assert d.verify_response(TOKEN, nonce, resp)
-    assert not d.verify_response(b"another-token", nonce, resp)  # a head without the token
-    assert not d.verify_response(TOKEN, d.new_nonce(), resp)  # a replayed answer
+    assert tk.verify_response(TOKEN, nonce, resp)
+    assert not tk.verify_response(b"another-token", nonce, resp)  # a head without the token
+    assert not tk.verify_response(TOKEN, tk.new_nonce(), resp)  # a replayed answer
     flipped = bytes([resp[0] ^ 1]) + resp[1:]
-    assert not d.verify_response(TOKEN, nonce, flipped)
-    assert not d.verify_response(TOKEN, nonce, resp[:-1])
-    assert not d.verify_response(TOKEN, nonce, "not bytes")  # type: ignore[arg-type]
+    assert not tk.verify_response(TOKEN, nonce, flipped)
+    assert not tk.verify_response(TOKEN, nonce, resp[:-1])
+    assert not tk.verify_response(TOKEN, nonce, "not bytes")  # type: ignore[arg-type]
     # domain separation: not a bare HMAC of the nonce
     import hashlib
     import hmac
 
     assert resp != hmac.new(TOKEN, nonce, hashlib.sha256).digest()
     with pytest.raises(ValueError, match="nonce"):
-        d.challenge_response(TOKEN, b"short")
+        tk.challenge_response(TOKEN, b"short")
 
 
 def test_device_proof_is_apart_from_the_heads() -> None:
     """Distinct labels: neither side's answer can be reflected as the other's proof."""
-    nonce = d.new_nonce()
-    proof = d.device_response(TOKEN, nonce)
-    assert len(proof) == 32 and proof != d.challenge_response(TOKEN, nonce)
-    assert d.verify_device_response(TOKEN, nonce, proof)
-    assert not d.verify_device_response(TOKEN, nonce, d.challenge_response(TOKEN, nonce))
-    assert not d.verify_response(TOKEN, nonce, proof)
-    assert not d.verify_device_response(b"another-token", nonce, proof)
-    assert not d.verify_device_response(TOKEN, nonce, "not bytes")  # type: ignore[arg-type]
+    nonce = tk.new_nonce()
+    proof = tk.device_response(TOKEN, nonce)
+    assert len(proof) == 32 and proof != tk.challenge_response(TOKEN, nonce)
+    assert tk.verify_device_response(TOKEN, nonce, proof)
+    assert not tk.verify_device_response(TOKEN, nonce, tk.challenge_response(TOKEN, nonce))
+    assert not tk.verify_response(TOKEN, nonce, proof)
+    assert not tk.verify_device_response(b"another-token", nonce, proof)
+    assert not tk.verify_device_response(TOKEN, nonce, "not bytes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="nonce"):
-        d.device_response(TOKEN, b"short")
+        tk.device_response(TOKEN, b"short")
 
 
 # --- the registry ----------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_malformed_advert_is_ignored_with_one_log_line(caplog: pytest.LogCapture
     rec = Recorder()
     reg = HeadRegistry([rec])
     bad = txt_of(advert(), ray_port="99999")
-    with caplog.at_level(logging.WARNING, logger="fleet.discovery"):
+    with caplog.at_level(logging.WARNING, logger="fleet.lan.discovery"):
         reg.apply_add(NAME, bad, "10.0.0.5")
         reg.apply_update(NAME, bad, "10.0.0.5")  # repeated: not logged again
         reg.apply_add("junk._tilefleet._tcp.local.", {b"\xff": b"x"}, "10.0.0.9")
@@ -222,7 +223,7 @@ def test_unknown_wire_version_is_ignored_with_the_understood_versions(caplog: py
     rec = Recorder()
     reg = HeadRegistry([rec])
     future = {b"wire_version": b"2", b"cluster": b"lab"}  # a v2 head may use other keys entirely
-    with caplog.at_level(logging.WARNING, logger="fleet.discovery"):
+    with caplog.at_level(logging.WARNING, logger="fleet.lan.discovery"):
         reg.apply_add(NAME, future, "10.0.0.5")
     assert rec.calls == [] and reg.heads() == []
     (line,) = [r.getMessage() for r in caplog.records]
@@ -237,7 +238,7 @@ def test_listener_failure_does_not_stop_discovery(caplog: pytest.LogCaptureFixtu
 
     rec = Recorder()
     reg = HeadRegistry([Broken(), rec])
-    with caplog.at_level(logging.ERROR, logger="fleet.discovery"):
+    with caplog.at_level(logging.ERROR, logger="fleet.lan.discovery"):
         reg.apply_add(NAME, txt_of(advert()), "10.0.0.5")
     assert rec.calls and "boom" in caplog.text
 
@@ -353,7 +354,7 @@ def test_advertiser_builds_the_service_info_the_browser_reads(caplog: pytest.Log
                        state_change=zeroconf.ServiceStateChange.Removed)
     assert rec.calls[-1] == ("removed", a.cluster_id)
     fake.info = None  # a service that never answers is logged and skipped
-    with caplog.at_level(logging.WARNING, logger="fleet.discovery"):
+    with caplog.at_level(logging.WARNING, logger="fleet.lan.discovery"):
         browser._on_change(zeroconf=fake, service_type=d.SERVICE_TYPE, name=info.name,
                            state_change=zeroconf.ServiceStateChange.Updated)
     assert "did not answer" in caplog.text and len(rec.calls) == 2

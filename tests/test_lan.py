@@ -18,10 +18,13 @@ from typing import Any
 
 import pytest
 
-from fleet import discovery as d
-from fleet import lan, lancli, profiling
-from fleet.agent import Agent
-from fleet.discovery import HeadAdvert
+from fleet import lan
+from fleet.cli import lan as lancli
+from fleet.lan import discovery as d
+from fleet.lan import procs, profiling, tokens
+from fleet.lan.trust import INSECURE_FINGERPRINT
+from fleet.lan.agent import Agent
+from fleet.lan.discovery import HeadAdvert
 from fleet.lan import LanError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,7 @@ def test_head_creates_the_token_0600_in_a_0700_dir(home: Path) -> None:
     assert (t.path.stat().st_mode & 0o777) == 0o600 and (t.path.parent.stat().st_mode & 0o777) == 0o700
     assert len(t.value) == 64 and t.warning is None
     again = lan.resolve_token(None, create=True)
-    assert not again.created and again.value == t.value and again.fingerprint == d.token_fingerprint(t.value)
+    assert not again.created and again.value == t.value and again.fingerprint == tokens.token_fingerprint(t.value)
 
 
 def test_device_without_a_token_is_told_to_copy_it(home: Path) -> None:
@@ -163,7 +166,7 @@ def advert(**kw: Any) -> HeadAdvert:
     base = dict(cluster_name="lab", cluster_id="0123456789abcdef0123456789abcdef", host="127.0.0.1", ray_port=6379,
                 agent_port=6390, tilefleet_version=v["tilefleet_version"], wire_version=d.WIRE_VERSION,
                 ray_version=v["ray_version"], python_version=v["python_version"],
-                token_fingerprint=d.token_fingerprint(b"0123456789abcdef0123"))
+                token_fingerprint=tokens.token_fingerprint(b"0123456789abcdef0123"))
     base.update(kw)
     return HeadAdvert(**base)
 
@@ -244,12 +247,12 @@ def test_terminate_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     marker = str(tmp_path / "marker-dir")
     child = subprocess.Popen(["sh", "-c", f"trap '' TERM; sleep 60 & sleep 60 # {marker}"], start_new_session=True)
     deadline = time.monotonic() + 10
-    while len(lan._group_members(child.pid)) < 3 and time.monotonic() < deadline:  # sh and both sleeps
+    while len(procs._group_members(child.pid)) < 3 and time.monotonic() < deadline:  # sh and both sleeps
         time.sleep(0.05)
     killed = lan.terminate(child.pid, pgid=child.pid, marker=marker, timeout=0.5)
     child.wait(timeout=5)
     assert child.pid in killed and not lan.pids_with(marker)
-    assert not [p for p in lan._group_members(child.pid)]
+    assert not [p for p in procs._group_members(child.pid)]
 
 
 # --- the CLI's refusals (no Ray) ------------------------------------------------------------------
@@ -327,7 +330,7 @@ def test_join_refuses_other_versions(fake_head: Any, capsys: pytest.CaptureFixtu
 
 def test_join_refuses_another_clusters_token(fake_head: Any, capsys: pytest.CaptureFixture[str]) -> None:
     theirs = b"the-heads-token-0123456789"
-    addr = fake_head(theirs, token_fingerprint=d.token_fingerprint(theirs))
+    addr = fake_head(theirs, token_fingerprint=tokens.token_fingerprint(theirs))
     rc, _, err = run_cli(["join", "--address", addr], capsys)
     assert rc == 2 and f"your token (fingerprint {fake_head.token.fingerprint}" in err
     assert "copy the head's token" in err
@@ -341,7 +344,7 @@ def test_join_refuses_a_rogue_head(fake_head: Any, capsys: pytest.CaptureFixture
 
 
 def test_join_insecure_mismatches(fake_head: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    addr = fake_head(None, token_fingerprint=lancli.INSECURE_FINGERPRINT)
+    addr = fake_head(None, token_fingerprint=INSECURE_FINGERPRINT)
     rc, _, err = run_cli(["join", "--address", addr], capsys)
     assert rc == 2 and "runs without a token" in err and "--insecure" in err
 
@@ -365,7 +368,7 @@ def test_devices_lan_lists_a_heads_devices(fake_head: Any, capsys: pytest.Captur
     addr = fake_head(fake_head.token.value)
     rc, out, _ = run_cli(["devices", "--address", addr, "--json"], capsys)
     assert rc == 0 and json.loads(out)["heads"][0]["devices"] == []
-    other = fake_head(b"x" * 20, token_fingerprint=d.token_fingerprint(b"x" * 20))
+    other = fake_head(b"x" * 20, token_fingerprint=tokens.token_fingerprint(b"x" * 20))
     rc, out, _ = run_cli(["devices", "--address", other], capsys)
     assert rc == 1 and "not your cluster" in out
 
@@ -380,7 +383,7 @@ def _free_port() -> int:
 
 
 def _tf(env: dict[str, str], *argv: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet.lancli", *argv], env=env, cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fleet.cli.lan", *argv], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -147,8 +147,8 @@ def test_wrong_token_and_tokenless_ray_worker_are_refused(lan: Lan, cluster: dic
 ROGUE = r"""
 import json, signal, sys, threading, secrets
 import zeroconf
-from fleet.agent import Agent
-from fleet.discovery import HeadAdvert, ZeroconfAdvertiser
+from fleet.lan.agent import Agent
+from fleet.lan.discovery import HeadAdvert, ZeroconfAdvertiser
 real = json.loads(sys.argv[1])
 advert = HeadAdvert(**{**real, "host": sys.argv[2]})          # the real head's name, id and fingerprint
 agent = Agent(advert, secrets.token_hex(32).encode(), lambda: [], host=sys.argv[2], port=advert.agent_port)
@@ -170,7 +170,7 @@ adv.close(); zc.close(); agent.close()
 
 def test_rogue_head_fails_the_challenge_and_client_joins_the_real_one(lan: Lan, cluster: dict[str, Any]) -> None:
     h0, h3, h4 = lan[0], lan[3], lan[4]
-    real = h3.run([sys.executable, "-c", "import json,sys; from fleet.agent import AgentClient; "
+    real = h3.run([sys.executable, "-c", "import json,sys; from fleet.lan.agent import AgentClient; "
                    "import dataclasses; a = AgentClient(sys.argv[1], int(sys.argv[2])).info(); "
                    "d = dataclasses.asdict(a); d.pop('host'); print(json.dumps(d))",
                    h0.ip, str(cluster["head_state"]["agent_port"])], timeout=30).stdout

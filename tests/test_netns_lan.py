@@ -106,7 +106,8 @@ def test_spawn_gets_a_pid_namespace_that_dies_with_its_pid_1(lan: Lan) -> None:
 ADVERTISE = r"""
 import signal, sys, threading, time
 import zeroconf
-from fleet.discovery import HeadAdvert, ZeroconfAdvertiser, token_fingerprint
+from fleet.lan.discovery import HeadAdvert, ZeroconfAdvertiser
+from fleet.lan.tokens import token_fingerprint
 ip = sys.argv[1]
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())  # pid 1 of its PID namespace: must handle SIGTERM
@@ -125,7 +126,7 @@ BROWSE = r"""
 import json, signal, sys, threading, time
 from dataclasses import asdict
 import zeroconf
-from fleet.discovery import HeadRegistry, ZeroconfBrowser
+from fleet.lan.discovery import HeadRegistry, ZeroconfBrowser
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
 def say(event, **kw):

@@ -12,8 +12,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from fleet import profiling as p
-from fleet.profiling import DeviceProfile, ProfileCacheError
+from fleet.lan import profiling as p
+from fleet.lan.profiling import DeviceProfile, ProfileCacheError
 from sims.catalog import Profile
 
 

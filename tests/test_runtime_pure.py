@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import tiling
-from fleet.deployment_plan import remote_bytes, wire
-from fleet.planner import choose_plan, downsampling_boundaries
+from fleet.runtime.wiring import remote_bytes, wire
+from fleet.runtime.planner import choose_plan, downsampling_boundaries
 from scheduler import DeviceInfo, FrameSpec, TileSpec
 from sims.catalog import DeviceSpec, parse_spec, profiles
 from sims.predict import predict, steady_fps, throughput_depth, trim_for
@@ -162,7 +162,7 @@ def test_device_info_from_profile() -> None:
 
 
 def test_profile_from_labels_uses_measured_figures_and_ignores_bad_ones() -> None:
-    from fleet.nodes import profile_from_labels
+    from fleet.runtime.nodes import profile_from_labels
     from sims.catalog import profiles
 
     table = profiles()
@@ -180,7 +180,7 @@ def test_profile_from_labels_uses_measured_figures_and_ignores_bad_ones() -> Non
 
 
 def test_near_tie_goes_to_the_plan_with_fewer_tiles() -> None:
-    from fleet.planner import NEAR_TIE, Candidate, _within
+    from fleet.runtime.planner import NEAR_TIE, PlanCandidate, _within
     from sims.predict import Prediction
 
     assert _within(-3.93, -3.99, NEAR_TIE) and not _within(-3.80, -3.99, NEAR_TIE)  # fps scores are negative
@@ -189,7 +189,7 @@ def test_near_tie_goes_to_the_plan_with_fewer_tiles() -> None:
     m, x = small_net(), torch.randn(1, 3, 96, 96)
     plan, choice = choose_plan(m, x, parse_spec("pi4*2", profiles()), mode="throughput")
     assert [s.grid for s in plan.stages] == [(1, 1)], choice.summary()
-    assert isinstance(choice.best, Candidate) and isinstance(choice.predicted, Prediction)
+    assert isinstance(choice.best, PlanCandidate) and isinstance(choice.predicted, Prediction)
 
 
 @pytest.mark.parametrize("name,size,grid,reuse", [

@@ -188,8 +188,8 @@ def test_in_flight_peaks_share_the_budget() -> None:
 def test_frames_of_one_model_share_stage_weights() -> None:
     h = Checked(max_in_flight_per_device=4)
     h(DeviceJoined(device("a", memory_bytes=2_000), 0.0))
-    f1 = independent_frame(1, 1, weights=1_000, peak_bytes=500, model="m")
-    f2 = independent_frame(2, 1, weights=1_000, peak_bytes=500, model="m")
+    f1 = independent_frame(1, 1, weights=1_000, peak_bytes=500, deployment="m")
+    f2 = independent_frame(2, 1, weights=1_000, peak_bytes=500, deployment="m")
     assert h(FrameSubmitted(f1, 0.0), FrameSubmitted(f2, 0.0)) == [
         Dispatch((1, 0, 0), "a"),
         Dispatch((2, 0, 0), "a"),
@@ -199,8 +199,8 @@ def test_frames_of_one_model_share_stage_weights() -> None:
 def test_frames_of_different_models_pay_weights_each() -> None:
     h = Checked(max_in_flight_per_device=4)
     h(DeviceJoined(device("a", memory_bytes=2_000), 0.0))
-    f1 = independent_frame(1, 1, weights=1_000, peak_bytes=500, model="m1")
-    f2 = independent_frame(2, 1, weights=1_000, peak_bytes=500, model="m2")
+    f1 = independent_frame(1, 1, weights=1_000, peak_bytes=500, deployment="m1")
+    f2 = independent_frame(2, 1, weights=1_000, peak_bytes=500, deployment="m2")
     assert h(FrameSubmitted(f1, 0.0), FrameSubmitted(f2, 0.0)) == [Dispatch((1, 0, 0), "a")]
     assert h(TileDone((1, 0, 0), "a", 1.0)) == [
         Stitch(1, 0),

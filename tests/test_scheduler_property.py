@@ -80,7 +80,7 @@ def frames(draw: st.DrawFn, frame_id: int) -> FrameSpec:
     weights = tuple(draw(st.sampled_from([0, 200, 500])) for _ in range(stages))
     model = draw(st.sampled_from(["", "other"]))
     return FrameSpec(
-        frame_id, tuple(tiles), weights, GB, out_bytes=draw(st.sampled_from([0, 50])), model=model
+        frame_id, tuple(tiles), weights, GB, out_bytes=draw(st.sampled_from([0, 50])), deployment=model
     )
 
 

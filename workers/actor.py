@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -25,8 +25,22 @@ from tiling.geometry import Box
 from tiling.regions import TileGeometry
 from tiling.stitch import stitch
 
-from .emulation import Emulation
 from .executor import TileExecutor, TileFailure, keep_freed_activations, to_numpy_tree, to_torch_tree
+
+class Timeline(Protocol):
+    """When an emulated device receives, computes and delivers one tile (its own clock)."""
+
+    @property
+    def done(self) -> float: ...
+
+    def as_dict(self) -> dict[str, float]: ...
+
+
+class Emulated(Protocol):
+    """A device emulation (see :class:`sims.emulation.Emulation`): admits work, says when it is done."""
+
+    def admit(self, now: float, bytes_in: int, flops: int, bytes_out: int) -> Timeline: ...
+
 
 RefPart = tuple[Box, Any]  # (box, ObjectRef of a dict of outputs) + output name, see _resolve
 
@@ -39,12 +53,12 @@ class TileWorker:
     several calls may be in flight, and transfers of the next tile overlap the compute of this one.
     """
 
-    def __init__(self, device_id: str, threads: int = 1, emulation: dict[str, Any] | None = None,
+    def __init__(self, device_id: str, threads: int = 1, emulation: Emulated | None = None,
                  prefer_cuda: bool = True) -> None:
         self.device_id = device_id
         keep_freed_activations()  # this process only computes tiles
         self.executor = TileExecutor(threads=threads, prefer_cuda=prefer_cuda)
-        self.emulation = Emulation.from_dict(emulation) if emulation else None
+        self.emulation = emulation  # handed in (sims.emulation.Emulation): this package never imports sims
         self.tails: dict[str, Any] = {}
         self.geometries: dict[tuple[str, int], list[TileGeometry]] = {}
         self.tiles_done = 0

@@ -7,8 +7,8 @@ to label itself with that figure. The agent answers, on one TCP port:
 - ``info``: the head's advert (what the zeroconf TXT record says), with no authentication, so a
   device given ``--address`` learns what a browsing device would;
 - ``challenge`` {nonce} -> {mac, nonce2}: the head proves it holds the token
-  (:func:`~fleet.discovery.challenge_response`) and sends its own fresh nonce;
-- ``prove`` {mac}: the device's answer to ``nonce2`` (:func:`~fleet.discovery.device_response`),
+  (:func:`~fleet.lan.tokens.challenge_response`) and sends its own fresh nonce;
+- ``prove`` {mac}: the device's answer to ``nonce2`` (:func:`~fleet.lan.tokens.device_response`),
   which unlocks the privileged operations on this connection only;
 - ``ping``; ``probe_down`` {bytes} / ``probe_up`` {bytes}: raw bytes each way, to time the link
   (privileged, since they cost bandwidth); ``devices``: the cluster's nodes (privileged).
@@ -32,10 +32,9 @@ from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from .discovery import (
-    NONCE_MAX, NONCE_MIN, BadAdvert, HeadAdvert, challenge_response, device_response, new_nonce,
-    verify_device_response, verify_response,
-)
+from .discovery import BadAdvert, HeadAdvert
+from .tokens import (NONCE_MAX, NONCE_MIN, challenge_response, device_response, new_nonce, verify_device_response,
+                     verify_response)
 
 __all__ = [
     "MAX_FRAME", "MAX_PROBE_BYTES", "Agent", "AgentClient", "AgentError", "AgentProtocolError",

@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scheduler import FrameSpec, TileSpec
+from scheduler import FrameSpec, TileRef, TileSpec
 from tiling import Plan
 from tiling.geometry import Box
-
-TileRef = tuple[int, int]
-
 
 @dataclass(frozen=True)
 class Source:
@@ -87,10 +84,10 @@ def wire(plan: Plan) -> Wiring:
     return Wiring(tiles, producers, tuple(specs), tuple(total_w for _ in plan.stages), last, channels, itemsize)
 
 
-def frame_spec(w: Wiring, frame_id: int, model: str, tail_flops: int, in_bytes: int, out_bytes: int,
+def frame_spec(w: Wiring, frame_id: int, deployment: str, tail_flops: int, in_bytes: int, out_bytes: int,
                tail_weights: int) -> FrameSpec:
     return FrameSpec(frame_id=frame_id, tiles=w.template, stage_weights_bytes=w.stage_weights,
-                     tail_flops=tail_flops, in_bytes=in_bytes, out_bytes=out_bytes, model=model,
+                     tail_flops=tail_flops, in_bytes=in_bytes, out_bytes=out_bytes, deployment=deployment,
                      tail_weights_bytes=tail_weights)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from . import commands, lancli
+from . import commands
+from . import lan as lancli
 
 DESCRIPTION = """\
 tilefleet splits CNN inference across a cluster of heterogeneous edge devices.
@@ -39,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tilefleet", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_demo, _add_run, _add_bench, _add_devices, _add_lan, _add_ray_up, _add_plan, _add_models):
+        add(sub)
+    return p
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="YOLOv2 layers 0-15 on an emulated cluster of 4 Raspberry Pi 3s",
                        description="Start a local Ray instance with emulated devices (default: 4 Raspberry Pi 3), "
                                    "deploy YOLOv2 layers 0-15 (DeepThings' workload), stream frames with a progress "
@@ -60,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tiles", action="store_true", help="with --in-process: also print one row per tile")
     d.set_defaults(func=commands.demo)
 
+
+def _add_run(sub: Any) -> None:
     r = sub.add_parser("run", help="run frames of a model on an emulated (or real) cluster and check them",
                        description="Deploy a zoo model or a Darknet .cfg on a cluster, stream frames, check every "
                                    "result against the untiled model, and print per-device statistics.",
@@ -70,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the run to this file")
     r.set_defaults(func=commands.run)
 
+
+def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="measure latency or throughput against the right baselines",
                        description="Benchmark a deployment: references are computed before the timed window and "
                                    "compared after it; latency is submit() to result with one frame in flight (p50, "
@@ -95,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results", help="directory for --standard results")
     b.set_defaults(func=commands.bench)
 
+
+def _add_devices(sub: Any) -> None:
     dv = sub.add_parser("devices", help="the devices on the LAN and in its clusters (--catalog: emulation profiles)",
                         description="Browse the LAN (zeroconf, or --address) for tilefleet heads and list each "
                                     "cluster's devices: name, address, class, measured GFLOP/s, memory, GPU, link, "
@@ -108,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     lancli.add_devices_lan_args(dv)
     dv.set_defaults(func=_devices)
 
+
+def _add_lan(sub: Any) -> None:
     lancli.add_lan_commands(sub)
 
+
+def _add_ray_up(sub: Any) -> None:
     for name, summary in (("cluster-config", "write a `ray up` YAML for LAN devices (local provider, over SSH)"),
                           ("up", "write that YAML and run `ray up` on it")):
         cc = sub.add_parser(name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -132,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         cc.add_argument("--out", default="tilefleet-cluster.yaml", help="where to write the YAML")
         cc.set_defaults(func=_cluster_config, launch=(name == "up"))
 
+
+def _add_plan(sub: Any) -> None:
     pl = sub.add_parser("plan", help="show how a model would be partitioned (no execution)",
                         description="Partition a zoo model or a Darknet .cfg and print the plan: stages, grids, "
                                     "redundancy, per-tile peak memory, where fusion stops and why.",
@@ -148,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--check", action="store_true", help="also run the plan and compare with the untiled model")
     pl.set_defaults(func=commands.plan)
 
+
+def _add_models(sub: Any) -> None:
     m = sub.add_parser("models", help="list the model zoo", description="List the models built in code.")
     m.set_defaults(func=commands.models)
-    return p
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -160,7 +181,7 @@ def _devices(args: argparse.Namespace) -> int:
 def _cluster_config(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import clusterconfig as cc
+    from fleet.lan import clusterconfig as cc
 
     try:
         opts = cc.options_from_args(args.head, cc.parse_hosts(args.workers), args.ssh_user, args.ssh_key,
@@ -202,6 +223,7 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the library's warnings, one line each
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -26,8 +26,14 @@ from scheduler import (Cancel, Complete, DeviceInfo, DeviceJoined, DeviceLost, D
 
 from tiling.geometry import Box
 from tiling.stitch import stitch
+from workers.executor import to_torch_tree
 
-from .deployment_plan import TileRef, remote_bytes
+from scheduler import TileRef
+from sims.catalog import DeviceSpec, Profile
+
+from .deployment import DeploymentState
+from .stats import MAX_TRACE, TraceEvent, trace_events
+from .wiring import remote_bytes
 
 log = logging.getLogger("tilefleet.driver")
 
@@ -50,14 +56,14 @@ class Device:
     alive: bool = True
     killed_at: float | None = None
     detected_after_s: float | None = None
-    profile: Any = None  # sims.catalog.Profile
+    profile: Profile | None = None
     scale: float = 1.0
 
 
 @dataclass
 class FrameCtx:
     frame_id: int
-    deployment: Any  # fleet.client.Deployment
+    deployment: DeploymentState
     x: np.ndarray
     future: Future
     submitted: float
@@ -65,16 +71,6 @@ class FrameCtx:
     placed: dict[TileRef, str] = field(default_factory=dict)
     done_at: float | None = None
     tail_result_ref: Any = None
-
-
-@dataclass
-class TraceEvent:
-    device: str
-    lane: str
-    name: str
-    start: float
-    end: float
-    args: dict[str, Any] = field(default_factory=dict)
 
 
 class Driver:
@@ -86,6 +82,7 @@ class Driver:
         self.sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries, learn_speed=False)
         self.inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self.frames: dict[int, FrameCtx] = {}
+        self.deployments: dict[str, DeploymentState] = {}
         self.pending: dict[Any, tuple[str, Any, str]] = {}  # meta ref -> (kind, key or frame id, device)
         self.next_frame = 0
         self.trace: list[TraceEvent] = []
@@ -124,7 +121,7 @@ class Driver:
         self.inbox.put(job)
         return fut.result(timeout=120)
 
-    def submit(self, deployment: Any, x: np.ndarray) -> Future:
+    def submit(self, deployment: DeploymentState, x: np.ndarray) -> Future:
         fut: Future = Future()
 
         def job() -> None:
@@ -141,6 +138,57 @@ class Driver:
     def stop(self) -> None:
         self._stop.set()
         self.thread.join(timeout=10)
+
+    def device_lost(self, device: str, why: str, results_lost: bool = True) -> None:
+        """A device is gone (its Ray node died, say): thread-safe, handled on the driver thread."""
+        self.inbox.put(lambda: self._lost(device, why, results_lost=results_lost))
+
+    # --- driver thread only (through ``call``) -------------------------------------------------------
+    def load(self, state: DeploymentState) -> None:
+        """Every alive device loads the deployment's weights before its first frame."""
+        self.deployments[state.id] = state
+        alive = [d for d in self.devices.values() if d.alive]
+        ray.get([d.actor.load.remote(state.id, *state.shipped) for d in alive], timeout=300)
+
+    def unload(self, state: DeploymentState) -> None:
+        state.closed = True
+        self.deployments.pop(state.id, None)
+        for d in self.devices.values():
+            if d.alive:
+                try:
+                    d.actor.unload.remote(state.id)
+                except Exception:  # noqa: BLE001 - a dead actor holds nothing
+                    pass
+
+    def snapshot(self, state: DeploymentState) -> dict[str, Any]:
+        return state.stats.snapshot({d: dev.alive for d, dev in self.devices.items()}, self.sched.stats(),
+                                    state.weight_bytes)
+
+    def alive_specs(self) -> list[DeviceSpec]:
+        return [DeviceSpec(d.info.id, d.profile) for d in self.devices.values() if d.alive and d.profile]
+
+    def device_table(self) -> list[dict[str, Any]]:
+        """Every device: id, profile figures, state."""
+        out = []
+        for d in self.devices.values():
+            p = d.profile
+            assert p is not None
+            out.append({"id": d.info.id, "class": p.name, "gflops": p.gflops, "memory_bytes": p.memory_bytes,
+                        "usable_bytes": p.usable_bytes, "gpu": p.gpu, "link_mbps": p.link_mbps,
+                        "latency_ms": p.latency_s * 1e3, "emulated": p.emulated,
+                        "state": "alive" if d.alive else "lost", "pid": d.pid, "node_id": d.node_id})
+        return out
+
+    def mark_killed(self, device_id: str) -> int:
+        """Note when a device was crashed on purpose (to time detection); its worker's pid."""
+        dev = self.devices.get(device_id)
+        if dev is None:
+            raise KeyError(f"no device '{device_id}'; devices: {', '.join(self.devices)}")
+        dev.killed_at = time.monotonic()
+        return dev.pid
+
+    def detection_times(self) -> dict[str, float | None]:
+        return {d: dev.detected_after_s for d, dev in self.devices.items() if dev.killed_at is not None}
 
     # --- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -208,12 +256,12 @@ class Driver:
         sent = self._sent.pop((key, device), None)
         if meta.get("ok") and sent is not None and ctx is not None and "timeline" not in meta:
             # dispatch overhead: the round trip the driver saw minus the worker's own execution time
-            ctx.deployment.record_overhead(time.monotonic() - sent - meta.get("compute_s", 0.0))
+            ctx.deployment.stats.record_overhead(time.monotonic() - sent - meta.get("compute_s", 0.0))
         if meta.get("ok"):
             self._record_trace(device, f"f{fid} s{stage} t{idx}", meta)
             if ctx is not None and refs is not None and self.sched.expects(key, device):
                 ctx.results[(stage, idx)] = refs[1]
-                ctx.deployment.record_tile(device, meta)
+                ctx.deployment.stats.device(device).record(meta)
                 if self._publish:
                     node = self.devices[device].node_id
                     self._unpublished[node] = self._unpublished.get(node, 0) + 1
@@ -223,7 +271,7 @@ class Driver:
                                bytes_out=meta.get("bytes_out", 0))
         else:
             if ctx is not None:
-                ctx.deployment.record_failure(device)
+                ctx.deployment.stats.device(device).failures += 1
             ev = TileFailed(key, device, t, error=f"{meta.get('error')}: {meta.get('message')}",
                             retryable=bool(meta.get("retryable", True)))
             if meta.get("error") == "InputLost":
@@ -253,7 +301,7 @@ class Driver:
         ref = self._tail_refs.pop((fid, device), None)
         if meta.get("ok") and ctx is not None and ref is not None:
             ctx.tail_result_ref = ref
-            ctx.deployment.record_tile(device, meta, tail=True)
+            ctx.deployment.stats.device(device).record(meta, tail=True)
             self._record_trace(device, f"f{fid} tail", meta)
             ev: Any = TailDone(fid, device, t, compute_s=meta.get("compute_s", 0.0))
         else:
@@ -375,12 +423,12 @@ class Driver:
                                        [(t.out_boxes[name], pay["out"][name]) for t, pay in zip(last.tiles, payloads)])
                 result = dep.finish_outputs(env)
             else:
-                result = dep.finish_tail(ray.get(ctx.tail_result_ref))
+                result = to_torch_tree(ray.get(ctx.tail_result_ref))
         except Exception as e:  # noqa: BLE001
             ctx.future.set_exception(FrameFailed(f"frame {fid}: collecting the result failed: {e!r}"))
             return
         ctx.done_at = time.monotonic()
-        dep.record_latency(fid, ctx.done_at - ctx.submitted)
+        dep.stats.latencies[fid] = ctx.done_at - ctx.submitted
         ctx.future.set_result(result)
 
     def _fail(self, fid: int, reason: str) -> None:
@@ -389,14 +437,6 @@ class Driver:
             ctx.future.set_exception(FrameFailed(reason))
 
     def _record_trace(self, device: str, name: str, meta: dict[str, Any]) -> None:
-        tl = meta.get("timeline")
-        if tl:
-            for lane, a, b in (("rx", "rx_start", "rx_end"), ("compute", "compute_start", "compute_end"),
-                               ("tx", "tx_start", "tx_end")):
-                if tl[b] > tl[a]:
-                    self.trace.append(TraceEvent(device, lane, name, tl[a], tl[b]))
-        else:
-            self.trace.append(TraceEvent(device, "compute", name, meta["finish"] - meta.get("compute_s", 0.0),
-                                         meta["finish"]))
-        if len(self.trace) > 200_000:
+        self.trace.extend(trace_events(device, name, meta))
+        if len(self.trace) > MAX_TRACE:
             del self.trace[: len(self.trace) // 2]

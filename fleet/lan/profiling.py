@@ -20,13 +20,15 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
+from sims.speed import conv_gflops, median_seconds
+
+from .state import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from sims.catalog import Profile
@@ -170,48 +172,17 @@ def _guess_klass(gpu: bool) -> str:
     return "host"
 
 
-def _timed_runs(fn: Any, budget_s: float, sync: Any = None, min_runs: int = 3) -> float:
-    """Median seconds per call after two warm-ups (allocator, kernel selection); the median ignores
-    the odd call preempted by another process without reporting a best case."""
-    for _ in range(2):
-        fn()
-    if sync:
-        sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < budget_s:
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 10_000:
-            break
-    times.sort()
-    return times[len(times) // 2]
-
-
 def _conv_rate(torch: Any, device: Any, budget_s: float, bar: Any, sync: Any = None) -> tuple[float, float]:
-    """(GFLOP/s over :data:`CONV_SHAPES`, tiny-conv seconds) on ``device``.
-
-    The rate is total FLOPs over total median time, i.e. weighted like a network built of these
-    layers, so slow early layers count as much as they cost.
-    """
+    """(GFLOP/s over :data:`CONV_SHAPES`, tiny-conv seconds) on ``device``: the per-tile overhead is
+    the time of a conv too small to cost anything but the call itself."""
+    rate = conv_gflops(CONV_SHAPES, budget_s * 0.9, device=device, sync=sync, on_shape=lambda: bar.update(1))
     gen = torch.Generator().manual_seed(0)
-    share = budget_s * 0.9 / len(CONV_SHAPES)
-    flops = seconds = 0.0
     with torch.inference_mode():
-        for cin, cout, side in CONV_SHAPES:
-            x = torch.randn(1, cin, side, side, generator=gen).to(device)
-            w = (torch.randn(cout, cin, 3, 3, generator=gen) * 0.05).to(device)
-            seconds += _timed_runs(lambda: torch.nn.functional.conv2d(x, w, padding=1), share, sync)
-            flops += 2.0 * cin * cout * 9 * side * side
-            bar.update(1)
         x = torch.randn(1, 8, 4, 4, generator=gen).to(device)
         w = torch.randn(8, 8, 1, 1, generator=gen).to(device)
-        tiny = _timed_runs(lambda: torch.nn.functional.conv2d(x, w), budget_s * 0.1, sync, min_runs=20)
-        bar.update(1)
-    return flops / max(seconds, 1e-12) / 1e9, tiny
+        tiny = median_seconds(lambda: torch.nn.functional.conv2d(x, w), budget_s * 0.1, sync=sync, min_runs=20)
+    bar.update(1)
+    return rate, tiny
 
 
 def _tilefleet_version() -> str:
@@ -295,23 +266,6 @@ def save(profile: DeviceProfile, path: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     atomic_write(path, msgpack.packb({"format": CACHE_FORMAT, "profile": asdict(profile)}, use_bin_type=True))
     return path
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file (mode 0600) and a rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 _TYPES: Final[dict[str, tuple[type, ...]]] = {

@@ -15,15 +15,13 @@ import re
 import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from sims.catalog import DeviceSpec, Profile, ProfileError, clock_scale, host_profile
-from workers.emulation import Emulation
+from sims.catalog import DeviceSpec, Profile, ProfileError, host_profile
+from sims.speed import clock_scale
+from sims.emulation import Emulation
 
-from .driver import Device
-
-if TYPE_CHECKING:
-    from .client import Cluster
+from .driver import Device, Driver
 
 log = logging.getLogger("tilefleet.nodes")
 HOST_DERATE = 0.5
@@ -82,7 +80,7 @@ def start_local_devices(specs: Sequence[DeviceSpec], host_gflops: float, scale: 
     for spec in specs:
         emu = None
         if spec.profile.emulated:
-            emu = Emulation(spec.profile, s).to_dict()
+            emu = Emulation(spec.profile, s)
         opts: dict[str, Any] = {"num_cpus": 0 if emu else threads}
         if node_ids is not None:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_ids[spec.id], soft=False)
@@ -172,10 +170,13 @@ RETRY_JOIN_S = 30.0  # a node whose worker failed to start is tried again after 
 
 class NodeWatcher:
     """Follows an existing cluster's membership: a node that dies loses its device (and the results
-    stored there), a node that joins gets a worker, every deployment's weights, and work."""
+    stored there), a node that joins gets a worker, every deployment's weights, and work.
 
-    def __init__(self, cluster: Cluster, table: dict[str, Profile], period_s: float = 1.0) -> None:
-        self.cluster, self.table, self.period_s = cluster, table, period_s
+    It talks to the driver only through its public, thread-safe calls (``call``, ``device_lost``),
+    never through its structures."""
+
+    def __init__(self, driver: Driver, table: dict[str, Profile], period_s: float = 1.0) -> None:
+        self.driver, self.table, self.period_s = driver, table, period_s
         self._gave_up: dict[str, float] = {}  # node id -> when its worker last failed to start
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tilefleet-nodes", daemon=True)
@@ -191,12 +192,12 @@ class NodeWatcher:
                 log.warning("could not read the cluster's nodes: %s", e)
 
     def _check(self, nodes: list[dict[str, Any]]) -> None:
-        driver = self.cluster.driver
         alive = {n["NodeID"] for n in nodes if n.get("Alive")}
-        known = {d.node_id for d in self.cluster._devices.values()}
-        for did, dev in list(self.cluster._devices.items()):
-            if dev.alive and dev.node_id not in alive:
-                driver.inbox.put(lambda did=did: driver._lost(did, "its Ray node died", results_lost=True))
+        devices = self.driver.call(lambda: [(d, dev.node_id, dev.alive) for d, dev in self.driver.devices.items()])
+        for did, node_id, dev_alive in devices:
+            if dev_alive and node_id not in alive:
+                self.driver.device_lost(did, "its Ray node died", results_lost=True)
+        known = {node_id for _, node_id, _ in devices}
         for node in nodes:
             nid = node["NodeID"]
             if nid in alive and nid not in known and time.monotonic() - self._gave_up.get(nid, -RETRY_JOIN_S) >= RETRY_JOIN_S:
@@ -211,8 +212,8 @@ class NodeWatcher:
         did, prof, actor = made
         try:
             info = ray.get(actor.info.remote(), timeout=60)
-            deps = [d for d in self.cluster.deployments if not d.closed]
-            ray.get([actor.load.remote(d.id, *d.shipped) for d in deps], timeout=300)
+            shipped = self.driver.call(lambda: [(d.id, d.shipped) for d in self.driver.deployments.values()])
+            ray.get([actor.load.remote(dep_id, *refs) for dep_id, refs in shipped], timeout=300)
         except Exception as e:  # noqa: BLE001 - it may join again later
             log.warning("node %s joined but its worker did not start (trying again in %.0f s): %s",
                         node["NodeID"][:8], RETRY_JOIN_S, e)
@@ -221,4 +222,4 @@ class NodeWatcher:
             return
         dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
         log.info("device %s joined (%s, %.1f GFLOP/s)", did, prof.name, prof.gflops)
-        self.cluster.driver.call(lambda: self.cluster.driver.add_device(did, dev))
+        self.driver.call(lambda: self.driver.add_device(did, dev))

@@ -11,17 +11,14 @@ around an *injected* ``zeroconf.Zeroconf``, so one instance serves a process and
 Where multicast is blocked, :func:`static_heads` parses a ``--address`` list instead.
 
 Adverts are untrusted input (anyone on the LAN can send one), hence strict validation, bounded
-sizes, and a token *fingerprint* only: the token itself is proved with :func:`challenge_response`.
+sizes, and a token *fingerprint* only: the token itself is proved with :func:`fleet.lan.tokens.challenge_response`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import logging
 import re
-import secrets
 import socket
 import threading
 import time
@@ -34,9 +31,7 @@ from zeroconf import Zeroconf
 
 __all__ = [
     "SERVICE_TYPE", "WIRE_VERSION", "AmbiguousHead", "BadAdvert", "DiscoveryListener", "HeadAdvert",
-    "HeadRegistry", "NoHeadFound", "ZeroconfAdvertiser", "ZeroconfBrowser", "challenge_response",
-    "device_response", "new_nonce", "static_heads", "token_fingerprint", "verify_device_response",
-    "verify_response",
+    "HeadRegistry", "NoHeadFound", "ZeroconfAdvertiser", "ZeroconfBrowser", "static_heads",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,13 +45,6 @@ _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _VERSION_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]{0,63}")
 _HEX_RE: Final = re.compile(r"[0-9a-f]{16,64}")
 _LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_FINGERPRINT_LABEL: Final = b"tilefleet-fingerprint-v1\x00"
-_CHALLENGE_LABEL: Final = b"tilefleet-join-challenge-v1\x00"
-DEVICE_LABEL: Final = b"tilefleet-device-proof-v1\x00"
-"""Label of the device-to-head proof (:func:`device_response`), distinct from the head's, so
-neither side can reflect the other's challenge back at it."""
-NONCE_MIN: Final = 16
-NONCE_MAX: Final = 1024
 
 
 class BadAdvert(ValueError):
@@ -76,69 +64,6 @@ class AmbiguousHead(LookupError):
 
 
 # --- Token fingerprint and the join challenge -----------------------------------------------------
-
-
-def _check_token(token: bytes) -> None:
-    if not isinstance(token, (bytes, bytearray)) or not token:
-        raise ValueError("the join token must be non-empty bytes")
-
-
-def token_fingerprint(token: bytes) -> str:
-    """16 hex chars naming a token without revealing it, so a device can pick the right head.
-
-    Domain-separated (a fixed prefix) so the digest is useless as a plain SHA-256 of the token
-    elsewhere; 64 bits tell tokens apart but are far too short to replace the challenge.
-    """
-    _check_token(token)
-    return hashlib.sha256(_FINGERPRINT_LABEL + bytes(token)).hexdigest()[:16]
-
-
-def new_nonce() -> bytes:
-    """A fresh 32-byte challenge nonce; never reuse one, or an old answer could be replayed."""
-    return secrets.token_bytes(32)
-
-
-def _check_nonce(nonce: bytes) -> None:
-    if not isinstance(nonce, (bytes, bytearray)) or not NONCE_MIN <= len(nonce) <= NONCE_MAX:
-        raise ValueError(f"the challenge nonce must be {NONCE_MIN}..{NONCE_MAX} bytes (use new_nonce())")
-
-
-def challenge_response(token: bytes, nonce: bytes) -> bytes:
-    """The head's proof that it holds ``token``: HMAC-SHA256(token, label || nonce).
-
-    The joiner sends a fresh nonce and checks this answer before revealing anything, so a rogue
-    advert (which can copy the fingerprint) cannot collect devices. The label keeps these MACs
-    apart from any other use of the token; a mutual (device-to-head) proof must use its own label,
-    or a rogue head could reflect a device's challenge back at it.
-    """
-    _check_token(token)
-    _check_nonce(nonce)
-    return hmac.new(bytes(token), _CHALLENGE_LABEL + bytes(nonce), hashlib.sha256).digest()
-
-
-def verify_response(token: bytes, nonce: bytes, response: bytes) -> bool:
-    """Whether ``response`` answers ``nonce`` for ``token``, compared in constant time."""
-    if not isinstance(response, (bytes, bytearray)):
-        return False
-    return hmac.compare_digest(challenge_response(token, nonce), bytes(response))
-
-
-def device_response(token: bytes, nonce: bytes) -> bytes:
-    """The device's proof that it holds ``token``: HMAC-SHA256(token, DEVICE_LABEL || nonce).
-
-    Sent only after the head has proved itself, in answer to the head's own fresh nonce; gates
-    the agent's privileged operations (the device list, the link probes).
-    """
-    _check_token(token)
-    _check_nonce(nonce)
-    return hmac.new(bytes(token), DEVICE_LABEL + bytes(nonce), hashlib.sha256).digest()
-
-
-def verify_device_response(token: bytes, nonce: bytes, response: bytes) -> bool:
-    """Whether ``response`` is a device's proof for ``nonce`` and ``token`` (constant time)."""
-    if not isinstance(response, (bytes, bytearray)):
-        return False
-    return hmac.compare_digest(device_response(token, nonce), bytes(response))
 
 
 # --- The advert -----------------------------------------------------------------------------------

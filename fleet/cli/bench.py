@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from tiling.report import table
 
-from .bench import load_workload, run_bench
-from .commands import _grid_arg
-from sims.predict import throughput_depth
+from fleet.bench.dispatch import dispatch_overhead
+from fleet.bench.runner import load_workload, run_bench
+from fleet.bench.sweep import sweep
+
+from .common import grid_arg
 
 MIB = 2**20
 TORCH_ROUNDS = 4  # plain torch and the cluster alternate in this many rounds (host runs)
@@ -62,31 +61,6 @@ def report_table(r: dict[str, Any]) -> str:
     return table(["metric", "value"], rows)
 
 
-def dispatch_overhead(tiles: int = 1200) -> dict[str, Any]:
-    """Median over many small tiles on host*2 of (driver round trip - worker execution time)."""
-    import fleet
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()).eval()
-    x = torch.randn(1, 8, 64, 64)  # 8x8 grid: tiles of 8x8 output, ~4 KB in and out
-    per_frame = 64
-    frames = -(-tiles // per_frame)
-    # one tile in flight per device, so that the round trip holds no queueing behind another tile
-    with fleet.connect(emulate="host*2", max_in_flight=1) as cluster:
-        dep = cluster.deploy(model, x, grid=(8, 8))
-        for _ in dep.stream([x] * 2, in_flight=1):
-            pass
-        dep.overheads.clear()
-        t0 = time.monotonic()
-        for _ in dep.stream([x] * frames, in_flight=2):
-            pass
-        wall = time.monotonic() - t0
-        ov = np.asarray(dep.overheads)
-        tile = dep.plan.tiles[0]
-    return {"tiles": int(len(ov)), "median_ms": float(np.median(ov) * 1e3), "p95_ms": float(np.percentile(ov, 95) * 1e3),
-            "tile_in_bytes": tile.in_bytes, "tile_out_bytes": tile.out_bytes, "tiles_per_s": len(ov) / wall}
-
-
 def one(args: argparse.Namespace | None, name: str, model: str | None, cfg: str | None, size: int | None,
         devices: str, mode: str, frames: int, grid: Any = "auto", stages: list[int] | None = None,
         reuse: bool = False, in_flight: int | None = None, scale: float | None = None, address: str | None = None,
@@ -129,7 +103,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(table(["run", "plan", "speedup", "fps", "p50 ms", "efficiency", "peak MiB", "correct"], summary))
         print(f"dispatch overhead: median {d['median_ms']:.2f} ms over {d['tiles']} tiles")
         return 0
-    r = one(args, "bench", args.model, args.cfg, args.size, args.devices, args.mode, args.frames, _grid_arg(args.grid),
+    r = one(args, "bench", args.model, args.cfg, args.size, args.devices, args.mode, args.frames, grid_arg(args.grid),
             [int(v) for v in args.stages.split(",")] if args.stages else None, args.reuse, args.in_flight,
             args.scale, args.address, args.standalone, args.host_baseline)
     print(r["plan_summary"])
@@ -149,77 +123,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     return x
-
-
-SWEEP_FIXED: list[dict[str, Any]] = [
-    {"grid": (2, 2)}, {"grid": (3, 3)}, {"grid": (4, 4)}, {"grid": (5, 5)}, {"grid": (2, 3)},
-    {"grid": (3, 3), "reuse": True}, {"grid": (5, 5), "reuse": True},
-    {"grid": (3, 2), "stages": [8]}, {"grid": (4, 4), "stages": [8, 12]}, {"grid": (3, 3), "stages": [4, 8, 12]},
-]
-
-
-def sweep(model: str | None, cfg: str | None, size: int | None, devices: str, mode: str, frames: int,
-          scale: float | None = None) -> dict[str, Any]:
-    """Measure the auto plan against a sweep of fixed plans on one cluster, same frames, same rules."""
-    import fleet
-    import tiling
-
-    from .bench import frames_for
-
-    w = load_workload(model, cfg, size)
-    warm = 1
-    xs = frames_for(w, frames + warm)
-    with torch.no_grad():
-        refs = [w.model(x) for x in xs]
-    rows: list[dict[str, Any]] = []
-    with fleet.connect(emulate=devices, scale=scale) as cluster:
-        s = cluster.scale
-        configs: list[tuple[str, Any, dict[str, Any]]] = [("auto", "auto", {"mode": mode})]
-        configs += [(_label(c), c["grid"], {k: v for k, v in c.items() if k != "grid"}) for c in SWEEP_FIXED]
-        for label, grid, kw in configs:
-            try:
-                dep = cluster.deploy(w.model, w.example, grid=grid, **kw)
-            except (tiling.TilingError, ValueError) as e:
-                rows.append({"plan": label, "error": str(e)})
-                continue
-            try:
-                list(dep.stream(xs[:warm], in_flight=1))
-                dep.reset_stats()
-                depth = 1 if mode == "latency" else throughput_depth([d["gflops"] for d in cluster.devices()])
-                done, outs = [], []
-                t0 = time.monotonic()
-                for y in dep.stream(xs[warm:], in_flight=depth):
-                    outs.append(y)
-                    done.append(time.monotonic())
-                ok = max(tiling.rel_error(y, r) for y, r in zip(outs, refs[warm:])) <= 1e-4
-                lat = list(dep.stats()["latency_s"].values())
-                per_frame = (float(np.median(lat)) if mode == "latency" else (done[-1] - t0) / len(done)) / s
-                row = {"plan": label, "measured_s": per_frame, "correct": ok}
-                if dep.choice is not None:
-                    p = dep.choice.predicted
-                    row["plan"] = f"auto: {dep.choice.best.label}"
-                    row["predicted_s"] = p.latency_s / s if mode == "latency" else 1.0 / (p.fps * s)
-                rows.append(row)
-            except fleet.FrameFailed as e:
-                rows.append({"plan": label, "error": str(e)[:80]})
-            finally:
-                dep.close()
-    measured = [r for r in rows if "measured_s" in r]
-    best = min(measured, key=lambda r: r["measured_s"])
-    auto = rows[0]
-    return {"devices": devices, "mode": mode, "frames": frames, "scale": s, "rows": rows, "best": best["plan"],
-            "auto_vs_best": auto.get("measured_s", float("inf")) / best["measured_s"],
-            "auto_prediction_error": abs(auto.get("predicted_s", 0) - auto.get("measured_s", 1)) / auto.get("measured_s", 1)}
-
-
-def _label(c: dict[str, Any]) -> str:
-    g = c["grid"]
-    text = f"{g[0]}x{g[1]}"
-    if c.get("stages"):
-        text = f"stages {c['stages']} " + text
-    if c.get("reuse"):
-        text += " reuse"
-    return text
 
 
 def sweep_table(r: dict[str, Any]) -> str:

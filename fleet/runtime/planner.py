@@ -22,14 +22,14 @@ from sims.catalog import DeviceSpec
 from sims.predict import Prediction, predict, throughput_depth
 from tiling.report import table
 
-from .deployment_plan import frame_spec, remote_bytes, wire
+from .wiring import frame_spec, remote_bytes, wire
 
 NEAR_TIE = 0.02  # predictions this close are a tie for the cost model (its error is a few percent)
 GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3), (3, 4), (4, 4), (5, 5)]
 
 
 @dataclass
-class Candidate:
+class PlanCandidate:
     label: str
     kwargs: dict[str, Any]
     prediction: Prediction | None = None
@@ -46,8 +46,8 @@ class Candidate:
 @dataclass
 class Choice:
     mode: str
-    best: Candidate
-    candidates: list[Candidate] = field(default_factory=list)
+    best: PlanCandidate
+    candidates: list[PlanCandidate] = field(default_factory=list)
     scale: float = 1.0
 
     def summary(self, top: int = 6) -> str:
@@ -84,21 +84,21 @@ def downsampling_boundaries(part: tiling.Partitioner) -> list[int]:
     return out
 
 
-def candidates(part: tiling.Partitioner, n_devices: int) -> list[Candidate]:
+def candidates(part: tiling.Partitioner, n_devices: int) -> list[PlanCandidate]:
     ref = part.fusion.layers[-1].out_shape if part.fusion.layers else (1, 1, 1)
     h, w = ref[1], ref[2]
     grids = [g for g in GRIDS if g[0] <= h and g[1] <= w and g[0] * g[1] <= max(4, 3 * n_devices)]
     if n_devices > 1 and (1, n_devices) not in grids and n_devices <= w:
         grids.append((1, n_devices))
-    out = [Candidate(f"{g[0]}x{g[1]}", {"grid": g}) for g in grids]
-    out += [Candidate(f"{g[0]}x{g[1]} reuse", {"grid": g, "reuse": True}) for g in grids if g[0] * g[1] >= 4]
+    out = [PlanCandidate(f"{g[0]}x{g[1]}", {"grid": g}) for g in grids]
+    out += [PlanCandidate(f"{g[0]}x{g[1]} reuse", {"grid": g, "reuse": True}) for g in grids if g[0] * g[1] >= 4]
     bounds = downsampling_boundaries(part)
     sets = [[b] for b in bounds] + [list(c) for c in itertools.combinations(bounds[-3:], 2)]
     for st in sets:
         for g in grids:
             if g[0] * g[1] < 2:
                 continue
-            out.append(Candidate(f"stages {st} {g[0]}x{g[1]}", {"stages": st, "grid": g}))
+            out.append(PlanCandidate(f"stages {st} {g[0]}x{g[1]}", {"stages": st, "grid": g}))
     return out
 
 

@@ -171,9 +171,9 @@ def options_from_args(head: str, workers: Sequence[str], ssh_user: str | None, s
         raise ClusterConfigError(f"SSH key {key} does not exist; pass --ssh-key (ray up logs into every device with it)")
     tok: Path | None = None
     if not insecure:
-        from . import lan
+        from .state import default_token_path
 
-        tok = Path(token_file).expanduser() if token_file else lan.default_token_path()
+        tok = Path(token_file).expanduser() if token_file else default_token_path()
         if not tok.is_file():
             raise ClusterConfigError(f"token file {tok} does not exist; run `tilefleet head` once to create one, "
                                      "pass --token-file, or --insecure to launch without authentication")

@@ -2,7 +2,7 @@
 
 ``add_lan_commands(subparsers)`` adds the first five to ``tilefleet``'s parser; ``devices_lan`` is
 the handler of ``tilefleet devices`` without ``--catalog`` (:func:`add_devices_lan_args` adds its
-options). ``python -m fleet.lancli`` runs these commands alone; ``--detach`` re-runs itself that way.
+options). ``python -m fleet.cli.lan`` runs these commands alone; ``--detach`` re-runs itself that way.
 Expected failures are one line on stderr and exit 2 (usage, configuration, refusals) or 1 (runtime).
 """
 
@@ -12,24 +12,21 @@ import argparse
 import dataclasses
 import ipaddress
 import json
+import logging
 import os
-import secrets
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import lan
-from .agent import AgentClient, AgentError, HeadNotProven
-from .discovery import HeadAdvert, static_heads
-from .lan import LanError
+from fleet import lan
+from fleet.lan.agent import AgentClient, AgentError, HeadNotProven
+from fleet.lan.discovery import static_heads
+from fleet.lan.node import HeadOptions, JoinOptions, run_head, run_join, stop_one
+from fleet.lan.state import LanError
+from fleet.lan.trust import check_head, collect_devices, pick_head
 
-SETTLE_S = 1.0  # after the first advert, how long more adverts of the same cluster may take to arrive
-INSECURE_FINGERPRINT = "0" * 16
-"""The fingerprint an ``--insecure`` head advertises: no token, nothing to compare."""
 
 HEAD_EPILOG = """\
 examples:
@@ -210,7 +207,7 @@ def _token_args_of(token: lan.Token | None) -> list[str]:
 
 
 def _profile(refresh: bool = False, seconds: float = 1.0) -> Any:
-    from . import profiling
+    from fleet.lan import profiling
 
     try:
         return profiling.get(refresh=refresh, seconds=seconds, progress=True)
@@ -218,20 +215,9 @@ def _profile(refresh: bool = False, seconds: float = 1.0) -> Any:
         raise LanError(str(e)) from None
 
 
-def _serve_until_stopped(stopper: lan.Stopper, child: subprocess.Popen[bytes], what: str, ray_log: Path,
-                         hint: str = "") -> int:
-    """Block until SIGTERM/SIGINT (0) or until the Ray child dies (1, with its log tail and ``hint``)."""
-    while not stopper.event.wait(0.5):
-        if child.poll() is not None:
-            _err(f"{what}: Ray exited unexpectedly (code {child.returncode}){hint}; the end of {ray_log}:\n"
-                 f"{lan.log_tail(ray_log)}")
-            return 1
-    return 0
-
-
 def _detach(command: list[str], state_file: Path, log_path: Path, summary: Callable[[dict[str, Any]], str]) -> int:
-    """Run ``python -m fleet.lancli COMMAND`` in a new session and wait until its state file says it is up."""
-    argv = [sys.executable, "-m", "fleet.lancli", *command]
+    """Run ``python -m fleet.cli.lan COMMAND`` in a new session and wait until its state file says it is up."""
+    argv = [sys.executable, "-m", "fleet.cli.lan", *command]
     child = lan.start_child(argv, os.environ, log_path)
     deadline = time.monotonic() + lan.START_TIMEOUT_S + 30
     while time.monotonic() < deadline:
@@ -249,16 +235,6 @@ def _detach(command: list[str], state_file: Path, log_path: Path, summary: Calla
     _err(f"tilefleet {command[0]} did not come up within {lan.START_TIMEOUT_S + 30:g} s; the end of {log_path}:\n"
          f"{lan.log_tail(log_path)}")
     return 1
-
-
-def _zeroconf(interfaces: Any) -> Any:
-    import zeroconf
-
-    try:
-        return zeroconf.Zeroconf(interfaces=interfaces)
-    except OSError as e:
-        raise LanError(f"cannot use zeroconf (mDNS) here ({e.strerror or e}); pass --address HOST:AGENTPORT",
-                       1) from None
 
 
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -327,186 +303,16 @@ def head(args: argparse.Namespace) -> int:
         if args.autoscaling_config:
             command += ["--autoscaling-config", str(Path(args.autoscaling_config).expanduser())]
         return _detach(command, state / "head.json", state / "head.log", head_summary)
-    return _run_head(args, name, node_ip, token, state)
-
-
-def _run_head(args: argparse.Namespace, name: str, node_ip: str, token: lan.Token | None, state: Path) -> int:
-    from .agent import Agent
-
-    versions = lan.local_versions()
-    advert = HeadAdvert(cluster_name=name, cluster_id=lan.cluster_id(state), host=node_ip, ray_port=args.port,
-                        agent_port=args.agent_port, tilefleet_version=versions["tilefleet_version"],
-                        wire_version=int(versions["wire_version"]), ray_version=versions["ray_version"],
-                        python_version=versions["python_version"],
-                        token_fingerprint=token.fingerprint if token else INSECURE_FINGERPRINT)
-    prof = _profile()
-    labels = lan.device_labels(prof, name=socket.gethostname(), role="head")
-    gcs_address = f"{node_ip}:{args.port}"
-    gcs: dict[str, Any] = {}
-
-    def devices() -> list[dict[str, Any]]:
-        if "client" not in gcs:
-            gcs["client"] = lan.gcs_client(gcs_address)
-        return lan.list_devices(gcs["client"])
-
-    try:
-        agent = Agent(advert, token.value if token else None, devices, host=node_ip, port=args.agent_port)
-    except OSError as e:
-        raise LanError(f"cannot open the agent's port {node_ip}:{args.agent_port} ({e.strerror or e}); "
-                       "pick another with --agent-port") from None
-    stopper = lan.Stopper()
-    temp = lan.ray_temp_dir(state, "head")
-    temp.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ray_log = state / "ray-head.log"
-    lan.use_ray_auth(token.path if token else None)
-    argv = lan.ray_head_argv(lan.ray_executable(), port=args.port, node_ip=node_ip, temp_dir=temp, labels=labels,
-                             num_cpus=args.num_cpus, autoscaling_config=str(Path(args.autoscaling_config).expanduser())
-                             if args.autoscaling_config else None)
-    child = lan.start_child(argv, lan.ray_env(os.environ, token.path if token else None), ray_log)
-    zc = advertiser = None
-    try:
-        try:
-            running = lambda: child.poll() is None and not stopper.event.is_set()  # noqa: E731
-            lan.wait_port(node_ip, args.port, lan.START_TIMEOUT_S, running)
-            _wait_head_node(devices, running)
-        except LanError as e:
-            raise LanError(f"the Ray head {e}; the end of {ray_log}:\n{lan.log_tail(ray_log)}", 1) from None
-        agent.start()
-        try:
-            import zeroconf
-
-            from .discovery import ZeroconfAdvertiser
-
-            zc = zeroconf.Zeroconf(interfaces=[node_ip])
-            advertiser = ZeroconfAdvertiser(advert, zc)
-            advertiser.start()
-        except Exception as e:  # multicast may be unavailable; --address still works
-            _err(f"warning: cannot advertise over zeroconf on {node_ip} ({type(e).__name__}: {e}); "
-                 f"devices can join with --address {node_ip}:{args.agent_port}")
-            advertiser = None
-        st = {**lan.own_identity(), "role": "head", "node_ip": node_ip, "ray_port": args.port,
-              "agent_port": args.agent_port, "cluster_name": name, "cluster_id": advert.cluster_id,
-              "token_path": str(token.path) if token else None, "fingerprint": advert.token_fingerprint,
-              "insecure": token is None, "temp_dir": str(temp), "log_path": str(ray_log), "ray_pid": child.pid,
-              "ray_pgid": child.pid, "advertised": advertiser is not None}
-        lan.write_state(state / "head.json", st)
-        print(head_summary(st), flush=True)
-        return _serve_until_stopped(stopper, child, "tilefleet head", ray_log)
-    finally:
-        if advertiser is not None:
-            advertiser.close()
-        if zc is not None:
-            zc.close()
-        agent.close()
-        lan.terminate(child.pid, pgid=child.pid, marker=str(temp))
-        st_now = lan.read_state(state / "head.json")
-        if st_now is not None and st_now.get("pid") == os.getpid():
-            lan.remove_state(state / "head.json")
-
-
-def _wait_head_node(devices: Callable[[], list[dict[str, Any]]], running: Callable[[], bool]) -> None:
-    """Until the head's own node is alive in the GCS (port open is not enough: the raylet comes after)."""
-    deadline = time.monotonic() + lan.START_TIMEOUT_S
-    last = ""
-    while time.monotonic() < deadline:
-        if not running():
-            raise LanError("exited or was stopped before it was up", 1)
-        try:
-            if any(d["is_head"] and d["alive"] for d in devices()):
-                return
-        except Exception as e:  # the GCS may not answer yet
-            last = f" (last error: {type(e).__name__}: {str(e)[:200]})"
-        time.sleep(0.3)
-    raise LanError(f"did not report its node alive within {lan.START_TIMEOUT_S:g} s{last}", 1)
+    opts = HeadOptions(name=name, node_ip=node_ip, token=token, state=state, port=args.port,
+                       agent_port=args.agent_port, num_cpus=args.num_cpus,
+                       autoscaling_config=str(Path(args.autoscaling_config).expanduser())
+                       if args.autoscaling_config else None)
+    return run_head(opts, _profile(), lambda st: print(head_summary(st), flush=True))
 
 
 # --------------------------------------------------------------------------------------------------
 # join, leave, stop
 # --------------------------------------------------------------------------------------------------
-
-
-def _find_heads(*, cluster: str | None, address: str | None, timeout: float,
-                node_ip: str | None) -> list[tuple[HeadAdvert, AgentClient]]:
-    """Candidate heads and a connection to each one's agent: ``--address``, else zeroconf.
-
-    From zeroconf, every advert of the cluster counts (a rogue may copy a real head's name, id and
-    fingerprint); :func:`join` keeps the ones that pass the challenge.
-    """
-    if address:
-        try:
-            ((host, port),) = static_heads(address, default_port=lan.DEFAULT_AGENT_PORT)
-        except ValueError as e:
-            raise LanError(f"--address: {e}; give one head as HOST[:AGENTPORT]") from None
-        client = AgentClient(host, port, timeout=timeout)
-        advert = client.info()
-        if cluster and advert.cluster_name.casefold() != cluster.casefold():
-            raise LanError(f"the head at {client.where} runs cluster {advert.cluster_name}, not {cluster}")
-        return [(advert, client)]
-    import zeroconf
-
-    from .discovery import AmbiguousHead, HeadRegistry, NoHeadFound, ZeroconfBrowser
-
-    zc = _zeroconf([node_ip] if node_ip else zeroconf.InterfaceChoice.All)
-    try:
-        registry = HeadRegistry()
-        with ZeroconfBrowser(registry, zc):
-            try:
-                registry.wait_for(cluster, timeout=timeout)
-            except AmbiguousHead:
-                pass  # several adverts of one name: the challenge decides below
-            time.sleep(SETTLE_S)  # adverts of the same name that arrive a moment later count too
-            found = registry.matching(cluster) or [registry.find(cluster)]
-    except NoHeadFound as e:
-        raise LanError(str(e), 1) from None
-    except AmbiguousHead as e:
-        raise LanError(str(e)) from None
-    finally:
-        zc.close()
-    return [(a, AgentClient(a.host, a.agent_port, timeout=timeout)) for a in found]
-
-
-def pick_head(token: lan.Token | None, *, cluster: str | None = None, address: str | None = None,
-              timeout: float = 5.0, node_ip: str | None = None) -> tuple[HeadAdvert, AgentClient]:
-    """The one head (found by zeroconf, or at ``address``) that passes every check: versions, the
-    token's fingerprint and the challenge. Rogue heads (failed challenge) are reported and skipped."""
-    candidates = _find_heads(cluster=cluster, address=address, timeout=timeout, node_ip=node_ip)
-    proven: list[tuple[HeadAdvert, AgentClient]] = []
-    problems: list[str] = []
-    for advert, client in candidates:
-        try:
-            _check_head(advert, client, token)
-            proven.append((advert, client))
-        except (LanError, AgentError) as e:
-            client.close()
-            if len(candidates) == 1:
-                raise
-            problems.append(f"{advert.host}:{advert.agent_port}: {e}")
-            _err(f"tilefleet: skipping the head at {advert.host}:{advert.agent_port}: {e}")
-    if not proven:
-        raise LanError("no head passed the checks:\n  " + "\n  ".join(problems))
-    if len({a.cluster_id for a, _ in proven}) > 1:
-        for _, c in proven:
-            c.close()
-        where = ", ".join(f"{a.cluster_name} (id {a.cluster_id[:8]}) at {a.host}" for a, _ in proven)
-        raise LanError(f"{len(proven)} clusters hold your token and match: {where}; pass --cluster NAME or --address")
-    for _, c in proven[1:]:
-        c.close()
-    return proven[0]
-
-
-def _check_head(advert: HeadAdvert, client: AgentClient, token: lan.Token | None) -> None:
-    """Versions, the token's fingerprint, then the head's proof that it holds the token."""
-    problem = lan.version_mismatch(advert)
-    if problem:
-        raise LanError(problem)
-    if token is not None and advert.token_fingerprint == INSECURE_FINGERPRINT:
-        raise LanError(f"cluster {advert.cluster_name} runs without a token (--insecure); join it with "
-                       "--insecure if you trust this LAN")
-    if token is not None:
-        problem = lan.fingerprint_mismatch(advert, token)
-        if problem:
-            raise LanError(problem)
-    client.prove_head(token.value if token else None, insecure=token is None)
 
 
 def join_summary(st: dict[str, Any]) -> str:
@@ -540,85 +346,17 @@ def join(args: argparse.Namespace) -> int:
             command += ["--device-name", args.device_name] if args.device_name else []
             command += ["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else []
             return _detach(command, state / "join.json", state / "join.log", join_summary)
-        return _run_join(args, advert, client, token, node_ip, state)
-
-
-def _run_join(args: argparse.Namespace, advert: HeadAdvert, client: AgentClient, token: lan.Token | None,
-              node_ip: str, state: Path) -> int:
-    link = client.probe()
-    prof = _profile()
-    join_id = secrets.token_hex(8)
-    name = args.device_name or socket.gethostname()
-    role = "client" if args.client else "device"
-    labels = lan.device_labels(prof, name=name, role=role, join_id=join_id,
-                               link_mbps=min(link.down_mbps, link.up_mbps), latency_ms=link.latency_ms)
-    temp = lan.ray_temp_dir(state, "node")
-    temp.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ray_log = state / "ray-node.log"
-    argv = lan.ray_node_argv(lan.ray_executable(), head=f"{advert.host}:{advert.ray_port}", node_ip=node_ip,
-                             temp_dir=temp, labels=labels, num_cpus=0 if args.client else args.num_cpus)
-    stopper = lan.Stopper()
-    child = lan.start_child(argv, lan.ray_env(os.environ, token.path if token else None), ray_log)
-    try:
-        node_id = _wait_joined(client, token, join_id, lambda: child.poll() is None and not stopper.event.is_set(),
-                               ray_log)
-        client.close()
-        st = {**lan.own_identity(), "role": role, "name": labels["tilefleet/name"], "node_id": node_id,
-              "node_ip": node_ip, "head_host": advert.host, "ray_port": advert.ray_port,
-              "agent_host": client.host, "agent_port": client.port, "cluster_name": advert.cluster_name,
-              "cluster_id": advert.cluster_id, "token_path": str(token.path) if token else None,
-              "insecure": token is None, "temp_dir": str(temp), "log_path": str(ray_log), "ray_pid": child.pid,
-              "ray_pgid": child.pid, "join_id": join_id, "down_mbps": link.down_mbps, "up_mbps": link.up_mbps,
-              "latency_ms": link.latency_ms}
-        lan.write_state(state / "join.json", st)
-        print(join_summary(st), flush=True)
-        hint = (f". If the head at {advert.host} went away (or this device lost the network), Ray gives up "
-                "after about a minute: check with `tilefleet devices`, then run `tilefleet join` again once "
-                "the head is back")
-        return _serve_until_stopped(stopper, child, "tilefleet join", ray_log, hint)
-    finally:
-        client.close()
-        lan.terminate(child.pid, pgid=child.pid, marker=str(temp))
-        st_now = lan.read_state(state / "join.json")
-        if st_now is not None and st_now.get("pid") == os.getpid():
-            lan.remove_state(state / "join.json")
-
-
-def _wait_joined(client: AgentClient, token: lan.Token | None, join_id: str, running: Callable[[], bool],
-                 ray_log: Path) -> str:
-    """The new node's id, once the head lists it alive (found by its one-off join id label)."""
-    deadline = time.monotonic() + lan.START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if not running():
-            raise LanError(f"Ray could not join the head (it exited, or this was stopped); the end of {ray_log}:\n"
-                           f"{lan.log_tail(ray_log)}", 1)
-        for d in client.devices(token.value if token else None, insecure=token is None):
-            if d.get("labels", {}).get("tilefleet/join_id") == join_id and d.get("alive"):
-                return str(d["node_id"])
-        time.sleep(0.5)
-    raise LanError(f"the head did not list this node within {lan.START_TIMEOUT_S:g} s; the end of {ray_log}:\n"
-                   f"{lan.log_tail(ray_log)}", 1)
-
-
-def _stop_one(path: Path, what: str) -> str | None:
-    """Stop the process of a state file (and its Ray leftovers, even if it died); what happened."""
-    st = lan.read_state(path, live_only=False)
-    if st is None:
-        return None
-    alive = lan.pid_alive(st["pid"], st.get("pid_start"))
-    killed = lan.terminate(st["pid"], start=st.get("pid_start"), pgid=st.get("ray_pgid"),
-                           marker=st.get("temp_dir"), timeout=lan.STOP_TIMEOUT_S)
-    lan.remove_state(path)
-    status = f"stopped {what} (pid {st['pid']})" if alive else f"cleaned up after {what} (pid {st['pid']} was gone)"
-    return status + (f"; killed {len(killed)} leftover process(es): {killed}" if killed else "")
+        opts = JoinOptions(node_ip=node_ip, token=token, state=state, device_name=args.device_name,
+                           client=args.client, num_cpus=args.num_cpus)
+        return run_join(opts, advert, client, _profile(), lambda st: print(join_summary(st), flush=True))
 
 
 @_guard
 def stop(args: argparse.Namespace) -> int:
     """Stop this machine's head and join processes."""
     state = lan.state_dir()
-    done = [m for m in (_stop_one(state / "join.json", "tilefleet join"),
-                        _stop_one(state / "head.json", "tilefleet head")) if m]
+    done = [m for m in (stop_one(state / "join.json", "tilefleet join"),
+                        stop_one(state / "head.json", "tilefleet head")) if m]
     if not done:
         print(f"nothing to stop: no tilefleet head or join runs on this machine (state in {state})")
     for line in done:
@@ -636,7 +374,7 @@ def leave(args: argparse.Namespace) -> int:
         return 0
     lan.use_ray_auth(Path(st["token_path"]) if st.get("token_path") else None)
     print(lan.drain(f"{st['head_host']}:{st['ray_port']}", st["node_id"]))
-    print(_stop_one(path, "tilefleet join"))
+    print(stop_one(path, "tilefleet join"))
     return 0
 
 
@@ -668,7 +406,7 @@ def profile(args: argparse.Namespace) -> int:
         host, port, token = target
         try:
             with AgentClient(host, port) as client:
-                client.prove_head(token.value if token else None, insecure=token is None)
+                check_head(client.info(), client, token, versions=False)
                 link = client.probe()
             prof = dataclasses.replace(prof, link_mbps=min(link.down_mbps, link.up_mbps),
                                        latency_s=link.latency_ms / 1e3)
@@ -699,63 +437,6 @@ def profile(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _browse(timeout: float) -> list[HeadAdvert]:
-    import zeroconf
-
-    from .discovery import HeadRegistry, ZeroconfBrowser
-
-    zc = _zeroconf(zeroconf.InterfaceChoice.All)
-    try:
-        registry = HeadRegistry()
-        with ZeroconfBrowser(registry, zc):
-            time.sleep(timeout)
-        return registry.heads()
-    finally:
-        zc.close()
-
-
-def collect_devices(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every head found (zeroconf or ``--address``) with its advert and device list, or the
-    reason it could not be listed."""
-    token: lan.Token | None = None
-    token_error = None
-    if not args.insecure:
-        try:
-            token = lan.resolve_token(args.token_file, create=False)
-        except LanError as e:
-            token_error = str(e)
-    targets: list[tuple[str, int, HeadAdvert | None]] = []
-    if args.address:
-        try:
-            targets = [(h, p, None) for h, p in static_heads(args.address, default_port=lan.DEFAULT_AGENT_PORT)]
-        except ValueError as e:
-            raise LanError(f"--address: {e}") from None
-    else:
-        targets = [(a.host, a.agent_port, a) for a in _browse(args.timeout)]
-    heads = []
-    for host, port, advert in targets:
-        entry: dict[str, Any] = {"agent": f"{host}:{port}", "advert": None, "devices": None, "error": None}
-        heads.append(entry)
-        try:
-            with AgentClient(host, port, timeout=args.timeout) as client:
-                advert = advert or client.info()
-                entry["advert"] = dataclasses.asdict(advert)
-                if args.cluster and advert.cluster_name.casefold() != args.cluster.casefold():
-                    heads.pop()
-                    continue
-                if token is not None and advert.token_fingerprint == INSECURE_FINGERPRINT:
-                    entry["error"] = "this head runs without a token (--insecure): list it with --insecure"
-                elif token is None and not args.insecure:
-                    entry["error"] = token_error
-                elif token is not None and lan.fingerprint_mismatch(advert, token):
-                    entry["error"] = f"not your cluster: {lan.fingerprint_mismatch(advert, token)}"
-                else:
-                    entry["devices"] = client.devices(token.value if token else None, insecure=token is None)
-        except AgentError as e:
-            entry["error"] = str(e)
-    return heads
-
-
 def devices_table(devices: Sequence[dict[str, Any]]) -> str:
     from tiling.report import table
 
@@ -773,7 +454,8 @@ def devices_table(devices: Sequence[dict[str, Any]]) -> str:
 @_guard
 def devices_lan(args: argparse.Namespace) -> int:
     """``tilefleet devices`` on the LAN: the heads found and each one's devices."""
-    heads = collect_devices(args)
+    heads = collect_devices(address=args.address, cluster=args.cluster, token_file=args.token_file,
+                            insecure=args.insecure, timeout=args.timeout)
     if args.json:
         print(json.dumps({"heads": heads}, indent=1))
     elif not heads:
@@ -795,7 +477,7 @@ def devices_lan(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# python -m fleet.lancli (what --detach runs)
+# python -m fleet.cli.lan (what --detach runs)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -807,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_devices_lan_args(dv)
     dv.set_defaults(func=devices_lan)
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the LAN library's warnings, as lines
     return int(args.func(args))
 
 

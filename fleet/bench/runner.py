@@ -67,6 +67,25 @@ def _fps(done: list[float], in_flight: int) -> tuple[float, int]:
     return steady_fps(done, in_flight), trim_for(len(done), in_flight)
 
 
+@dataclass
+class _Measured:
+    """What one benchmark run observed (in wall seconds; the report converts to emulated units)."""
+
+    lat: list[float]
+    done: list[float]
+    rounds: list[dict[str, Any]]
+    depth: int
+    warm: int
+    errs: list[float]
+    deploy_s: float
+    stats: dict[str, Any]
+    summary: str
+    plan: tiling.Plan
+    choice: Any
+    devs: list[dict[str, Any]]
+    scale: float
+
+
 def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int = 12, grid: Any = "auto",
               stages: list[int] | None = None, reuse: bool = False, in_flight: int | None = None,
               scale: float | None = None, address: str | None = None, progress: bool = True,
@@ -77,29 +96,41 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
     ``torch_rounds`` > 0 also measures plain torch (batch 1, ``torch_threads`` threads, in this
     process) in that many rounds alternating with the cluster's, for ``host*N`` comparisons.
     """
+    specs = parse_spec(devices, profiles()) if not address else []
+    kw: dict[str, Any] = {"mode": mode}
+    if grid != "auto":  # stages and reuse only go with an explicit grid; 'auto' chooses them
+        kw.update(reuse=reuse, **({"stages": stages} if stages else {}))
+    m = _measure(w, devices, len(specs), mode=mode, frames=frames, grid=grid, kw=kw, in_flight=in_flight,
+                 scale=scale, address=address, progress=progress, torch_rounds=torch_rounds,
+                 torch_threads=torch_threads, nodes=nodes)
+    report = _report(w, devices, mode, frames, m)
+    if m.rounds:
+        report.update(_versus_torch(m.rounds, mode, torch_threads))
+    if specs:
+        _add_baselines(report, w, m.plan, specs, mode, standalone, devices, scale)
+    return report
+
+
+def _measure(w: Workload, devices: str, n_specs: int, *, mode: str, frames: int, grid: Any, kw: dict[str, Any],
+             in_flight: int | None, scale: float | None, address: str | None, progress: bool, torch_rounds: int,
+             torch_threads: int, nodes: bool) -> _Measured:
     import fleet
 
     # 2 warm-up frames; in throughput mode at least one per device, streamed at the timed depth,
     # so that every worker has run (and allocated for) a whole frame before the clock starts
-    specs = parse_spec(devices, profiles()) if not address else []
-    warm = 2 if mode == "latency" else max(2, len(specs) or 2)
+    warm = 2 if mode == "latency" else max(2, n_specs or 2)
     xs = frames_for(w, frames + warm)
     with torch.no_grad():  # references before the timed window
         refs = [w.model(x) for x in xs]
-    kw: dict[str, Any] = {"mode": mode}
-    if grid != "auto":  # stages and reuse only go with an explicit grid; 'auto' chooses them
-        kw.update(reuse=reuse, **({"stages": stages} if stages else {}))
     with fleet.connect(address, emulate=None if address else devices, scale=scale, nodes=nodes) as cluster:
-        s = cluster.scale
         t0 = time.monotonic()
         dep = cluster.deploy(w.model, w.example, grid=grid, **kw)
         deploy_s = time.monotonic() - t0
         # warm-up frames first, then counters reset, so every statistic covers the timed window only
         depth = 1 if mode == "latency" else (in_flight or throughput_depth(
             [d["gflops"] for d in cluster.devices() if d["state"] == "alive"]))
-        warm_outs = list(dep.stream(xs[:warm], in_flight=min(depth, warm)))
+        outs: list[Any] = list(dep.stream(xs[:warm], in_flight=min(depth, warm)))
         dep.reset_stats()
-        outs: list[Any] = list(warm_outs)
         timed = xs[warm:]
         bar = _bar(len(timed), progress)
         # with a torch baseline, rounds alternate plain torch and the cluster on the same frames, so
@@ -111,68 +142,72 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
         for b in blocks:
             block = [timed[i] for i in b]
             base = _torch_block(w.model, block, torch_threads) if torch_rounds else None
-            o, l, d = _fleet_block(dep, block, mode, depth, bar)
+            o, lt, d = _fleet_block(dep, block, mode, depth, bar)
             outs += o
-            lat += l
+            lat += lt
             done += d
             if base is not None:
                 # each round's own steady state (k frames trimmed at its ends), once
-                rounds.append({"torch_s": base, "lat": l, "fps_k": _fps(d, depth) if mode == "throughput" else None})
+                rounds.append({"torch_s": base, "lat": lt, "fps_k": _fps(d, depth) if mode == "throughput" else None})
         if mode == "throughput":
             lat = [v for v in dep.stats()["latency_s"].values()]
         bar.close()
-        errs = [tiling.rel_error(y, r) for y, r in zip(outs, refs)]
-        stats = dep.stats()
-        summary = dep.plan_summary()
-        plan = dep.plan
-        choice = dep.choice
-        devs = cluster.devices()
+        m = _Measured(lat, done, rounds, depth, warm, [tiling.rel_error(y, r) for y, r in zip(outs, refs)], deploy_s,
+                      dep.stats(), dep.plan_summary(), dep.plan, dep.choice, cluster.devices(), cluster.scale)
         dep.close()
-    timed_lat = np.asarray(lat) / s
-    if mode == "throughput" and rounds:  # each round's steady state, then the median over rounds
-        fps, k = float(np.median([r["fps_k"][0] for r in rounds])), rounds[0]["fps_k"][1]
+    return m
+
+
+def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> dict[str, Any]:
+    s, plan, stats = m.scale, m.plan, m.stats
+    timed_lat = np.asarray(m.lat) / s
+    if mode == "throughput" and m.rounds:  # each round's steady state, then the median over rounds
+        fps, k = float(np.median([r["fps_k"][0] for r in m.rounds])), m.rounds[0]["fps_k"][1]
     else:
-        fps, k = _fps(done, depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
+        fps, k = _fps(m.done, m.depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
     fps *= s
-    flops = plan.untiled_flops + plan.tail.flops
-    in_bytes = int(np.prod(plan.input_shape)) * 4
-    out_bytes = plan.tail.out_bytes or sum(int(np.prod(st.shapes[o])) * 4 for st in plan.stages[-1:] for o in st.outputs)
+    devs = stats["devices"].values()
     report: dict[str, Any] = {
-        "model": w.name, "devices": devices, "mode": mode, "frames": frames, "warmup": warm, "scale": s,
-        "in_flight": depth, "trim_k": k,
+        "model": w.name, "devices": devices, "mode": mode, "frames": frames, "warmup": m.warm, "scale": s,
+        "in_flight": m.depth, "trim_k": k,
         "latency_ms": {"p50": float(np.percentile(timed_lat, 50) * 1e3), "p95": float(np.percentile(timed_lat, 95) * 1e3)},
-        "fps": fps, "deploy_s": deploy_s, "correct": bool(max(errs) <= 1e-4), "max_rel_error": float(max(errs)),
-        "redundancy": plan.redundancy, "plan": _plan_label(plan), "plan_summary": summary,
-        "max_device_peak_bytes": max((d["peak_bytes"] for d in stats["devices"].values()), default=0),
-        "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in stats["devices"].values())),
-        "steals": int(sum(d["steals"] for d in stats["devices"].values())),
-        "retries": int(sum(d["retries"] for d in stats["devices"].values())),
-        "host_too_slow": int(sum(d["host_too_slow"] for d in stats["devices"].values())),
-        "max_late_ms": float(max((d["max_late_s"] for d in stats["devices"].values()), default=0.0) * 1e3),
-        "per_device": stats["devices"], "device_list": devs,
-        "done_s": [(t - done[0]) / s for t in done],
+        "fps": fps, "deploy_s": m.deploy_s, "correct": bool(max(m.errs) <= 1e-4), "max_rel_error": float(max(m.errs)),
+        "redundancy": plan.redundancy, "plan": _plan_label(plan), "plan_summary": m.summary,
+        "max_device_peak_bytes": max((d["peak_bytes"] for d in devs), default=0),
+        "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in devs)),
+        "steals": int(sum(d["steals"] for d in devs)),
+        "retries": int(sum(d["retries"] for d in devs)),
+        "host_too_slow": int(sum(d["host_too_slow"] for d in devs)),
+        "max_late_ms": float(max((d["max_late_s"] for d in devs), default=0.0) * 1e3),
+        "per_device": stats["devices"], "device_list": m.devs,
+        "done_s": [(t - m.done[0]) / s for t in m.done],
     }
-    if rounds:
-        report.update(_versus_torch(rounds, mode, torch_threads))
-    if choice is not None:
-        p = choice.predicted
+    if m.choice is not None:
+        p = m.choice.predicted
         # the simulation ran on the scaled clock; report it in emulated units like the measurement
         report["predicted"] = {"latency_ms": p.latency_s / s * 1e3, "fps": p.fps * s}
         meas = report["latency_ms"]["p50"] / 1e3 if mode == "latency" else 1.0 / fps
         pred = p.latency_s / s if mode == "latency" else 1.0 / (p.fps * s)
         report["prediction_error"] = abs(pred - meas) / meas
-    if specs:
-        first, best = specs[0].profile, max((sp.profile for sp in specs), key=lambda p: p.gflops)
-        base_first = standalone_s(flops, first)
-        base_best = standalone_s(flops, best, in_bytes, out_bytes, client=True)
-        per_frame = report["latency_ms"]["p50"] / 1e3 if mode == "latency" else 1.0 / fps
-        report["baseline_s"] = {"first": base_first, "best_with_transfers": base_best}
-        report["speedup"] = base_first / per_frame
-        report["speedup_vs_best"] = base_best / per_frame
-        if standalone:
-            report["standalone_fps"] = standalone_fps(w, devices, frames=10, scale=scale)
-            report["efficiency"] = fps / sum(report["standalone_fps"].values())
     return report
+
+
+def _add_baselines(report: dict[str, Any], w: Workload, plan: tiling.Plan, specs: list[Any], mode: str,
+                   standalone: bool, devices: str, scale: float | None) -> None:
+    """Speedups over the untiled model on one device of the first kind, and on the fastest one."""
+    flops = plan.untiled_flops + plan.tail.flops
+    in_bytes = int(np.prod(plan.input_shape)) * 4
+    out_bytes = plan.tail.out_bytes or sum(int(np.prod(st.shapes[o])) * 4 for st in plan.stages[-1:] for o in st.outputs)
+    first, best = specs[0].profile, max((sp.profile for sp in specs), key=lambda p: p.gflops)
+    base_first = standalone_s(flops, first)
+    base_best = standalone_s(flops, best, in_bytes, out_bytes, client=True)
+    per_frame = report["latency_ms"]["p50"] / 1e3 if mode == "latency" else 1.0 / report["fps"]
+    report["baseline_s"] = {"first": base_first, "best_with_transfers": base_best}
+    report["speedup"] = base_first / per_frame
+    report["speedup_vs_best"] = base_best / per_frame
+    if standalone:
+        report["standalone_fps"] = standalone_fps(w, devices, frames=10, scale=scale)
+        report["efficiency"] = report["fps"] / sum(report["standalone_fps"].values())
 
 
 def standalone_fps(w: Workload, devices: str, *, frames: int, scale: float | None) -> dict[str, float]:

@@ -4,34 +4,23 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .common import grid_arg, parse_grid, progress, progress_iter
+
 MIB = 2**20
 
 
-def _grid(text: str) -> tuple[int, int]:
-    try:
-        r, c = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"a grid looks like 5x5 (rows x cols), got {text!r}") from None
-    return (r, c)
-
-
-def _progress(total: int, desc: str, unit: str = "tile") -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
-
-
-def run_with_progress(plan: Any, x: torch.Tensor) -> Any:
+def run_withprogress(plan: Any, x: torch.Tensor) -> Any:
     """``plan.run`` with a progress bar over tiles (same result, same order)."""
     import tiling
 
     total = sum(len(s.tiles) for s in plan.stages)
     env = {plan.input_name: x}
-    with _progress(total, "tiles") as bar:
+    with progress(total, "tiles") as bar:
         for stage in plan.stages:
             env.update(tiling.run_stage(stage, env, on_tile=lambda _i: bar.update(1)))
     return plan.tail.run(env)
@@ -53,9 +42,8 @@ def tile_table(plan: Any) -> str:
 def demo(args: argparse.Namespace) -> int:
     if args.in_process:
         return demo_in_process(args)
-    return _cluster_run(args, model="yolov2-16", cfg=None, size=args.size, frames=args.frames, devices=args.devices,
-                        grid=args.grid, mode=args.mode, reuse=args.reuse, stages=None, address=None, scale=None,
-                        profiles_file=None, trace=None, title="tilefleet demo")
+    return _cluster_run(ClusterRun("tilefleet demo", model="yolov2-16", size=args.size, frames=args.frames,
+                                   devices=args.devices, grid=args.grid, mode=args.mode, reuse=args.reuse))
 
 
 def demo_in_process(args: argparse.Namespace) -> int:
@@ -64,7 +52,7 @@ def demo_in_process(args: argparse.Namespace) -> int:
 
     zm = zoo.get("yolov2-16", input_size=args.size)
     x = zoo.example(zm, batch=1, seed=1)
-    grid = _grid(args.grid if args.grid != "auto" else "5x5")
+    grid = parse_grid(args.grid if args.grid != "auto" else "5x5")
     print(f"tilefleet demo: {zm.name} ({zm.description}) at {args.size}x{args.size}, grid {grid[0]}x{grid[1]}"
           f"{', overlap reuse' if args.reuse else ''}")
     t0 = time.perf_counter()
@@ -76,7 +64,7 @@ def demo_in_process(args: argparse.Namespace) -> int:
         ref = zm.model(x)
         t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    y = run_with_progress(plan, x)
+    y = run_withprogress(plan, x)
     t_tiled = time.perf_counter() - t0
     err = tiling.rel_error(y, ref)
     print()
@@ -118,7 +106,7 @@ def plan(args: argparse.Namespace) -> int:
     import tiling
 
     model, x, name = _load(args)
-    grids = [_grid(g) for g in args.grid.split(",")]
+    grids = [parse_grid(g) for g in args.grid.split(",")]
     kw: dict[str, Any] = {"reuse": args.reuse}
     if args.stages:
         kw["stages"] = [int(s) if s.strip().isdigit() else s.strip() for s in args.stages.split(",")]
@@ -138,7 +126,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.check:
         with torch.no_grad():
             ref = model(x)
-        err = tiling.rel_error(run_with_progress(p, x), ref)
+        err = tiling.rel_error(run_withprogress(p, x), ref)
         print(f"check: relative error {err:.2e}: {'OK' if err <= 1e-4 else 'MISMATCH'}")
         return 0 if err <= 1e-4 else 1
     return 0
@@ -156,94 +144,123 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _grid_arg(text: str) -> Any:
-    return "auto" if text == "auto" else _grid(text)
+@dataclass(frozen=True)
+class ClusterRun:
+    """What ``demo`` and ``run`` ask of a cluster: a workload, devices, a plan request, frames."""
+
+    title: str
+    frames: int
+    devices: str
+    grid: str
+    mode: str
+    model: str | None = None
+    cfg: str | None = None
+    size: int | None = None
+    reuse: bool = False
+    stages: str | None = None
+    address: str | None = None
+    scale: float | None = None
+    profiles_file: str | None = None
+    trace: str | None = None
+    nodes: bool = False
+
+    def deploy_kw(self) -> tuple[Any, dict[str, Any]]:
+        kw: dict[str, Any] = {"mode": self.mode}
+        g = grid_arg(self.grid)
+        if g != "auto":
+            kw["reuse"] = self.reuse
+            if self.stages:
+                kw["stages"] = [int(v) for v in self.stages.split(",")]
+        return g, kw
 
 
-def _cluster_run(args: argparse.Namespace, *, model: str | None, cfg: str | None, size: int | None, frames: int,
-                 devices: str, grid: str, mode: str, reuse: bool, stages: str | None, address: str | None,
-                 scale: float | None, profiles_file: str | None, trace: str | None, title: str) -> int:
+def _cluster_run(r: ClusterRun) -> int:
     """Deploy, stream frames with a progress bar, check each against the untiled model, report."""
-    import fleet
     import tiling
-    from tiling.report import table
+    from fleet.bench.runner import frames_for, load_workload
 
-    from .bench import frames_for, load_workload, standalone_s
-
-    w = load_workload(model, cfg, size)
-    xs = frames_for(w, frames)
-    print(f"{title}: {w.name} {tuple(w.example.shape[1:])} on {address or devices}, {frames} frames, "
-          f"grid {grid}, {mode} mode")
+    w = load_workload(r.model, r.cfg, r.size)
+    xs = frames_for(w, r.frames)
+    print(f"{r.title}: {w.name} {tuple(w.example.shape[1:])} on {r.address or r.devices}, {r.frames} frames, "
+          f"grid {r.grid}, {r.mode} mode")
     with torch.no_grad():
-        refs = [w.model(x) for x in _progress_iter(xs, "references (untiled, this host)")]
-    kw: dict[str, Any] = {"mode": mode}
-    g = _grid_arg(grid)
-    if g != "auto":
-        kw["reuse"] = reuse
-        if stages:
-            kw["stages"] = [int(v) for v in stages.split(",")]
-    with fleet.connect(address, emulate=None if address else devices, scale=scale,
-                       profiles_file=profiles_file, nodes=bool(getattr(args, "nodes", False))) as cluster:
-        t0 = time.monotonic()
-        dep = cluster.deploy(w.model, w.example, grid=g, **kw)
-        print(f"deployed in {time.monotonic() - t0:.1f} s (weights shipped once per device)")
-        print(dep.plan_summary())
-        outs = []
-        t0 = time.monotonic()
-        depth = 1 if mode == "latency" else 2 * len(cluster.devices())
-        with _progress(frames, "frames", "frame") as bar:
-            for y in dep.stream(xs, in_flight=depth):
-                outs.append(y)
-                bar.update(1)
-        wall = time.monotonic() - t0
-        errs = [tiling.rel_error(y, r) for y, r in zip(outs, refs)]
-        st = dep.stats()
-        if trace:
-            print(f"trace written to {dep.trace(trace)}")
-        s = cluster.scale
-        rows = []
-        for did, d in st["devices"].items():
-            rows.append([did, d["tiles"], d["tails"], f"{d['busy_s'] / s:.2f}", f"{d['bytes_in'] / MIB:.1f}",
-                         f"{d['bytes_out'] / MIB:.1f}", f"{d['peak_bytes'] / MIB:.1f}", d["steals"], d["retries"],
-                         "alive" if d["alive"] else "lost"])
-        print()
-        print(table(["device", "tiles", "tails", "busy s", "MiB in", "MiB out", "peak MiB", "steals", "retries",
-                     "state"], rows))
-        profs = {x["id"]: x for x in cluster.devices()}
-    plan = dep.plan
-    emu = [p for p in profs.values() if p["emulated"]]
+        refs = [w.model(x) for x in progress_iter(xs, "references (untiled, this host)")]
+    outs, wall, st, profs, plan, scale = _stream(r, w, xs)
+    errs = [tiling.rel_error(y, ref) for y, ref in zip(outs, refs)]
     print()
-    per_frame = wall / s / frames
-    print(f"{frames} frames in {wall:.1f} s wall" + (f" (clock scale {s:g}: {wall / s:.1f} emulated s)" if s != 1 else "")
-          + f"; p50 latency {st['frames'].get('p50_ms', 0) / s:.0f} ms")
-    if emu:
-        from sims.catalog import parse_spec, profiles
-
-        first = parse_spec(devices, profiles(profiles_file))[0].profile
-        base = standalone_s(plan.untiled_flops + plan.tail.flops, first)
-        print(f"one {first.name} alone (untiled, frame already there): {base:.2f} s per frame; "
-              f"here {per_frame:.2f} s per frame: speedup {base / per_frame:.2f}x")
+    print(_device_table(st, scale))
+    print()
+    per_frame = wall / scale / r.frames
+    print(f"{r.frames} frames in {wall:.1f} s wall"
+          + (f" (clock scale {scale:g}: {wall / scale:.1f} emulated s)" if scale != 1 else "")
+          + f"; p50 latency {st['frames'].get('p50_ms', 0) / scale:.0f} ms")
+    if any(p["emulated"] for p in profs.values()):
+        print(_speedup_line(r, plan, per_frame))
     ok = max(errs) <= 1e-4
     print(f"check: {len(errs)} results against the untiled model, largest relative error {max(errs):.2e}: "
           f"{'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 
-def _progress_iter(items: list[Any], desc: str) -> Any:
-    from tqdm import tqdm
+def _stream(r: ClusterRun, w: Any, xs: list[torch.Tensor]) -> tuple[list[Any], float, dict[str, Any],
+                                                                    dict[str, Any], Any, float]:
+    """Connect, deploy, stream every frame; (outputs, wall s, stats, device figures, plan, clock scale)."""
+    import fleet
 
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    g, kw = r.deploy_kw()
+    with fleet.connect(r.address, emulate=None if r.address else r.devices, scale=r.scale,
+                       profiles_file=r.profiles_file, nodes=r.nodes) as cluster:
+        t0 = time.monotonic()
+        dep = cluster.deploy(w.model, w.example, grid=g, **kw)
+        print(f"deployed in {time.monotonic() - t0:.1f} s (weights shipped once per device)")
+        print(dep.plan_summary())
+        outs = []
+        t0 = time.monotonic()
+        depth = 1 if r.mode == "latency" else 2 * len(cluster.devices())
+        with progress(r.frames, "frames", "frame") as bar:
+            for y in dep.stream(xs, in_flight=depth):
+                outs.append(y)
+                bar.update(1)
+        wall = time.monotonic() - t0
+        st = dep.stats()
+        if r.trace:
+            print(f"trace written to {dep.trace(r.trace)}")
+        profs = {x["id"]: x for x in cluster.devices()}
+        return outs, wall, st, profs, dep.plan, cluster.scale
+
+
+def _device_table(st: dict[str, Any], scale: float) -> str:
+    from tiling.report import table
+
+    rows = []
+    for did, d in st["devices"].items():
+        rows.append([did, d["tiles"], d["tails"], f"{d['busy_s'] / scale:.2f}", f"{d['bytes_in'] / MIB:.1f}",
+                     f"{d['bytes_out'] / MIB:.1f}", f"{d['peak_bytes'] / MIB:.1f}", d["steals"], d["retries"],
+                     "alive" if d["alive"] else "lost"])
+    return table(["device", "tiles", "tails", "busy s", "MiB in", "MiB out", "peak MiB", "steals", "retries",
+                  "state"], rows)
+
+
+def _speedup_line(r: ClusterRun, plan: Any, per_frame: float) -> str:
+    from fleet.bench.runner import standalone_s
+    from sims.catalog import parse_spec, profiles
+
+    first = parse_spec(r.devices, profiles(r.profiles_file))[0].profile
+    base = standalone_s(plan.untiled_flops + plan.tail.flops, first)
+    return (f"one {first.name} alone (untiled, frame already there): {base:.2f} s per frame; "
+            f"here {per_frame:.2f} s per frame: speedup {base / per_frame:.2f}x")
 
 
 def run(args: argparse.Namespace) -> int:
-    return _cluster_run(args, model=args.model, cfg=args.cfg, size=args.size, frames=args.frames,
-                        devices=args.devices, grid=args.grid, mode=args.mode, reuse=args.reuse, stages=args.stages,
-                        address=args.address, scale=args.scale, profiles_file=args.profiles, trace=args.trace,
-                        title="tilefleet run")
+    return _cluster_run(ClusterRun("tilefleet run", model=args.model, cfg=args.cfg, size=args.size,
+                                   frames=args.frames, devices=args.devices, grid=args.grid, mode=args.mode,
+                                   reuse=args.reuse, stages=args.stages, address=args.address, scale=args.scale,
+                                   profiles_file=args.profiles, trace=args.trace, nodes=bool(args.nodes)))
 
 
 def devices(args: argparse.Namespace) -> int:
-    from sims.catalog import catalog_table, load_profiles
+    from sims.catalog import load_profiles
+    from sims.report import catalog_table
 
     extra = load_profiles(args.profiles) if args.profiles else None
     print(catalog_table(extra))
@@ -251,6 +268,6 @@ def devices(args: argparse.Namespace) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .benchcli import bench_command
+    from .bench import bench_command
 
     return bench_command(args)

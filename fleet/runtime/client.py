@@ -1,0 +1,240 @@
+"""The Python client: connect to a cluster, deploy a model, submit frames.
+
+    with fleet.connect(emulate="pi3*4") as cluster:
+        dep = cluster.deploy(model, example, grid=(5, 5))
+        y = dep(x)                      # equals model(x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import tiling
+from sims.catalog import DeviceSpec, Profile, host_profile, parse_spec, profiles
+from sims.speed import measure_host_gflops
+
+
+from .calibrate import calibrate, this_host
+from .deployment import ClusterClosed, Deployment, DeploymentState, new_deployment_id
+from .driver import Device, Driver, FrameFailed
+from .nodes import LocalNodes, NodeWatcher, discover_devices, start_local_devices
+from .wiring import wire
+
+__all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
+
+log = logging.getLogger("tilefleet.client")
+_deployment_ids = itertools.count()
+
+
+def _ray_init(address: str | None, num_cpus: int | None, node_ip: str | None = None) -> bool:
+    """Start or join Ray; returns whether we started it (and so must shut it down)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 2**20, configure_logging=False,
+                 _system_config={"health_check_period_ms": 500, "health_check_timeout_ms": 500,
+                                 "health_check_failure_threshold": 3})
+        return True
+    ray.init(address=address, log_to_driver=False, configure_logging=False,
+             **({"_node_ip_address": node_ip} if node_ip else {}))
+    return True
+
+
+def _lan_head(cluster: str | None, token_file: str | None, insecure: bool, timeout: float) -> tuple[str, str]:
+    """Find a LAN head by zeroconf and check it like ``tilefleet join`` does: (GCS address, our IP).
+
+    A Ray driver needs a raylet on its own machine: run this on a joined device, or after
+    ``tilefleet join --client`` on a laptop.
+    """
+    from fleet.lan.net import choose_node_ip
+    from fleet.lan.raynode import use_ray_auth
+    from fleet.lan.tokens import resolve_token
+    from fleet.lan.trust import pick_head
+
+    token = None if insecure else resolve_token(token_file, create=False)
+    advert, client = pick_head(token, cluster=cluster, timeout=timeout)
+    client.close()
+    use_ray_auth(token.path if token else None)
+    return f"{advert.host}:{advert.ray_port}", choose_node_ip(None, advert.host)
+
+
+def connect(address: str | None = None, *, emulate: str | None = None, profiles_file: str | None = None,
+            scale: float | None = None, max_in_flight: int = 2, threads_per_device: int = 1,
+            num_cpus: int | None = None, nodes: bool = False, cluster: str | None = None,
+            token_file: str | None = None, insecure: bool = False, timeout: float = 5.0) -> Cluster:
+    """Connect to a cluster.
+
+    ``connect(emulate="pi3*4,laptop")``: a local Ray instance whose devices are emulated profiles
+    (see ``tilefleet devices --catalog``). ``connect()``: a local instance whose devices are this
+    host's own cores. ``connect("auto")`` or ``connect("ray://host:10001")``: an existing cluster.
+    ``connect("zeroconf")`` or ``connect(cluster="lab")``: a LAN cluster started with ``tilefleet
+    head``, found by zeroconf and checked like ``tilefleet join`` (versions, token fingerprint, the
+    head's proof), using the join token (``token_file``, default ~/.config/tilefleet/token).
+    ``scale`` overrides the emulation clock scale (by default chosen so the host stays well ahead of
+    every emulated device). ``nodes=True`` (local devices only) makes each device its own Ray node
+    on this machine, with its own object store: stage outputs cross nodes as on a LAN, and
+    ``fail()`` kills the device's whole node.
+    """
+    import ray
+
+    table = profiles(profiles_file)
+    node_ip = None
+    if address == "zeroconf" or cluster is not None:
+        if emulate is not None or nodes:
+            raise ValueError("connect to a LAN cluster (zeroconf / cluster=) or emulate devices, not both")
+        address, node_ip = _lan_head(cluster, token_file, insecure, timeout)
+    if emulate is not None:
+        specs = parse_spec(emulate, table)
+    elif address is None:
+        n = max(1, (os.cpu_count() or 2) // threads_per_device)
+        specs = parse_spec(f"host*{n}", table)
+    else:
+        specs = []
+    if nodes and not specs:
+        raise ValueError("nodes=True makes local devices one Ray node each; it does not apply to an existing "
+                         "cluster (address=...)")
+    local_nodes = LocalNodes(specs, threads_per_device) if nodes else None
+    try:
+        started = _ray_init(local_nodes.address if local_nodes else address,
+                            num_cpus if num_cpus is not None else max(2, os.cpu_count() or 2), node_ip)
+    except BaseException:
+        if local_nodes:
+            local_nodes.shutdown()
+        raise
+    try:
+        if specs:
+            host_gflops = measure_host_gflops(threads=threads_per_device)
+            specs = [DeviceSpec(s.id, host_profile(host_gflops * threads_per_device)) if not s.profile.emulated
+                     else s for s in specs]
+            devices = start_local_devices(specs, host_gflops, scale, threads_per_device,
+                                           local_nodes.node_ids if local_nodes else None)
+        else:
+            devices = discover_devices(table)
+            scale = 1.0
+    except BaseException:
+        if started:
+            ray.shutdown()
+        if local_nodes:
+            local_nodes.shutdown()
+        raise
+    return Cluster(devices, started, max_in_flight=max_in_flight,
+                   scale=devices[next(iter(devices))].scale if devices else 1.0, publish_tiles=not specs,
+                   watch=table if (local_nodes or not specs) else None, local_nodes=local_nodes)
+
+
+class Cluster:
+    """A set of devices with one driver; deployments share it (and the devices' memory)."""
+
+    def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float,
+                 publish_tiles: bool = False, watch: dict[str, Profile] | None = None,
+                 local_nodes: LocalNodes | None = None) -> None:
+        self._owns_ray = owns_ray
+        self._local_nodes = local_nodes
+        self.scale = scale
+        self.driver = Driver(devices, max_in_flight=max_in_flight, publish_tiles=publish_tiles)
+        self.deployments: list[Deployment] = []
+        self.closed = False
+        # an existing cluster: follow nodes joining and dying (its profile table prices the newcomers)
+        self._watcher = NodeWatcher(self.driver, watch) if watch is not None else None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device: id, profile figures, state."""
+        self._check()
+        return self.driver.call(self.driver.device_table)
+
+    def deploy(self, model: nn.Module, example: torch.Tensor, grid: Any = "auto", *, mode: str = "latency",
+               **kw: Any) -> Deployment:
+        """Partition ``model`` for this cluster and ship its stages' weights to every device once."""
+        self._check()
+        if mode not in ("latency", "throughput"):
+            raise ValueError(f"mode must be 'latency' or 'throughput', got {mode!r}")
+        alive = self.driver.call(self.driver.alive_specs)
+        if isinstance(grid, str) and grid == "auto":
+            from .planner import choose_plan
+
+            if any(this_host(d.profile) for d in alive):
+                rate = calibrate(model, example, concurrent=sum(this_host(d.profile) for d in alive))
+                alive = [DeviceSpec(d.id, dataclasses.replace(d.profile, gflops=rate)) if this_host(d.profile) else d
+                         for d in alive]
+            plan, choice = choose_plan(model, example, alive, mode=mode, scale=self.scale, **kw)
+        else:
+            plan, choice = tiling.partition(model, example, grid, **kw), None
+        t0 = time.monotonic()
+        state = ship(new_deployment_id(), plan, example)
+        self.driver.call(lambda: self.driver.load(state))  # every alive device, before the first frame
+        dep = Deployment(state, self.driver, choice, time.monotonic() - t0,
+                         alive_devices=lambda: len(self.driver.call(self.driver.alive_specs)),
+                         cluster_check=self._check, scale=self.scale, detection_times=self.detection_times,
+                         on_close=self.deployments.remove)
+        self.deployments.append(dep)
+        return dep
+
+    def fail(self, device_id: str) -> float:
+        """Crash a device as hardware would: SIGKILL its worker process (with ``nodes=True``, every
+        process of its Ray node). Returns the kill time."""
+        self._check()
+        pid = self.driver.call(lambda: self.driver.mark_killed(device_id))
+        if self._local_nodes is not None:
+            self._local_nodes.kill(device_id)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        return time.monotonic()
+
+    def detection_times(self) -> dict[str, float | None]:
+        """Per killed device: seconds from ``fail`` until the driver noticed (None: not yet)."""
+        return self.driver.call(self.driver.detection_times)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._watcher is not None:
+            self._watcher.stop.set()
+            self._watcher.thread.join(timeout=5)
+        for dep in list(self.deployments):
+            dep.close()
+        self.driver.stop()
+        self.closed = True
+        if self._owns_ray:
+            import ray
+
+            ray.shutdown()
+        if self._local_nodes is not None:
+            self._local_nodes.shutdown()
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ClusterClosed("this cluster is closed; call fleet.connect() again")
+
+
+def ship(dep_id: str, plan: tiling.Plan, example: torch.Tensor) -> DeploymentState:
+    """Put the plan's programs, tail and tile geometries in the object store once: every device
+    (and any that joins later) loads them by reference."""
+    import ray
+
+    programs = {s.index: ray.put(s.program) for s in plan.stages}
+    tail = ray.put(plan.tail) if not plan.tail.empty else None
+    geos = ray.put({s.index: [t.geometry for t in s.tiles] for s in plan.stages})
+    return DeploymentState(
+        id=dep_id, plan=plan, wiring=wire(plan), shipped=(programs, tail, geos),
+        tail_weights=sum(p.numel() * p.element_size() for p in plan.tail.gm.parameters()),
+        frame_bytes=int(np.prod(plan.input_shape)) * example.element_size())

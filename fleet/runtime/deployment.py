@@ -1,0 +1,194 @@
+"""A model deployed on a cluster: the public API (:class:`Deployment`) and what the driver owns of it
+(:class:`DeploymentState`).
+
+The split keeps threads apart. Client threads call ``Deployment`` (submit, stream, stats, trace);
+the driver thread alone reads and writes ``DeploymentState`` (the plan's wiring, per-device
+counters, latencies). Everything a client sees of the driver's side is a snapshot made on the
+driver thread through ``Driver.call``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import tiling
+from scheduler import FrameSpec
+
+from .stats import DeploymentStats, write_chrome_trace
+from .wiring import Wiring, frame_spec
+
+
+class DriverHandle(Protocol):
+    """What a deployment asks of the driver (:class:`fleet.runtime.driver.Driver`); a protocol, so
+    this module stays below the driver in the import order."""
+
+    trace: list[Any]
+
+    def call(self, fn: Callable[[], Any]) -> Any: ...
+
+    def submit(self, state: DeploymentState, x: np.ndarray) -> Future: ...
+
+    def snapshot(self, state: DeploymentState) -> dict[str, Any]: ...
+
+    def unload(self, state: DeploymentState) -> None: ...
+
+_deployment_ids = itertools.count()
+
+
+class ClusterClosed(RuntimeError):
+    """The cluster (or deployment) was closed; connect again."""
+
+
+def new_deployment_id() -> str:
+    return f"dep{next(_deployment_ids)}"
+
+
+@dataclass
+class DeploymentState:
+    """What the driver needs of a deployment, and the statistics it keeps for it (driver thread only)."""
+
+    id: str
+    plan: tiling.Plan
+    wiring: Wiring
+    shipped: tuple[Any, Any, Any]  # object references of programs, tail, geometries: late joiners load them
+    tail_weights: int
+    frame_bytes: int
+    stats: DeploymentStats = field(default_factory=DeploymentStats)
+    closed: bool = False
+
+    def frame_spec(self, fid: int) -> FrameSpec:
+        return frame_spec(self.wiring, fid, self.id, self.plan.tail.flops, self.frame_bytes,
+                          self.plan.tail.out_bytes, self.tail_weights)
+
+    def finish_outputs(self, env: dict[str, np.ndarray]) -> Any:
+        """The frame's result from its last stage's stitched outputs (a plan with no tail to ship)."""
+        return map_tensors(self.plan.tail.run({k: torch.from_numpy(v) for k, v in env.items()}), lambda t: t)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(s.weight_bytes for s in self.plan.stages)
+
+
+class Deployment:
+    """One model deployed on a cluster: fixed (C, H, W) and dtype, any batch size.
+
+    Made by ``Cluster.deploy``. ``plan`` and ``choice`` (the auto-planner's candidates, or None)
+    are read-only; frames go in through :meth:`submit`, :meth:`__call__` or :meth:`stream`.
+    """
+
+    def __init__(self, state: DeploymentState, driver: DriverHandle, choice: Any, deploy_s: float,
+                 alive_devices: Callable[[], int], cluster_check: Callable[[], None], scale: float,
+                 detection_times: Callable[[], dict[str, float | None]],
+                 on_close: Callable[[Deployment], None]) -> None:
+        self._state = state
+        self._driver = driver
+        self.id = state.id
+        self.plan = state.plan
+        self.choice = choice
+        self.deploy_s = deploy_s
+        self._alive_devices = alive_devices
+        self._cluster_check = cluster_check
+        self._scale = scale
+        self._detection_times = detection_times
+        self._on_close = on_close
+        self.closed = False
+
+    # --- frames --------------------------------------------------------------------------------------
+    def _as_batch(self, x: Any) -> tuple[np.ndarray, bool]:
+        if not isinstance(x, torch.Tensor):
+            raise tiling.InputMismatch(f"frames must be torch tensors, got {type(x).__name__}")
+        single = x.dim() == 3
+        if single:
+            x = x.unsqueeze(0)
+        self.plan.check_input(x)
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise tiling.InputMismatch("the frame contains NaN or Inf; clean it (torch.nan_to_num) before sending")
+        return x.detach().cpu().contiguous().numpy(), single
+
+    def submit(self, x: torch.Tensor) -> Future:
+        """Send a frame; returns a future of the result (``.result(timeout=...)``)."""
+        self._check()
+        arr, single = self._as_batch(x)
+        inner = self._driver.submit(self._state, arr)
+        if not single:
+            return inner
+        outer: Future = Future()
+
+        def unwrap(f: Future) -> None:
+            try:
+                outer.set_result(map_tensors(f.result(), lambda t: t[0]))
+            except BaseException as e:  # noqa: BLE001
+                outer.set_exception(e)
+
+        inner.add_done_callback(unwrap)
+        return outer
+
+    def __call__(self, x: torch.Tensor, timeout: float | None = 300) -> Any:
+        return self.submit(x).result(timeout=timeout)
+
+    def stream(self, frames: Iterable[torch.Tensor], in_flight: int | None = None,
+               timeout: float | None = 300) -> Iterator[Any]:
+        """Results in submission order, keeping ``in_flight`` frames in the cluster at once."""
+        depth = in_flight or max(2, self._alive_devices())
+        window: deque[Future] = deque()
+        for x in frames:
+            window.append(self.submit(x))
+            if len(window) >= depth:
+                yield window.popleft().result(timeout=timeout)
+        while window:
+            yield window.popleft().result(timeout=timeout)
+
+    # --- reports -------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per device: tiles, busy (emulated compute) seconds, bytes, peak bytes, steals, retries;
+        per frame: latency; per tile: dispatch overhead. Steals and retries are the cluster's (the
+        scheduler's) counters. A snapshot taken on the driver thread."""
+        snap = self._driver.call(lambda: self._driver.snapshot(self._state))
+        snap.update(deploy_s=self.deploy_s, scale=self._scale, detection_s=self._detection_times())
+        return snap
+
+    def reset_stats(self) -> None:
+        """Forget per-frame latencies and per-device counters (e.g. after warm-up frames)."""
+        self._driver.call(self._state.stats.reset)
+
+    def trace(self, path: str | os.PathLike[str]) -> Path:
+        """Write a Chrome trace (chrome://tracing, Perfetto) of tiles and transfers per device."""
+        return write_chrome_trace(self._driver.call(lambda: list(self._driver.trace)), path)
+
+    def plan_summary(self) -> str:
+        text = self.plan.summary()
+        if self.choice is not None:
+            text += "\n" + self.choice.summary()
+        return text
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._driver.call(lambda: self._driver.unload(self._state))
+        self._on_close(self)
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ClusterClosed("this deployment is closed; deploy again")
+        self._cluster_check()
+
+
+def map_tensors(x: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(map_tensors(v, fn) for v in x)
+    return x
