@@ -334,24 +334,30 @@ class Driver:
     # --- instructions ------------------------------------------------------------------------------
 
     def _execute(self, instructions: list[Any]) -> None:
+        """Carry out the scheduler's instructions: every type has one handler, an unknown one raises."""
         for ins in instructions:
+            handler = self._HANDLERS.get(type(ins))
+            if handler is None:
+                raise TypeError(f"the driver has no handler for instruction {ins!r}; handled: "
+                                f"{', '.join(t.__name__ for t in self._HANDLERS)}")
             try:
-                if isinstance(ins, Dispatch):
-                    self._dispatch(ins.key, ins.device)
-                elif isinstance(ins, RunTail):
-                    self._run_tail(ins.frame_id, ins.device)
-                elif isinstance(ins, Complete):
-                    self._complete(ins.frame_id)
-                elif isinstance(ins, FailFrame):
-                    self._fail(ins.frame_id, ins.reason)
-                elif isinstance(ins, Cancel):
-                    self._cancel(ins.key, ins.device)
-                elif isinstance(ins, Stitch):
-                    pass  # stitching is done by the consumer: next-stage tiles, the tail, or _complete
+                handler(self, ins)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError) as e:
                 device = getattr(ins, "device", None)
                 if device is not None:
                     self._lost(device, type(e).__name__)
+
+    def _on_stitch(self, ins: Stitch) -> None:
+        """Nothing to move: the consumer stitches (next-stage tiles, the tail's worker, or _complete)."""
+
+    _HANDLERS: dict[type, Callable[[Driver, Any], None]] = {
+        Dispatch: lambda d, i: d._dispatch(i.key, i.device),
+        RunTail: lambda d, i: d._run_tail(i.frame_id, i.device),
+        Complete: lambda d, i: d._complete(i.frame_id),
+        FailFrame: lambda d, i: d._fail(i.frame_id, i.reason),
+        Cancel: lambda d, i: d._cancel(i.key, i.device),
+        Stitch: lambda d, i: d._on_stitch(i),
+    }
 
     def _dispatch(self, key: tuple[int, int, int], device: str) -> None:
         fid, stage_i, idx = key
