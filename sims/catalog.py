@@ -373,13 +373,15 @@ def _lookup(name: str, table: Mapping[str, Profile], where: str) -> Profile:
     raise ProfileError(f"unknown device profile {name!r} in {where}{_suggest(name, table)}")
 
 
-def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None) -> list[DeviceSpec]:
+def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None, *,
+               max_devices: int | None = MAX_DEVICES) -> list[DeviceSpec]:
     """Turn ``"pi3*2, pi4*2, laptop"`` into devices with stable ids (``pi3-0``, ``pi3-1``, ...).
 
     Ids are numbered per profile name across the whole spec (``"pi3, pi4, pi3"`` gives ``pi3-0``,
     ``pi4-0``, ``pi3-1``), so adding a device of another class never renames existing ones. Profiles
     in ``extra`` are looked up before the built-ins, which lets a profile file override nothing by
     accident yet still be used by name. Every error says what was wrong, where, and what is accepted.
+    ``max_devices`` caps emulation (one machine emulates every device); the simulator passes None.
     """
     if not isinstance(spec, str):
         raise ProfileError(f"cluster spec must be a string such as 'pi3*4,jetson-nano', got {spec!r}")
@@ -411,10 +413,10 @@ def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None) -> list[De
             raise ProfileError(f"missing profile name in {where}")
         profile = _lookup(name, table, where)
         total += count
-        if total > MAX_DEVICES:
+        if max_devices is not None and total > max_devices:
             raise ProfileError(
-                f"cluster spec {spec!r} names more than {MAX_DEVICES} devices; "
-                "one machine cannot emulate a cluster that large meaningfully"
+                f"cluster spec {spec!r} names more than {max_devices} devices; one machine cannot emulate a "
+                "cluster that large meaningfully (`tilefleet sim` simulates any number)"
             )
         entries.append((profile, count))
     seen: dict[str, int] = {}

@@ -56,7 +56,7 @@ def test_existing_cluster_devices_and_exact_results(ray_cluster: object) -> None
         # the per-node counts `tilefleet devices` shows: published to the cluster's KV by the driver
         from ray.experimental import internal_kv
 
-        from fleet.runtime.driver import KV_NAMESPACE, TILES_KEY
+        from fleet.runtime.raytransport import KV_NAMESPACE, TILES_KEY
 
         total = sum(d["tiles"] for d in st["devices"].values())
         deadline = time.monotonic() + 10

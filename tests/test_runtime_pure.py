@@ -12,9 +12,11 @@ from torch import nn
 import tiling
 from fleet.runtime.wiring import remote_bytes, wire
 from fleet.runtime.planner import choose_plan, downsampling_boundaries
-from scheduler import DeviceInfo, FrameSpec, TileSpec
+from scheduler import DeviceInfo
 from sims.catalog import DeviceSpec, parse_spec, profiles
-from sims.predict import predict, steady_fps, throughput_depth, trim_for
+from sims.metrics import steady_fps, throughput_depth, trim_for
+from sims.predict import predict
+from sims.simulate import simulate
 from tiling.geometry import Box
 from tiling.stitch import stitch
 from workers.executor import TileExecutor, TileFailure, TileResult
@@ -112,28 +114,13 @@ def test_throughput_depth() -> None:
     assert throughput_depth([1, 1000]) == 48
 
 
-def _frame(fid: int, n: int, flops: int) -> FrameSpec:
-    return FrameSpec(fid, tuple(TileSpec(0, i, flops, 1000, 1000, 10) for i in range(n)), (0,))
-
-
-def test_predict_exact_on_simple_cases() -> None:
+def test_predict_is_the_simulator() -> None:
+    """The planner's predictor runs the simulator (tests/test_sim.py checks its timings exactly)."""
+    plan = tiling.partition(small_net(), torch.randn(1, 3, 32, 32), grid=(2, 2))
     devs = parse_spec("pi3*2", profiles())
-    # 4 GFLOP on two 4 GFLOP/s devices, 2 tiles of 2 GFLOP: 0.5 s compute + 5 ms + transfers + dispatch
-    p = predict(devs, lambda f: _frame(f, 2, 2 * 10**9), frames=1, dispatch_s=0.0)
-    link = devs[0].profile.link_bps
-    expected = 1000 / link + 0.003 + 0.5 + 0.005 + 1000 / link + 0.003
-    assert p.latency_s == pytest.approx(expected, rel=1e-9)
-    assert p.tiles_per_device == {"pi3-0": 1, "pi3-1": 1}
-    # throughput: whole frames per device, 1 s each -> 2 frames/s
-    p = predict(devs, lambda f: _frame(f, 1, 4 * 10**9), frames=40, in_flight=4, dispatch_s=0.0)
-    assert p.fps == pytest.approx(2 / (1.005 + 2 * 1000 / link), rel=0.01)
-
-
-def test_predict_reports_frames_that_fit_nowhere() -> None:
-    devs = parse_spec("pi3-24m", profiles())
-    big = lambda f: FrameSpec(f, (TileSpec(0, 0, 10, 10, 10, 100 * 2**20),), (0,))  # noqa: E731
-    p = predict(devs, big, frames=1)
-    assert p.failed and "bytes" in p.failed[0]
+    p = predict(plan, devs, frames=3)
+    assert p.frames == 3 and not p.failed and sum(p.tiles_per_device.values()) == 3 * len(plan.tiles)
+    assert p.latency_s == sorted(simulate(plan, devs, frames=3).latency_s)[1]
 
 
 def test_auto_plan_prefers_splitting_on_equal_devices_and_one_device_when_one_dominates() -> None:

@@ -9,6 +9,7 @@ pooling, zeros plus whole-image divisors for average pooling. A cut never pads.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,32 @@ _FOLDABLE_BN = (nn.BatchNorm2d,)
 
 def _key(path: str) -> str:
     return path.replace(".", "__")
+
+
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]] = \
+    weakref.WeakKeyDictionary()
+
+
+def fold_batch_norm(w: torch.Tensor, b: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv's weight and bias with the eval-mode batch norm after it folded in (in float64, then
+    back to the weight's dtype). Memoised per batch norm while the tensors are unchanged: the
+    auto-planner builds dozens of candidate plans of one model, and folding dominated their cost."""
+    versions = tuple(None if t is None else (id(t), t._version)
+                     for t in (w, b, bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    hit = _FOLDED.get(bn)
+    if hit is not None and hit[0] == versions:
+        return hit[1], hit[2]
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if b is not None:
+        shift = shift + b.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    fw, fb = (w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype), shift.to(w.dtype)
+    _FOLDED[bn] = (versions, fw, fb)
+    return fw, fb
 
 
 class StageProgram(nn.Module):
@@ -71,17 +98,10 @@ class StageProgram(nn.Module):
             if len(s.args) != 1 or s.kwargs:
                 continue
             w, b = self._conv_weights(conv, modules[conv.target] if conv.how == "module" else None)
-            scale = bn.running_var.double().add(bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight.double()
-            shift = -bn.running_mean.double() * scale
-            if b is not None:
-                shift = shift + b.double() * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias.double()
+            fw, fb = fold_batch_norm(w, b, bn)
             i = len(self._folded)
-            self.register_buffer(f"fold_w_{i}", (w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype))
-            self.register_buffer(f"fold_b_{i}", shift.to(w.dtype))
+            self.register_buffer(f"fold_w_{i}", fw)
+            self.register_buffer(f"fold_b_{i}", fb)
             self._folded[conv.name] = (f"fold_w_{i}", f"fold_b_{i}")
             self._passthrough.add(s.name)
 

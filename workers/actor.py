@@ -25,7 +25,15 @@ from tiling.geometry import Box
 from tiling.regions import TileGeometry
 from tiling.stitch import stitch
 
-from .executor import TileExecutor, TileFailure, keep_freed_activations, to_numpy_tree, to_torch_tree
+from .executor import (
+    TileExecutor,
+    TileFailure,
+    keep_freed_activations,
+    to_numpy_tree,
+    to_torch_tree,
+)
+from .report import Cost, Report
+
 
 class Timeline(Protocol):
     """When an emulated device receives, computes and delivers one tile (its own clock)."""
@@ -93,7 +101,7 @@ class TileWorker:
             del self.geometries[key]
 
     def run_tile(self, deployment: str, stage: int, tile: int, inputs: dict[str, Any],
-                 pieces: dict[str, list[tuple[Box, Any, int]]], cost: dict[str, int]) -> tuple[Any, Any]:
+                 pieces: dict[str, list[tuple[Box, Any, int]]], cost: Cost) -> tuple[Report, Any]:
         arrive = time.monotonic()
         try:
             geo = self.geometries[(deployment, stage)][tile]
@@ -105,8 +113,7 @@ class TileWorker:
         timeline = None
         if self.emulation is not None:
             with self._admit:
-                timeline = self.emulation.admit(arrive, cost["in_bytes"] + piece_bytes, cost["flops"],
-                                                cost["out_bytes"])
+                timeline = self.emulation.admit(arrive, cost.in_bytes + piece_bytes, cost.flops, cost.out_bytes)
         res = self._compute.submit(self.executor.run, deployment, stage, geo, resolved, resolved_pieces).result()
         computed_at = time.monotonic()
         if isinstance(res, TileFailure):
@@ -114,14 +121,13 @@ class TileWorker:
         self.tiles_done += 1
         if timeline is not None:
             time.sleep(max(0.0, timeline.done - time.monotonic()))
-        meta = self._meta(None, arrive, timeline)
-        meta.update(compute_s=res.compute_s, bytes_in=res.bytes_in, bytes_out=res.bytes_out,
-                    torch_device=res.device, computed_at=computed_at)
+        meta = self._meta(None, arrive, timeline, compute_s=res.compute_s, bytes_in=res.bytes_in,
+                          bytes_out=res.bytes_out, torch_device=res.device, computed_at=computed_at)
         return meta, {"out": res.outputs, "exp": res.exports}
 
     def run_tail(self, deployment: str, env_parts: dict[str, list[tuple[Box, Any, str]]],
                  shapes: dict[str, tuple[int, ...]], given: dict[str, Any],
-                 cost: dict[str, int] | None = None) -> tuple[Any, Any]:
+                 cost: Cost | None = None) -> tuple[Report, Any]:
         """Stitch the last stage's outputs from their tiles and run the tail here."""
         arrive = time.monotonic()
         timeline = None
@@ -134,7 +140,7 @@ class TileWorker:
             tail = self.tails[deployment]
             if self.emulation is not None and cost is not None:
                 with self._admit:
-                    timeline = self.emulation.admit(arrive, cost["in_bytes"], cost["flops"], cost["out_bytes"])
+                    timeline = self.emulation.admit(arrive, cost.in_bytes, cost.flops, cost.out_bytes)
             def work() -> tuple[Any, float]:
                 t0 = time.perf_counter()
                 out = to_numpy_tree(tail.run(to_torch_tree(env)))
@@ -146,18 +152,14 @@ class TileWorker:
             return self._meta(fail, arrive, timeline), None
         if timeline is not None:
             time.sleep(max(0.0, timeline.done - time.monotonic()))
-        meta = self._meta(None, arrive, timeline)
-        meta["compute_s"] = dt
-        return meta, out
+        return self._meta(None, arrive, timeline, compute_s=dt), out
 
-    def _meta(self, fail: TileFailure | None, arrive: float, timeline: Any) -> dict[str, Any]:
-        meta: dict[str, Any] = {"device": self.device_id, "ok": fail is None, "arrive": arrive,
-                                "finish": time.monotonic()}
+    def _meta(self, fail: TileFailure | None, arrive: float, timeline: Any, **figures: Any) -> Report:
+        tl = timeline.as_dict() if timeline is not None else None
         if fail is not None:
-            meta.update(error=fail.error, message=fail.message, retryable=fail.retryable)
-        if timeline is not None:
-            meta["timeline"] = timeline.as_dict()
-        return meta
+            return Report(self.device_id, False, arrive, time.monotonic(), timeline=tl, error=fail.error,
+                          message=fail.message, retryable=fail.retryable)
+        return Report(self.device_id, True, arrive, time.monotonic(), timeline=tl, **figures)
 
 
 def _get(v: Any) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 
 import tiling
 from sims.catalog import Profile, parse_spec, profiles
-from sims.predict import throughput_depth
+from sims.metrics import throughput_depth
 
 MIB = 2**20
 
@@ -62,7 +62,7 @@ def standalone_s(flops: int, p: Profile, in_bytes: int = 0, out_bytes: int = 0, 
 
 
 def _fps(done: list[float], in_flight: int) -> tuple[float, int]:
-    from sims.predict import steady_fps, trim_for
+    from sims.metrics import steady_fps, trim_for
 
     return steady_fps(done, in_flight), trim_for(len(done), in_flight)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sims.predict import throughput_depth
+from sims.metrics import throughput_depth
 
 from .runner import frames_for, load_workload
 

@@ -15,7 +15,6 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,12 +22,12 @@ import tiling
 from sims.catalog import DeviceSpec, Profile, host_profile, parse_spec, profiles
 from sims.speed import measure_host_gflops
 
-
 from .calibrate import calibrate, this_host
 from .deployment import ClusterClosed, Deployment, DeploymentState, new_deployment_id
 from .driver import Device, Driver, FrameFailed
+from .loop import DriverThread, RealClock
 from .nodes import LocalNodes, NodeWatcher, discover_devices, start_local_devices
-from .wiring import wire
+from .raytransport import RayTransport
 
 __all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
 
@@ -145,7 +144,13 @@ class Cluster:
         self._owns_ray = owns_ray
         self._local_nodes = local_nodes
         self.scale = scale
-        self.driver = Driver(devices, max_in_flight=max_in_flight, publish_tiles=publish_tiles)
+        transport = RayTransport(devices, publish_tiles=publish_tiles)
+
+        def make_driver(clock: RealClock) -> Driver:
+            transport.driver = Driver(devices, transport, clock, max_in_flight=max_in_flight)
+            return transport.driver
+
+        self.driver = DriverThread(make_driver, transport.poll)
         self.deployments: list[Deployment] = []
         self.closed = False
         # an existing cluster: follow nodes joining and dying (its profile table prices the newcomers)
@@ -160,7 +165,7 @@ class Cluster:
     def devices(self) -> list[dict[str, Any]]:
         """Every device: id, profile figures, state."""
         self._check()
-        return self.driver.call(self.driver.device_table)
+        return self.driver.call(self.driver.core.device_table)
 
     def deploy(self, model: nn.Module, example: torch.Tensor, grid: Any = "auto", *, mode: str = "latency",
                **kw: Any) -> Deployment:
@@ -168,7 +173,7 @@ class Cluster:
         self._check()
         if mode not in ("latency", "throughput"):
             raise ValueError(f"mode must be 'latency' or 'throughput', got {mode!r}")
-        alive = self.driver.call(self.driver.alive_specs)
+        alive = self.driver.alive_specs()
         if isinstance(grid, str) and grid == "auto":
             from .planner import choose_plan
 
@@ -181,9 +186,9 @@ class Cluster:
             plan, choice = tiling.partition(model, example, grid, **kw), None
         t0 = time.monotonic()
         state = ship(new_deployment_id(), plan, example)
-        self.driver.call(lambda: self.driver.load(state))  # every alive device, before the first frame
+        self.driver.call(lambda: self.driver.core.load(state))  # every alive device, before the first frame
         dep = Deployment(state, self.driver, choice, time.monotonic() - t0,
-                         alive_devices=lambda: len(self.driver.call(self.driver.alive_specs)),
+                         alive_devices=lambda: len(self.driver.alive_specs()),
                          cluster_check=self._check, scale=self.scale, detection_times=self.detection_times,
                          on_close=self.deployments.remove)
         self.deployments.append(dep)
@@ -193,7 +198,7 @@ class Cluster:
         """Crash a device as hardware would: SIGKILL its worker process (with ``nodes=True``, every
         process of its Ray node). Returns the kill time."""
         self._check()
-        pid = self.driver.call(lambda: self.driver.mark_killed(device_id))
+        pid = self.driver.call(lambda: self.driver.core.mark_killed(device_id))
         if self._local_nodes is not None:
             self._local_nodes.kill(device_id)
         else:
@@ -202,7 +207,7 @@ class Cluster:
 
     def detection_times(self) -> dict[str, float | None]:
         """Per killed device: seconds from ``fail`` until the driver noticed (None: not yet)."""
-        return self.driver.call(self.driver.detection_times)
+        return self.driver.call(self.driver.core.detection_times)
 
     def close(self) -> None:
         if self.closed:
@@ -234,7 +239,4 @@ def ship(dep_id: str, plan: tiling.Plan, example: torch.Tensor) -> DeploymentSta
     programs = {s.index: ray.put(s.program) for s in plan.stages}
     tail = ray.put(plan.tail) if not plan.tail.empty else None
     geos = ray.put({s.index: [t.geometry for t in s.tiles] for s in plan.stages})
-    return DeploymentState(
-        id=dep_id, plan=plan, wiring=wire(plan), shipped=(programs, tail, geos),
-        tail_weights=sum(p.numel() * p.element_size() for p in plan.tail.gm.parameters()),
-        frame_bytes=int(np.prod(plan.input_shape)) * example.element_size())
+    return DeploymentState.build(dep_id, plan, example.element_size(), shipped=(programs, tail, geos))

@@ -25,14 +25,12 @@ import tiling
 from scheduler import FrameSpec
 
 from .stats import DeploymentStats, write_chrome_trace
-from .wiring import Wiring, frame_spec
+from .wiring import Wiring, frame_spec, wire
 
 
 class DriverHandle(Protocol):
-    """What a deployment asks of the driver (:class:`fleet.runtime.driver.Driver`); a protocol, so
-    this module stays below the driver in the import order."""
-
-    trace: list[Any]
+    """What a deployment asks of the driver's thread (:class:`fleet.runtime.loop.DriverThread`):
+    thread-safe calls only. A protocol, so this module stays below the driver in the import order."""
 
     def call(self, fn: Callable[[], Any]) -> Any: ...
 
@@ -41,6 +39,9 @@ class DriverHandle(Protocol):
     def snapshot(self, state: DeploymentState) -> dict[str, Any]: ...
 
     def unload(self, state: DeploymentState) -> None: ...
+
+    def trace_copy(self) -> list[Any]: ...
+
 
 _deployment_ids = itertools.count()
 
@@ -60,11 +61,18 @@ class DeploymentState:
     id: str
     plan: tiling.Plan
     wiring: Wiring
-    shipped: tuple[Any, Any, Any]  # object references of programs, tail, geometries: late joiners load them
+    shipped: Any  # (programs, tail, geometries) object references of programs, tail, geometries: late joiners load them
     tail_weights: int
     frame_bytes: int
     stats: DeploymentStats = field(default_factory=DeploymentStats)
     closed: bool = False
+
+    @classmethod
+    def build(cls, dep_id: str, plan: tiling.Plan, frame_itemsize: int, shipped: Any = None) -> DeploymentState:
+        """The driver's view of a plan (``shipped``: the object references the Ray world made)."""
+        return cls(id=dep_id, plan=plan, wiring=wire(plan), shipped=shipped,
+                   tail_weights=sum(p.numel() * p.element_size() for p in plan.tail.gm.parameters()),
+                   frame_bytes=int(np.prod(plan.input_shape)) * frame_itemsize)
 
     def frame_spec(self, fid: int) -> FrameSpec:
         return frame_spec(self.wiring, fid, self.id, self.plan.tail.flops, self.frame_bytes,
@@ -153,7 +161,7 @@ class Deployment:
         """Per device: tiles, busy (emulated compute) seconds, bytes, peak bytes, steals, retries;
         per frame: latency; per tile: dispatch overhead. Steals and retries are the cluster's (the
         scheduler's) counters. A snapshot taken on the driver thread."""
-        snap = self._driver.call(lambda: self._driver.snapshot(self._state))
+        snap = self._driver.snapshot(self._state)
         snap.update(deploy_s=self.deploy_s, scale=self._scale, detection_s=self._detection_times())
         return snap
 
@@ -163,7 +171,7 @@ class Deployment:
 
     def trace(self, path: str | os.PathLike[str]) -> Path:
         """Write a Chrome trace (chrome://tracing, Perfetto) of tiles and transfers per device."""
-        return write_chrome_trace(self._driver.call(lambda: list(self._driver.trace)), path)
+        return write_chrome_trace(self._driver.trace_copy(), path)
 
     def plan_summary(self) -> str:
         text = self.plan.summary()
@@ -175,7 +183,7 @@ class Deployment:
         if self.closed:
             return
         self.closed = True
-        self._driver.call(lambda: self._driver.unload(self._state))
+        self._driver.unload(self._state)
         self._on_close(self)
 
     def _check(self) -> None:

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from sims.catalog import DeviceSpec, Profile, ProfileError, host_profile
-from sims.speed import clock_scale
 from sims.emulation import Emulation
+from sims.speed import clock_scale
 
-from .driver import Device, Driver
+from .driver import Device
+from .loop import DriverThread
 
 log = logging.getLogger("tilefleet.nodes")
 HOST_DERATE = 0.5
@@ -175,7 +176,7 @@ class NodeWatcher:
     It talks to the driver only through its public, thread-safe calls (``call``, ``device_lost``),
     never through its structures."""
 
-    def __init__(self, driver: Driver, table: dict[str, Profile], period_s: float = 1.0) -> None:
+    def __init__(self, driver: DriverThread, table: dict[str, Profile], period_s: float = 1.0) -> None:
         self.driver, self.table, self.period_s = driver, table, period_s
         self._gave_up: dict[str, float] = {}  # node id -> when its worker last failed to start
         self.stop = threading.Event()
@@ -193,7 +194,8 @@ class NodeWatcher:
 
     def _check(self, nodes: list[dict[str, Any]]) -> None:
         alive = {n["NodeID"] for n in nodes if n.get("Alive")}
-        devices = self.driver.call(lambda: [(d, dev.node_id, dev.alive) for d, dev in self.driver.devices.items()])
+        core = self.driver.core
+        devices = self.driver.call(lambda: [(d, dev.node_id, dev.alive) for d, dev in core.devices.items()])
         for did, node_id, dev_alive in devices:
             if dev_alive and node_id not in alive:
                 self.driver.device_lost(did, "its Ray node died", results_lost=True)
@@ -212,7 +214,8 @@ class NodeWatcher:
         did, prof, actor = made
         try:
             info = ray.get(actor.info.remote(), timeout=60)
-            shipped = self.driver.call(lambda: [(d.id, d.shipped) for d in self.driver.deployments.values()])
+            core = self.driver.core
+            shipped = self.driver.call(lambda: [(d.id, d.shipped) for d in core.deployments.values()])
             ray.get([actor.load.remote(dep_id, *refs) for dep_id, refs in shipped], timeout=300)
         except Exception as e:  # noqa: BLE001 - it may join again later
             log.warning("node %s joined but its worker did not start (trying again in %.0f s): %s",
@@ -222,4 +225,4 @@ class NodeWatcher:
             return
         dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
         log.info("device %s joined (%s, %.1f GFLOP/s)", did, prof.name, prof.gflops)
-        self.driver.call(lambda: self.driver.add_device(did, dev))
+        self.driver.call(lambda: self.driver.core.add_device(did, dev))

@@ -19,10 +19,10 @@ from torch import nn
 
 import tiling
 from sims.catalog import DeviceSpec
-from sims.predict import Prediction, predict, throughput_depth
+from sims.metrics import throughput_depth
+from sims.predict import Prediction, predict
 from tiling.report import table
 
-from .wiring import frame_spec, remote_bytes, wire
 
 NEAR_TIE = 0.02  # predictions this close are a tie for the cost model (its error is a few percent)
 GRIDS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 2), (3, 3), (3, 4), (4, 4), (5, 5)]
@@ -104,24 +104,14 @@ def candidates(part: tiling.Partitioner, n_devices: int) -> list[PlanCandidate]:
 
 def evaluate(plan: tiling.Plan, devices: Sequence[DeviceSpec], mode: str, scale: float,
              long: bool = False) -> Prediction:
-    w = wire(plan)
-    frame_bytes = int(torch.Size(plan.input_shape).numel()) * 4
-    tail_w = sum(p.numel() * p.element_size() for p in plan.tail.gm.parameters())
-
-    def make(fid: int) -> Any:
-        return frame_spec(w, fid, "candidate", plan.tail.flops, frame_bytes, plan.tail.out_bytes, tail_w)
-
-    def rbytes(key: tuple[int, int, int], device: str, placed: dict[tuple[int, int], str]) -> int:
-        return remote_bytes(w, (key[1], key[2]), placed, device)
-
+    """The simulator's figures for ``plan`` on ``devices``: the real driver and scheduler on the
+    device model, as many frames as a measurement of ``mode`` would run."""
     if mode == "latency":
-        return predict(devices, make, frames=3, in_flight=1, scale=scale, remote_in_bytes=rbytes,
-                       tail_out_bytes=plan.tail.out_bytes)
+        return predict(plan, devices, frames=3, in_flight=1, scale=scale)
     # steady state needs many frames per frame in flight; a short run ranks, a long run decides
     depth = throughput_depth([d.profile.gflops for d in devices])
     frames = 8 * depth if long else 4 * depth
-    return predict(devices, make, frames=frames, in_flight=depth, scale=scale, remote_in_bytes=rbytes,
-                   tail_out_bytes=plan.tail.out_bytes)
+    return predict(plan, devices, frames=frames, in_flight=depth, scale=scale)
 
 
 def choose_plan(model: nn.Module, example: torch.Tensor, devices: Sequence[DeviceSpec], *, mode: str = "latency",

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.report import Report
+
 MAX_OVERHEADS = 100_000
 MAX_TRACE = 200_000
 
@@ -36,19 +38,19 @@ class Counters:
     worst_host_ratio: float = 0.0
     max_late_s: float = 0.0
 
-    def record(self, meta: dict[str, Any], tail: bool = False) -> None:
+    def record(self, report: Report, tail: bool = False) -> None:
         self.tails += tail
         self.tiles += not tail
-        tl = meta.get("timeline")
-        self.busy_s += (tl["compute_end"] - tl["compute_start"]) if tl else meta.get("compute_s", 0.0)
-        self.host_compute_s += meta.get("compute_s", 0.0)
-        self.bytes_in += meta.get("bytes_in", 0)
-        self.bytes_out += meta.get("bytes_out", 0)
+        self.busy_s += report.busy_s
+        self.host_compute_s += report.compute_s
+        self.bytes_in += report.bytes_in
+        self.bytes_out += report.bytes_out
+        tl = report.timeline
         if tl:
             emulated = tl["compute_end"] - tl["compute_start"]
-            self.worst_host_ratio = max(self.worst_host_ratio, meta.get("compute_s", 0.0) / max(1e-9, emulated))
-            late = meta.get("computed_at", 0.0) - tl["done"]
-            if late > 1e-3:
+            self.worst_host_ratio = max(self.worst_host_ratio, report.compute_s / max(1e-9, emulated))
+            late = report.computed_at - tl["done"]
+            if report.computed_at and late > 1e-3:
                 self.host_too_slow += 1  # the host finished after the emulated device would have: say so
                 self.max_late_s = max(self.max_late_s, late)
 
@@ -108,14 +110,14 @@ class TraceEvent:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-def trace_events(device: str, name: str, meta: dict[str, Any]) -> list[TraceEvent]:
+def trace_events(device: str, name: str, report: Report) -> list[TraceEvent]:
     """A result's lanes: emulated rx / compute / tx when the device is emulated, else its compute."""
-    tl = meta.get("timeline")
+    tl = report.timeline
     if tl:
         return [TraceEvent(device, lane, name, tl[a], tl[b])
                 for lane, a, b in (("rx", "rx_start", "rx_end"), ("compute", "compute_start", "compute_end"),
                                    ("tx", "tx_start", "tx_end")) if tl[b] > tl[a]]
-    return [TraceEvent(device, "compute", name, meta["finish"] - meta.get("compute_s", 0.0), meta["finish"])]
+    return [TraceEvent(device, "compute", name, report.finish - report.compute_s, report.finish)]
 
 
 def write_chrome_trace(events: Sequence[TraceEvent], path: str | os.PathLike[str]) -> Path:

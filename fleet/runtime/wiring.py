@@ -15,6 +15,7 @@ from scheduler import FrameSpec, TileRef, TileSpec
 from tiling import Plan
 from tiling.geometry import Box
 
+
 @dataclass(frozen=True)
 class Source:
     """Part of a stage input produced by an earlier tile: its box of output ``name``."""

@@ -1,0 +1,193 @@
+"""The simulated world: a seeded event heap, and a transport that runs the device and link model.
+
+The real :class:`~fleet.runtime.driver.Driver` and the real scheduler run here unchanged; only the
+clock and the transport differ from Ray's. A dispatched tile is admitted to its device's
+:class:`~sims.clock.DeviceClock` (the same model emulated workers obey) after the runtime's
+per-tile dispatch cost, and its report is delivered at the timeline's ``done``. No tensor is
+computed: costs come from each tile's FLOPs and bytes.
+
+Faults are parameters, not sleeps (after 500 Lines' "cluster"): :meth:`SimTransport.kill` stops a
+device at a time and reports it lost after a detection delay, :meth:`~SimTransport.revive` brings
+it back, :meth:`~SimTransport.slow` stretches its compute, and a seeded ``faults`` policy can fail,
+duplicate or delay reports, so thousands of histories run through the driver in milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from scheduler import TileKey
+from workers.report import Report
+
+from .catalog import DeviceSpec
+from .clock import DeviceClock
+
+if TYPE_CHECKING:
+    from fleet.runtime.driver import Driver
+    from fleet.runtime.transport import Gather, TailWork, TileWork
+
+# what the real runtime adds to every tile on this kind of host (driver + actor call), seconds
+DISPATCH_S = 0.002
+
+
+class SimClock:
+    """Simulated seconds and a heap of timers; :meth:`run` pops them in time order (FIFO on ties)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self.events = 0
+
+    def now(self) -> float:
+        return self.t
+
+    def call_later(self, delay_s: float, fn: Callable[[], None]) -> None:
+        self.call_at(self.t + max(0.0, delay_s), fn)
+
+    def call_at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (max(t, self.t), next(self._seq), fn))
+
+    def run(self, until: float | None = None, stop: Callable[[], bool] | None = None) -> None:
+        while self._heap and (until is None or self._heap[0][0] <= until):
+            t, _, fn = heapq.heappop(self._heap)
+            self.t = t
+            self.events += 1
+            fn()
+            if stop is not None and stop():
+                return
+        if until is not None:
+            self.t = max(self.t, until)
+
+
+@dataclass
+class Faults:
+    """A seeded policy for what can go wrong with a report (all probabilities per report)."""
+
+    fail: float = 0.0  # a retryable failure instead of the result
+    fatal: float = 0.0  # a non-retryable failure (a bug on that device)
+    duplicate: float = 0.0  # the same report delivered twice
+    late_s: float = 0.0  # extra delay, uniform in [0, late_s]
+    input_lost: float = 0.0  # a later-stage tile that cannot fetch its inputs
+
+
+class SimTransport:
+    """The device and link model as a transport; reports arrive on the :class:`SimClock`."""
+
+    def __init__(self, devices: list[DeviceSpec], clock: SimClock, *, scale: float = 1.0,
+                 dispatch_s: float = DISPATCH_S, faults: Faults | None = None, seed: int = 0) -> None:
+        self.clock = clock
+        self.scale = scale
+        self.dispatch_s = dispatch_s
+        self.faults = faults or Faults()
+        self.rng = random.Random(seed)
+        self.clocks = {d.id: DeviceClock(d.profile, scale) for d in devices}
+        self.slow_factor = {d.id: 1.0 for d in devices}
+        self.dead: set[str] = set()
+        self.epoch = {d.id: 0 for d in devices}  # bumped when a device dies: its queued reports never arrive
+        self.driver: Driver | None = None
+
+    # --- the Transport protocol ----------------------------------------------------------------------
+    def load(self, deployment: Any, devices: list[str]) -> None:
+        pass  # weights are accounted for by the scheduler's memory model
+
+    def unload(self, deployment: str, devices: list[str]) -> None:
+        pass
+
+    def dispatch(self, device: str, work: TileWork) -> None:
+        if device in self.dead:
+            return  # the driver learns of the death after the detection delay, as on a real LAN
+        c = work.cost
+        tl = self.clocks[device].admit(self.clock.now() + self.dispatch_s, c.in_bytes + work.reuse_in_bytes, c.flops,
+                                       c.out_bytes, slow_factor=self.slow_factor[device])
+        report = Report(device, True, tl.arrive, tl.done, bytes_in=c.in_bytes + work.reuse_in_bytes,
+                        bytes_out=c.out_bytes, timeline=_timeline(tl))
+        if work.key[1] > 0 and self._roll(self.faults.input_lost):
+            report = Report(device, False, tl.arrive, tl.done, error="InputLost", message="simulated", retryable=True)
+        self._deliver(device, tl.done, lambda r: self._driver().on_report(work.key, device, r, ("tile", work.key)),
+                      report)
+
+    def run_tail(self, device: str, work: TailWork) -> None:
+        if device in self.dead:
+            return
+        c = work.cost
+        if c.flops == 0:
+            done, tl_dict = self.clock.now(), None
+        else:
+            tl = self.clocks[device].admit(self.clock.now() + self.dispatch_s, c.in_bytes, c.flops, c.out_bytes,
+                                           slow_factor=self.slow_factor[device])
+            done, tl_dict = tl.done, _timeline(tl)
+        report = Report(device, True, self.clock.now(), done, bytes_in=c.in_bytes, bytes_out=c.out_bytes,
+                        timeline=tl_dict)
+        self._deliver(device, done, lambda r: self._driver().on_tail_report(work.frame_id, device, r, ("tail",)),
+                      report)
+
+    def cancel(self, key: TileKey, device: str) -> None:
+        pass  # the copy still runs on the device's clock; its late report is ignored by the scheduler
+
+    def forget(self, device: str) -> None:
+        self.epoch[device] += 1
+
+    def result(self, deployment: Any, gather: Gather | None, tail_handle: Any) -> Any:
+        return None  # nothing is computed in the simulator
+
+    def accepted(self, device: str) -> None:
+        pass
+
+    # --- faults as parameters ------------------------------------------------------------------------
+    def kill(self, device: str, detect_after_s: float, results_lost: bool = True) -> None:
+        """The device stops now; the driver hears of it ``detect_after_s`` later."""
+        self.dead.add(device)
+        self.epoch[device] += 1
+        self.clock.call_later(detect_after_s, lambda: self._driver().on_device_lost(device, "killed (simulated)",
+                                                                                     results_lost))
+
+    def revive(self, spec: DeviceSpec) -> None:
+        """The device comes back (or a new one joins), with an empty clock."""
+        from fleet.runtime.driver import Device
+
+        self.dead.discard(spec.id)
+        self.clocks[spec.id] = DeviceClock(spec.profile, self.scale)
+        self.slow_factor[spec.id] = 1.0
+        self.epoch[spec.id] = self.epoch.get(spec.id, 0) + 1
+        self._driver().add_device(spec.id, Device(spec.info(), None, profile=spec.profile, scale=self.scale))
+
+    def slow(self, device: str, factor: float) -> None:
+        """From now on the device computes ``factor`` times slower (the scheduler is not told)."""
+        self.slow_factor[device] = factor
+
+    # --- delivery ------------------------------------------------------------------------------------
+    def _driver(self) -> Driver:
+        assert self.driver is not None, "SimTransport.driver is set by the world that built both"
+        return self.driver
+
+    def _roll(self, p: float) -> bool:
+        return p > 0 and self.rng.random() < p
+
+    def _deliver(self, device: str, at: float, to: Callable[[Report], None], report: Report) -> None:
+        f = self.faults
+        if report.ok and self._roll(f.fail):
+            report = Report(device, False, report.arrive, at, error="SimulatedFailure", message="injected")
+        elif report.ok and self._roll(f.fatal):
+            report = Report(device, False, report.arrive, at, error="SimulatedBug", message="injected",
+                            retryable=False)
+        epoch = self.epoch[device]
+        copies = 2 if self._roll(f.duplicate) else 1
+        for _ in range(copies):
+            delay = self.rng.uniform(0, f.late_s) if f.late_s > 0 else 0.0
+
+            def fire(report: Report = report) -> None:
+                if self.epoch[device] == epoch and device not in self.dead:
+                    to(report)
+
+            self.clock.call_at(at + delay, fire)
+
+
+def _timeline(tl: Any) -> dict[str, float]:
+    return {"rx_start": tl.rx_start, "rx_end": tl.rx_end, "compute_start": tl.compute_start,
+            "compute_end": tl.compute_end, "tx_start": tl.tx_start, "tx_end": tl.tx_end, "done": tl.done}

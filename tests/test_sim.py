@@ -1,0 +1,142 @@
+"""The real driver and scheduler in the simulated world: exact timings, faults, and random histories.
+
+Everything here runs the unchanged :class:`fleet.runtime.driver.Driver` on :mod:`sims.world`'s event
+heap, seeded, in milliseconds: the failure logic that used to run only on real Ray processes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import tiling
+from fleet.runtime.driver import INPUT_LOST_GRACE_S
+from sims.catalog import DeviceSpec, parse_spec, profiles
+from sims.simulate import Scenario, ScenarioEvent, simulate
+from sims.world import Faults
+
+pytestmark = pytest.mark.sim
+TABLE = profiles()
+
+
+def conv_net(tail: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+    if tail:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)]
+    return nn.Sequential(*layers).eval()
+
+
+def plan_of(grid: tuple[int, int], tail: bool = True, size: int = 32) -> tiling.Plan:
+    return tiling.partition(conv_net(tail), torch.randn(1, 3, size, size), grid=grid)
+
+
+def devices(spec: str) -> list[DeviceSpec]:
+    return parse_spec(spec, TABLE, max_devices=None)
+
+
+def test_one_tile_latency_is_the_device_model_exactly() -> None:
+    plan = plan_of((1, 1), tail=False)
+    (dev,) = devices("pi3")
+    run = simulate(plan, [dev], frames=1, dispatch_s=0.0)
+    p, t = dev.profile, plan.stages[0].tiles[0]
+    expected = (t.in_bytes / p.link_bps + p.latency_s + t.flops / (p.gflops * 1e9) + p.tile_overhead_s
+                + (t.out_bytes + t.reuse_out_bytes) / p.link_bps + p.latency_s)
+    assert run.latency_s == [pytest.approx(expected, rel=1e-9)]
+    assert run.stats["devices"]["pi3-0"]["tiles"] == 1
+
+
+def test_whole_frames_per_device_give_the_sum_of_speeds() -> None:
+    """Link and compute overlap: each device's steady rate is set by its busiest resource."""
+    plan = plan_of((1, 1), tail=False, size=64)
+    devs = devices("pi3*2")
+    p, t = devs[0].profile, plan.stages[0].tiles[0]
+    per_frame = max(t.in_bytes / p.link_bps, t.flops / (p.gflops * 1e9) + p.tile_overhead_s,
+                    (t.out_bytes + t.reuse_out_bytes) / p.link_bps)
+    run = simulate(plan, devs, frames=80, in_flight=6, dispatch_s=0.0)
+    assert run.fps == pytest.approx(2 / per_frame, rel=0.05)
+    assert not run.failed
+
+
+def test_a_frame_that_fits_nowhere_fails_with_a_reason() -> None:
+    plan = plan_of((1, 1), tail=False, size=1024)
+    run = simulate(plan, devices("pi3-24m"), frames=1)
+    assert list(run.failed) == [0] and "bytes" in run.failed[0]
+
+
+def test_two_of_four_devices_die_and_no_frame_is_lost() -> None:
+    plan = plan_of((2, 2), size=96)
+    events = [ScenarioEvent(0.2, "kill", "pi3-1", detect_s=0.5), ScenarioEvent(0.3, "kill", "pi3-2", detect_s=0.5)]
+    run = simulate(plan, devices("pi3*4"), frames=60, in_flight=4, scenario=Scenario(events))
+    assert max(run.ended.values()) > 1.0, "the deaths happen mid-stream"
+    assert not run.failed and len(run.completed) == 60
+    assert run.stats["devices"]["pi3-1"]["alive"] is False and run.stats["devices"]["pi3-2"]["alive"] is False
+
+
+def test_every_device_dies_then_one_returns_and_frames_run_again() -> None:
+    plan = plan_of((2, 2), size=96)
+    devs = devices("pi3*2")
+    events = [ScenarioEvent(0.3, "kill", "pi3-0", detect_s=0.5), ScenarioEvent(0.3, "kill", "pi3-1", detect_s=0.5),
+              ScenarioEvent(5.0, "revive", "pi3-0", spec=devs[0])]
+    run = simulate(plan, devs, frames=24, rate=2.0, scenario=Scenario(events))  # open loop: frames keep coming
+    assert run.failed, "frames in flight when the last device died fail"
+    assert all("device" in r or "no" in r for r in run.failed.values()), run.failed
+    after = [f for f in run.completed if run.submitted[f] > 5.0]
+    assert after, "after a device returns, the deployment serves again without being re-created"
+
+
+def test_retries_exhausted_fail_the_frame_with_the_error() -> None:
+    run = simulate(plan_of((2, 2)), devices("pi3*2"), frames=3, faults=Faults(fail=1.0), max_retries=2)
+    assert len(run.failed) == 3 and all("SimulatedFailure" in r for r in run.failed.values())
+
+
+def test_a_tail_that_fails_for_good_fails_its_frame() -> None:
+    plan = plan_of((1, 1), tail=True)
+    run = simulate(plan, devices("pi3"), frames=2, faults=Faults(fatal=1.0))
+    assert len(run.failed) == 2 and all("SimulatedBug" in r for r in run.failed.values())
+
+
+def test_duplicate_and_late_reports_complete_each_frame_once() -> None:
+    run = simulate(plan_of((2, 2)), devices("pi3*3"), frames=40, in_flight=6,
+                   faults=Faults(duplicate=0.5, late_s=0.2), seed=3)
+    assert sorted(run.order) == list(range(40)) and not run.failed
+
+
+def test_a_device_joining_mid_stream_takes_work() -> None:
+    devs = devices("pi3*2,pi4")
+    events = [ScenarioEvent(0.3, "join", "pi4-0", spec=devs[2])]
+    run = simulate(plan_of((2, 2), size=96), devs[:2], frames=60, in_flight=4, scenario=Scenario(events))
+    assert max(run.ended.values()) > 0.6 and not run.failed and run.stats["devices"]["pi4-0"]["tiles"] > 0
+
+
+def test_inputs_lost_are_retried_after_the_grace_period() -> None:
+    plan = tiling.partition(conv_net(False), torch.randn(1, 3, 32, 32), stages=[1], grids=[(2, 2), (2, 2)])
+    run = simulate(plan, devices("pi3*2"), frames=6, in_flight=2, faults=Faults(input_lost=0.3), seed=1)
+    assert len(run.completed) >= 4 and max(run.latency_s) >= INPUT_LOST_GRACE_S  # held back, then retried
+    assert all("InputLost" in r and "max_retries" in r for r in run.failed.values())  # retries stay bounded
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("TILEFLEET_HISTORIES", "200"))))
+def test_random_fault_histories_keep_the_invariants(seed: int) -> None:
+    """Every frame ends exactly once (completed, or failed with a reason), nothing twice, whatever happens."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 5)
+    devs = devices(f"pi3*{n},pi4")
+    events = []
+    for _ in range(rng.randint(0, 4)):
+        d = rng.choice(devs)
+        action = rng.choice(["kill", "slow", "revive"])
+        events.append(ScenarioEvent(rng.uniform(0, 6), action, d.id, factor=rng.choice([2.0, 10.0]),
+                                    detect_s=rng.uniform(0.1, 2.0), spec=d))
+    faults = Faults(fail=rng.choice([0, 0.05, 0.2]), duplicate=rng.choice([0, 0.2]), late_s=rng.choice([0, 0.3]),
+                    input_lost=rng.choice([0, 0.1]))
+    grid = rng.choice([(1, 1), (2, 2), (1, 3)])
+    frames = rng.randint(1, 25)
+    run = simulate(plan_of(grid, tail=rng.random() < 0.5), devs, frames=frames, in_flight=rng.randint(1, 6),
+                   scenario=Scenario(events), faults=faults, seed=seed)
+    assert sorted(run.order) == list(range(frames)), "every frame ends exactly once"
+    assert all(reason for reason in run.failed.values()), "a failed frame says why"
