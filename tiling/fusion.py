@@ -133,8 +133,8 @@ def without(fusion: Fusion, names: set[str]) -> dict[str, OpSpec]:
 def settle(fusion: Fusion, front: Sequence[Stop] = ()) -> Fusion:
     """Drop what cannot stay fused once the set is known, until nothing changes.
 
-    A whole value read outside the fused set, or read by nothing fused (a classifier's final global
-    pool), leaves it: reduce points exist only to feed values back onto the map. A map that is not
+    A whole value read outside the fused set leaves it, and so does a reduction read by nothing fused
+    (a classifier's final global pool): reduce points exist only to feed values back onto the map. A map that is not
     (N, C, H, W) cannot be handed on (stage outputs are 4-D), so a reshape read outside leaves too.
     ``front`` are stops that explain the set before any other (``upto=``, a grid that does not fit).
     """
@@ -155,8 +155,8 @@ def settle(fusion: Fusion, front: Sequence[Stop] = ()) -> Fusion:
             elif s.is_map and s.mid and outside:
                 stops.append(Stop(n, labels.get(n, n), f"its {len(s.mid) + 3}-D result would leave the fused "
                                   "range; only (N, C, H, W) maps are handed on"))
-            elif s.is_map or not (outside or not readers.get(n)):
-                continue
+            elif s.is_map or not outside:
+                continue  # a value nobody reads (a size of a shuffle, say) is dead code: harmless
             drop.add(n)
         if not drop:
             break

@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import ops_shape as shp
+from .ops_shape import (PERMUTE_FUNCTIONS, SIZE_METHODS, SPLIT_FUNCTIONS, SPLIT_METHODS, TRANSPOSE_FUNCTIONS,
+                        TRANSPOSE_METHODS, VIEW_FUNCTIONS, VIEW_METHODS, VIEW_MODULES, check_index,
+                        permute_spec, size_spec, split_dim, split_virtual, transpose_spec, tuple_item_spec,
+                        view_spec)
 from .geometry import Upsample, Window
 from .ops_aten import classify_aten, is_aten
 from .ops_reduce import global_operand_ok, match_reduce, reduce_spec
@@ -136,14 +139,14 @@ class Classifier:
         if not self.is_map(x):
             return None
         assert isinstance(x, fx.Node)
-        if node.op == "call_method" and t in shp.SIZE_METHODS:
+        if node.op == "call_method" and t in SIZE_METHODS:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            return shp.size_spec(node, x, str(t), dim, base)
+            return size_spec(node, x, str(t), dim, base)
         if node.op == "call_function" and t is getattr and node.args[1] == "shape":
-            return shp.size_spec(node, x, "size", None, base)
-        if (node.op == "call_method" and t in shp.SPLIT_METHODS) or (
-                node.op == "call_function" and any(t is f for f in shp.SPLIT_FUNCTIONS)):
-            return shp.split_virtual(node, x, shp.split_dim(node))
+            return size_spec(node, x, "size", None, base)
+        if (node.op == "call_method" and t in SPLIT_METHODS) or (
+                node.op == "call_function" and any(t is f for f in SPLIT_FUNCTIONS)):
+            return split_virtual(node, x, split_dim(node))
         if node.op == "call_function" and is_aten(t):
             return classify_aten(self, node, base, shape_free=True)
         return None
@@ -184,8 +187,8 @@ class Classifier:
             if isinstance(mod, nn.BatchNorm2d) and mod.training:
                 raise NotLocal("batch norm in training mode normalises over the whole map")
             return self.elementwise(node, base, how="module", target=str(node.target))
-        if isinstance(mod, shp.VIEW_MODULES) and isinstance(x, fx.Node) and self.is_map(x):
-            return shp.view_spec(x, self.shape(node) or (), base)
+        if isinstance(mod, VIEW_MODULES) and isinstance(x, fx.Node) and self.is_map(x):
+            return view_spec(x, self.shape(node) or (), base)
         if isinstance(mod, nn.ChannelShuffle) and isinstance(x, fx.Node) and self.is_map(x):
             return self.elementwise(node, base, how="module", target=str(node.target))
         raise NotLocal(f"module type {type(mod).__name__} is not known to be spatially local")
@@ -203,14 +206,14 @@ class Classifier:
             return broadcast_spec(node, self.glob, out, base)
         if not (isinstance(x, fx.Node) and self.is_map(x)):
             raise NotLocal("not known to be spatially local")
-        if name in shp.VIEW_METHODS:
-            return shp.view_spec(x, out, base)
-        if name in shp.TRANSPOSE_METHODS:
+        if name in VIEW_METHODS:
+            return view_spec(x, out, base)
+        if name in TRANSPOSE_METHODS:
             a = bind(node, ["self", "dim0", "dim1"], {})
-            return shp.transpose_spec(x, a["dim0"], a["dim1"], "method", name, base)
+            return transpose_spec(x, a["dim0"], a["dim1"], "method", name, base)
         if name == "permute":
             perm = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            return shp.permute_spec(x, perm or node.kwargs.get("dims", ()), "method", name, base)
+            return permute_spec(x, perm or node.kwargs.get("dims", ()), "method", name, base)
         raise NotLocal("not known to be spatially local")
 
     def _function(self, node: fx.Node, out: tuple[int, ...], base: dict[str, Any]) -> OpSpec:
@@ -261,13 +264,13 @@ class Classifier:
         if any(t is f for f in POINTWISE_FUNCTIONS) or any(t is f for f in BINARY_FUNCTIONS):
             return self.elementwise(node, base, how="function", target=t)
         if isinstance(x, fx.Node) and self.is_map(x):
-            if any(t is f for f in shp.VIEW_FUNCTIONS):
-                return shp.view_spec(x, out, base)
-            if any(t is f for f in shp.TRANSPOSE_FUNCTIONS):
+            if any(t is f for f in VIEW_FUNCTIONS):
+                return view_spec(x, out, base)
+            if any(t is f for f in TRANSPOSE_FUNCTIONS):
                 a = bind(node, ["input", "dim0", "dim1"], {})
-                return shp.transpose_spec(x, a["dim0"], a["dim1"], "function", t, base)
-            if any(t is f for f in shp.PERMUTE_FUNCTIONS):
-                return shp.permute_spec(x, node.args[1] if len(node.args) > 1 else node.kwargs["dims"],
+                return transpose_spec(x, a["dim0"], a["dim1"], "function", t, base)
+            if any(t is f for f in PERMUTE_FUNCTIONS):
+                return permute_spec(x, node.args[1] if len(node.args) > 1 else node.kwargs["dims"],
                                         "function", t, base)
             if t is F.channel_shuffle:
                 return self.elementwise(node, base, how="function", target=t)
@@ -382,7 +385,7 @@ class Classifier:
             raise NotLocal("its input is not a map")
         assert isinstance(xin, fx.Node)
         idx = idx if isinstance(idx, tuple) else (idx,)
-        shp.check_index(idx, len(self.shape(xin) or ()))
+        check_index(idx, len(self.shape(xin) or ()))
         return OpSpec(kind="slice", inputs=(xin.name,), how="function", target=operator.getitem,
                       args=(Ref(xin.name), idx), **base)
 
@@ -393,7 +396,7 @@ class Classifier:
             res = classify_aten(self, node, base, shape_free=False, tuple_node=tup, index=idx)
             assert isinstance(res, OpSpec)
             return res
-        return shp.tuple_item_spec(tup, source, idx, base)
+        return tuple_item_spec(tup, source, idx, base)
 
     def elementwise(self, node: fx.Node, base: dict[str, Any], how: str, target: Any, kind: Kind = "pointwise",
                     args: tuple[Any, ...] | None = None, kwargs: dict[str, Any] | None = None) -> OpSpec:

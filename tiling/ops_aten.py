@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import ops_shape as shp
+from .ops_shape import (check_index, permute_spec, size_spec, split_virtual, transpose_spec, tuple_item_spec,
+                        view_spec)
 from .opspec import NotLocal, OpSpec, Ref, Virtual, bind
 
 aten = torch.ops.aten
@@ -54,9 +55,9 @@ def classify_aten(clf: Any, node: fx.Node, base: dict[str, Any], shape_free: boo
     x = node.args[0] if node.args else None
     if shape_free:
         if p is aten.sym_size:
-            return shp.size_spec(node, x, "size", node.args[1], base)  # type: ignore[arg-type]
+            return size_spec(node, x, "size", node.args[1], base)  # type: ignore[arg-type]
         if p in SPLITS:
-            return shp.split_virtual(node, x, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
+            return split_virtual(node, x, node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0))
         if p in (aten._native_batch_norm_legit_no_training, aten.max_pool2d_with_indices):
             return Virtual(node.name, x.name)  # type: ignore[union-attr]
         return None
@@ -93,7 +94,7 @@ def _other(clf: Any, node: fx.Node, p: Any, x: Any, base: dict[str, Any]) -> OpS
         nd = len(clf.shape(x) or ())
         d = a["dim"] % nd if nd else 0
         idx = (slice(None),) * d + (slice(a["start"], a["end"], a["step"]),)
-        shp.check_index(idx, nd)
+        check_index(idx, nd)
         return OpSpec(kind="slice", inputs=(clf.map_input(x).name,) if nd == 4 else (x.name,), how="function",
                       target=operator.getitem, args=(Ref(x.name), idx), **base)
     if p is aten.batch_norm:
@@ -108,11 +109,11 @@ def _other(clf: Any, node: fx.Node, p: Any, x: Any, base: dict[str, Any]) -> OpS
         return clf.elementwise(node, base, how="function", target=node.target)
     if isinstance(x, fx.Node) and clf.is_map(x):
         if p in VIEWS:
-            return shp.view_spec(x, clf.shape(node), base)
+            return view_spec(x, clf.shape(node), base)
         if p is aten.transpose:
-            return shp.transpose_spec(x, node.args[1], node.args[2], "function", node.target, base)
+            return transpose_spec(x, node.args[1], node.args[2], "function", node.target, base)
         if p is aten.permute:
-            return shp.permute_spec(x, node.args[1], "function", node.target, base)
+            return permute_spec(x, node.args[1], "function", node.target, base)
     raise NotLocal("not known to be spatially local")
 
 
@@ -131,7 +132,7 @@ def _conv(clf: Any, node: fx.Node, p: Any, base: dict[str, Any]) -> OpSpec:
 def _tuple_item(clf: Any, node: fx.Node, tup: fx.Node, index: Any, base: dict[str, Any]) -> OpSpec:
     p = _packet(tup)
     if p in SPLITS:
-        return shp.tuple_item_spec(tup, tup.args[0], index, base)  # type: ignore[arg-type]
+        return tuple_item_spec(tup, tup.args[0], index, base)  # type: ignore[arg-type]
     if index != 0:
         raise NotLocal(f"item {index!r} of {tup.target} is a whole-map statistic or positions, not the map")
     if p is aten.max_pool2d_with_indices:

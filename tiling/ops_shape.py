@@ -51,7 +51,7 @@ def view_spec(x: fx.Node, out: tuple[int, ...], base: dict[str, Any]) -> OpSpec:
     if len(out) < 4 or out[0] != s[0] or out[-2:] != s[-2:]:
         raise NotLocal(f"reshape of {s} to {out} mixes the spatial dims H, W with other axes; only "
                        f"reshapes that keep N and the trailing H, W (channel shuffles, groups) are local")
-    return OpSpec(kind="reshape", inputs=(x.name,), params=dict(view=True), **base)
+    return OpSpec(kind="reshape", inputs=(x.name,), params=dict(view=True, mid=out[1:-2]), **base)
 
 
 def transpose_spec(x: fx.Node, d0: Any, d1: Any, how: str, target: Any, base: dict[str, Any]) -> OpSpec:
@@ -136,7 +136,7 @@ def scalar_value(spec: OpSpec, batch: int) -> Any:
 
 
 def view_run(spec: OpSpec, x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], *spec.mid, x.shape[-2], x.shape[-1])
+    return x.reshape(x.shape[0], *spec.params["mid"], x.shape[-2], x.shape[-1])
 
 
 def mid_channels(mid: tuple[int, ...]) -> int:

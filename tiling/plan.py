@@ -294,8 +294,7 @@ class Partitioner:
             mine = [p for p in parts if p.group == g.group]
             built += build_group(len(built), fusion, mine, gspec, self.shapes, reuse, self.example.element_size(),
                                  flops, counted)
-        fused = {n for p in parts for n in p.nodes} | fusion.absorbed
-        tail = Tail(self.gm, fused, fusion.input_name, flops)
+        tail = Tail(self.gm, fusion.fused(), fusion.input_name, flops)
         total = sum(flops.values())
         return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
                     fusion.layers, fusion.stops, self.leaves, total)

@@ -30,8 +30,9 @@ class Tail:
                 self.inputs.append(n.name)
             return env[n]
 
+        live = _live(gm, fused)
         for node in gm.graph.nodes:
-            if node.op == "placeholder" or node.name in fused:
+            if node.op == "placeholder" or node.name in fused or node not in live:
                 continue
             if node.op == "output":
                 graph.output(fx.map_arg(node.args[0], arg))
@@ -52,6 +53,19 @@ class Tail:
     @torch.no_grad()
     def run(self, env: Mapping[str, Any]) -> Any:
         return self.gm(*(env[n] for n in self.inputs))
+
+
+def _live(gm: fx.GraphModule, fused: set[str]) -> set[fx.Node]:
+    """Tail nodes the output needs (or that have side effects): size queries of fused maps that only
+    fused ops read are dropped, so the tail never asks for a map it does not use."""
+    live: set[fx.Node] = set()
+    for node in reversed(gm.graph.nodes):
+        if node.name in fused or node.op == "placeholder":
+            continue
+        if node.op == "output" or node in live or (node.op != "get_attr" and node.is_impure()):
+            live.add(node)
+            live.update(n for n in node.all_input_nodes if n.name not in fused)
+    return live
 
 
 def _tail_flops(gm: fx.GraphModule, fused: set[str]) -> int:
