@@ -5,7 +5,7 @@
 calls. Each handler here reads the overload's schema order and hands the same arguments to the
 classifier's helpers, so the geometry and the stage programs are the ones the fx path uses.
 Supported: convolutions (``conv2d``, ``convolution`` when not transposed), max and average pooling,
-constant padding, nearest upsampling, batch norm in inference form, channel ``cat``/``slice``/``split``,
+constant padding (``constant_pad_nd``, ``pad``), nearest upsampling, batch norm in inference form, channel ``cat``/``slice``/``split``,
 shape-preserving ``view``/``reshape``/``transpose``/``permute``/``flatten``/``unflatten``, the
 reductions of :mod:`tiling.ops_reduce`, ``expand`` of global values, and the elementwise ops listed
 in ``POINTWISE``. Everything else ends fusion, like any unknown op.
@@ -76,6 +76,11 @@ def classify_aten(clf: Any, node: fx.Node, base: dict[str, Any], shape_free: boo
                            a["divisor_override"], base)
     if p is aten.constant_pad_nd:
         return clf.pad(x, node.args[1], float(node.args[2]) if len(node.args) > 2 else 0.0, base)
+    if p is aten.pad:
+        a = bind(node, ["input", "pad", "mode", "value"], dict(mode="constant", value=None))
+        if a["mode"] != "constant":
+            raise NotLocal(f"mode='{a['mode']}' pads with image content; only constant padding is local")
+        return clf.pad(x, a["pad"], float(a["value"] or 0.0), base)
     return _other(clf, node, p, x, base)
 
 
@@ -93,7 +98,9 @@ def _other(clf: Any, node: fx.Node, p: Any, x: Any, base: dict[str, Any]) -> OpS
         a = bind(node, ["input", "dim", "start", "end", "step"], dict(dim=0, start=None, end=None, step=1))
         nd = len(clf.shape(x) or ())
         d = a["dim"] % nd if nd else 0
-        idx = (slice(None),) * d + (slice(a["start"], a["end"], a["step"]),)
+        size = (clf.shape(x) or (0,) * (d + 1))[d]
+        whole = a["start"] in (None, 0) and (a["end"] is None or a["end"] >= size) and a["step"] == 1
+        idx = (slice(None),) * d + (slice(None) if whole else slice(a["start"], a["end"], a["step"]),)
         check_index(idx, nd)
         return OpSpec(kind="slice", inputs=(clf.map_input(x).name,) if nd == 4 else (x.name,), how="function",
                       target=operator.getitem, args=(Ref(x.name), idx), **base)
