@@ -53,7 +53,6 @@ def test_partials_own_a_partition_and_divide_once() -> None:
     assert any(h.area > o.area for h, o in zip(halo, owned))  # tiles hand on more than they own
     st = plan.stages[0]
     parts = [st.run_tile(t, st.crop_inputs(t, {plan.input_name: x}))[0][point.key] for t in st.tiles]
-    y = F.relu(Gate().conv(x)) if False else None  # noqa: F841 - the reference below uses the plan's model
     with torch.no_grad():
         ref = F.relu(plan.stages[0].program.mods["conv"](x)).mean((2, 3), keepdim=True)
     assert torch.allclose(tiling.combine(point, parts), ref, rtol=1e-6, atol=1e-7)
