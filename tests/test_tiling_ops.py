@@ -174,7 +174,7 @@ def test_constant_operands() -> None:
     assert plan.tail.empty
 
 
-def test_squeeze_excitation_gate_ends_fusion() -> None:
+def test_squeeze_excitation_gate_ends_fusion_without_reduce_points() -> None:
     class SE(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -186,10 +186,13 @@ def test_squeeze_excitation_gate_ends_fusion() -> None:
             g = torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
             return y * g
 
-    plan = assert_exact(SE(), torch.randn(1, 3, 12, 12), grid=(2, 2))
+    plan = assert_exact(SE(), torch.randn(1, 3, 12, 12), grid=(2, 2), reduce_points=False)
     assert plan.stages[0].nodes == ["conv"]
-    assert any("adaptive_avg_pool2d" in str(s) for s in plan.stops)
+    assert any("adaptive_avg_pool2d" in str(s) and "reduce_points=False" in s.reason for s in plan.stops)
     assert any("broadcast over space" in s.reason or "not fused" in s.reason for s in plan.stops)
+    # with reduce points (the default) the gate is fused: two stages on one grid, nothing in the tail
+    plan = assert_exact(SE(), torch.randn(1, 3, 12, 12), grid=(2, 2))
+    assert [len(s.tiles) for s in plan.stages] == [4, 4] and plan.tail.empty
 
 
 def test_multi_output_two_scales() -> None:

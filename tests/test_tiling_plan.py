@@ -251,7 +251,8 @@ def test_bad_input(small_plan: tiling.Plan, x: object, match: str) -> None:
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(grid=(9, 1)), "larger than the output size 8"),
+    (dict(grid=(9, 1), upto=2), "larger than the output size 8"),  # explicit upto: no fitting
+    (dict(grid=(17, 1)), "largest grid that fits is 16x12"),
     (dict(grid=(0, 2)), "positive"),
     (dict(grid="5by5"), "5x5"),
     (dict(grid=(2, 2), row_weights=[1, -1]), "positive"),

@@ -10,11 +10,12 @@ from .errors import GridError, InputMismatch, NotTileable, TilingError, TraceFai
 from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
 from .plan import Partitioner, Plan, Stage, Tail, Tile, partition, rel_error, run_stage
 from .program import StageProgram
+from .reduce import ReducePoint, combine, partial_key
 from .regions import Piece, TileGeometry
 from .sources import load_darknet, zoo
 
 __all__ = [
-    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "Stage", "StageProgram", "Tail",
-    "Tile", "TileGeometry", "TilingError", "TraceFailure", "deepthings_cuts", "even_cuts", "load_darknet",
-    "partition", "rel_error", "run_stage", "weighted_cuts", "zoo",
+    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "ReducePoint", "Stage",
+    "StageProgram", "Tail", "Tile", "TileGeometry", "TilingError", "TraceFailure", "combine", "deepthings_cuts",
+    "even_cuts", "load_darknet", "partial_key", "partition", "rel_error", "run_stage", "weighted_cuts", "zoo",
 ]

@@ -2,7 +2,8 @@
 
 The plan is the compiler's output in the sense of ``torch.distributed.pipelining``: pure data
 (stages, tiles, boxes, costs) plus small programs that run a tile or the tail. ``Plan.run`` is the
-reference runtime in one process; the distributed runtime runs the same programs on workers.
+reference runtime in one process; the distributed runtime runs the same programs on workers, and
+honours reduce points as :mod:`tiling.reduce` describes.
 """
 
 from __future__ import annotations
@@ -10,194 +11,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
+from .build import GridLike, build_group, grid_spec, shapes_of
 from .errors import GridError, InputMismatch
-from .fusion import Fusion, Layer, StageNodes, analyze, split
-from .geometry import Box, check_cuts, deepthings_cuts, even_cuts, scale_cuts, weighted_cuts
-from .ops import Const, OpSpec, Stop
-from .program import StageProgram, _crop
-from .regions import Piece, TileGeometry, cost, plan_pieces, propagate
+from .fit import fit_grid
+from .flops import node_flops
+from .fusion import Fusion, Layer, analyze, split
+from .geometry import Box
+from .ops import Stop
+from .phases import split_phases
+from .reduce import ReducePoint, combine
 from .report import plan_table
+from .stage import Stage, Tile, redundancy
 from .stitch import empty_like, paste
+from .tail import Tail
 
-GridLike = Union[tuple[int, int], str, Mapping[str, Any], tuple[Sequence[int], Sequence[int]], None]
-
-
-def redundancy(executed_flops: int, untiled_flops: int) -> float:
-    """FLOPs executed by all tiles over FLOPs of the same nodes untiled, minus 1."""
-    return executed_flops / untiled_flops - 1.0 if untiled_flops else 0.0
-
-
-@dataclass
-class Tile:
-    """One tile of one stage: what it computes, what it reads, what it costs (batch 1)."""
-
-    stage: int
-    index: int
-    row: int
-    col: int
-    out_box: Box  # on the stage's reference (lowest-resolution) output
-    in_box: Box  # on the stage's first input
-    flops: int
-    other_ops: int
-    in_bytes: int
-    out_bytes: int
-    peak_bytes: int
-    geometry: TileGeometry
-    group: int = 0  # reuse: 0 runs first, 1 runs from its neighbours' pieces
-    deps: tuple[int, ...] = ()  # tiles of this stage that must finish first (reuse)
-    reuse_in_bytes: int = 0
-    reuse_out_bytes: int = 0
-
-    @property
-    def out_boxes(self) -> dict[str, Box]:
-        return self.geometry.out_boxes
-
-    @property
-    def in_boxes(self) -> dict[str, Box]:
-        return self.geometry.in_boxes
-
-    @property
-    def pieces_in(self) -> list[Piece]:
-        return self.geometry.pieces_in
-
-    @property
-    def pieces_out(self) -> list[Piece]:
-        return self.geometry.pieces_out
-
-
-@dataclass
-class Stage:
-    """One fused stage: a set of nodes cut into a grid of independent tiles."""
-
-    index: int
-    nodes: list[str]
-    inputs: list[str]
-    outputs: list[str]
-    reference: str  # the lowest-resolution output, on which cuts are given
-    layers: tuple[int, int]
-    rows: list[int]
-    cols: list[int]
-    tiles: list[Tile]
-    program: StageProgram
-    untiled_flops: int
-    shapes: dict[str, tuple[int, int, int]]  # C, H, W of every input and output
-    reuse: bool = False
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (len(self.rows) - 1, len(self.cols) - 1)
-
-    @property
-    def flops(self) -> int:
-        return sum(t.flops for t in self.tiles)
-
-    @property
-    def redundancy(self) -> float:
-        return redundancy(self.flops, self.untiled_flops)
-
-    @property
-    def order(self) -> list[int]:
-        """Tile indices in an order that respects reuse dependencies."""
-        return sorted(range(len(self.tiles)), key=lambda i: (self.tiles[i].group, i))
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.program.weight_bytes
-
-    def crop_inputs(self, tile: Tile, env: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {i: _crop((env[i], Box.full(*env[i].shape[-2:])), b) for i, b in tile.in_boxes.items()}
-
-    def run_tile(self, tile: Tile, inputs: Mapping[str, torch.Tensor],
-                 pieces: Mapping[str, Sequence[tuple[Box, torch.Tensor]]] | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-        return self.program.run_tile(tile.geometry, inputs, pieces)
-
-
-class Tail:
-    """What follows the fused stages, as its own small graph module, run whole on one device.
-
-    Its placeholders are the stage outputs (and the model input) that tail nodes read, so shipping
-    it to a device ships only the tail's own weights.
-    """
-
-    def __init__(self, gm: fx.GraphModule, fused: set[str], input_name: str) -> None:
-        graph = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        self.inputs: list[str] = []
-        self.nodes: list[str] = []
-
-        def arg(n: fx.Node) -> fx.Node:
-            if n not in env:  # a fused node or the model input, read by the tail
-                env[n] = graph.placeholder(n.name)
-                self.inputs.append(n.name)
-            return env[n]
-
-        for node in gm.graph.nodes:
-            if node.op == "placeholder" or node.name in fused:
-                continue
-            if node.op == "output":
-                graph.output(fx.map_arg(node.args[0], arg))
-                continue
-            env[node] = graph.node_copy(node, arg)
-            if node.op != "get_attr":
-                self.nodes.append(node.name)
-        self.gm = fx.GraphModule(gm, graph)
-        self.input_name = input_name
-        self.flops = _tail_flops(gm, fused)
-        self.out_bytes = _tail_out_bytes(gm)
-
-    @property
-    def empty(self) -> bool:
-        return not self.nodes
-
-    @torch.no_grad()
-    def run(self, env: Mapping[str, Any]) -> Any:
-        return self.gm(*(env[n] for n in self.inputs))
-
-
-def _tail_flops(gm: fx.GraphModule, fused: set[str]) -> int:
-    """2 x multiply-adds of the convs and linear layers the tail runs, per frame (from traced shapes)."""
-    total = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.name in fused:
-            continue
-        mod = gm.get_submodule(str(node.target))
-        meta = node.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape") or not len(meta.shape):
-            continue
-        per_frame = math.prod(meta.shape) // max(1, int(meta.shape[0]))
-        if isinstance(mod, nn.Conv2d):
-            total += 2 * per_frame * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-        elif isinstance(mod, nn.Linear):
-            total += 2 * per_frame * mod.in_features
-    return total
-
-
-def _tail_out_bytes(gm: fx.GraphModule) -> int:
-    """Bytes of the model's outputs per frame (what the tail's device sends back)."""
-    total = 0
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            for arg in _leaves(node.args[0]):
-                meta = arg.meta.get("tensor_meta")
-                if meta is not None and hasattr(meta, "shape") and len(meta.shape):
-                    total += math.prod(meta.shape) // max(1, int(meta.shape[0])) * 4
-    return total
-
-
-def _leaves(a: Any) -> list[fx.Node]:
-    if isinstance(a, fx.Node):
-        return [a]
-    if isinstance(a, (list, tuple)):
-        return [n for v in a for n in _leaves(v)]
-    if isinstance(a, dict):
-        return [n for v in a.values() for n in _leaves(v)]
-    return []
+__all__ = ["GridLike", "Partitioner", "Plan", "Stage", "Tail", "Tile", "partition", "redundancy", "rel_error",
+           "run_stage"]
 
 
 @dataclass
@@ -212,6 +46,18 @@ class Plan:
     layers: list[Layer]
     stops: list[Stop]
     leaves: list[str] = field(default_factory=list)
+    model_flops: int = 0  # FLOPs of the whole model per frame, as FlopCounterMode counts them
+
+    @property
+    def fused_share(self) -> float:
+        """Share of the model's FLOPs inside fused stages of at least 2 tiles (untiled FLOPs, counted
+        by ``FlopCounterMode`` node by node, over the whole model's count)."""
+        inside = sum(s.untiled_flops for s in self.stages if len(s.tiles) >= 2)
+        return inside / self.model_flops if self.model_flops else 0.0
+
+    @property
+    def reduce_points(self) -> dict[str, ReducePoint]:
+        return {p.node: p for s in self.stages for p in s.reduces}
 
     @property
     def tiles(self) -> list[Tile]:
@@ -254,8 +100,13 @@ class Plan:
         """Every tile in this process, stitched, then the tail: the same result as ``model(x)``."""
         self.check_input(x)
         env: dict[str, torch.Tensor] = {self.input_name: x}
+        reduced: dict[str, torch.Tensor] = {}
+        per_tile: dict[int, list[dict[str, torch.Tensor]]] = {}
         for stage in self.stages:
-            env.update(run_stage(stage, env))
+            outs, per_tile[stage.index] = run_stage_tiles(stage, env, reduced=reduced, earlier=per_tile)
+            env.update(outs)
+            for point in stage.reduces:  # reduce: every tile's partial, in tile order
+                reduced[point.node] = combine(point, [res[point.key] for res in per_tile[stage.index]])
         return self.tail.run(env)
 
     def summary(self) -> str:
@@ -287,6 +138,53 @@ def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
     return outs
 
 
+def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
+              on_tile: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Run every tile of a stage in dependency order and stitch its outputs (stages without
+    reduce points or pinned inputs; :meth:`Plan.run` handles every stage)."""
+    return run_stage_tiles(stage, env, on_tile)[0]
+
+
+def run_stage_tiles(stage: Stage, env: Mapping[str, torch.Tensor], on_tile: Callable[[int], None] | None = None,
+                    reduced: Mapping[str, torch.Tensor] | None = None,
+                    earlier: Mapping[int, list[dict[str, torch.Tensor]]] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Stitched outputs and each tile's own results (maps on its out boxes, and its partials).
+
+    A pinned input is taken from the same-index tile of the stage that made it, as a distributed
+    runtime would (no map crosses between tiles); the others are cropped from ``env``.
+    """
+    first = env[stage.inputs[0]] if stage.inputs else next(iter(env.values()))
+    n = first.shape[0]
+    outs = {o: empty_like(first, (n, *stage.shapes[o])) for o in stage.outputs}
+    whole = {o: Box.full(*stage.shapes[o][1:]) for o in stage.outputs}
+    exported: dict[tuple[int, int], torch.Tensor] = {}  # (src tile, piece number) -> tensor
+    results: list[dict[str, torch.Tensor]] = [{} for _ in stage.tiles]
+    for i in stage.order:
+        tile = stage.tiles[i]
+        pieces: dict[str, list[tuple[Box, torch.Tensor]]] = {}
+        for p in tile.pieces_in:
+            src = stage.tiles[p.src]
+            k = src.pieces_out.index(p)
+            pieces.setdefault(p.node, []).append((p.box, exported[(p.src, k)]))
+        inputs = {name: (earlier[stage.pinned[name]][i][name] if name in stage.pinned and earlier is not None
+                         else _crop_env(env, name, box)) for name, box in tile.in_boxes.items()}
+        res, exp = stage.run_tile(tile, inputs, pieces, reduced)
+        for k, t in enumerate(exp):
+            exported[(i, k)] = t
+        for o in stage.outputs:
+            paste(outs[o], whole[o], [(tile.out_boxes[o], res[o])])
+        results[i] = res
+        if on_tile is not None:
+            on_tile(i)
+    return outs, results
+
+
+def _crop_env(env: Mapping[str, torch.Tensor], name: str, box: Box) -> torch.Tensor:
+    t = env[name]
+    return t[..., box.h0:box.h1, box.w0:box.w1]
+
+
 # --- partition -------------------------------------------------------------------------------------
 
 
@@ -303,6 +201,7 @@ def partition(
     grids: Sequence[GridLike] | None = None,
     upto: int | str | None = None,
     leaf_modules: Iterable[str | type[nn.Module]] = (),
+    reduce_points: bool = True,
 ) -> Plan:
     """Plan fused-tile execution of ``model`` on inputs shaped like ``example``.
 
@@ -311,11 +210,17 @@ def partition(
     col_edges)`` gives edges explicitly. ``stages=`` cuts the fused layers into several stages at
     layer boundaries (indices, or node/module names), each with its entry of ``grids=``.
     ``reuse=True`` runs tiles in a checkerboard where the second group reuses its neighbours'
-    overlapping intermediate results. ``upto=`` stops fusion before a layer.
+    overlapping intermediate results (not across reduce points). ``upto=`` stops fusion before a layer.
+
+    Without ``upto``/``stages``, fusion *fits the grid*: it ends before an output smaller than the
+    grid (a fixed ``AvgPool2d(7)`` giving 1x1, say) and ``plan.stop`` says so. Global poolings whose
+    result is broadcast back onto the map (squeeze-excitation, global context, image pooling) are
+    reduce points that split a fused range into stages on the same grid; ``reduce_points=False``
+    ends fusion there instead, for runtimes that cannot combine partials.
     """
     return Partitioner(model, example, leaf_modules).plan(
         grid, row_weights=row_weights, col_weights=col_weights, cuts=cuts, reuse=reuse, stages=stages,
-        grids=grids, upto=upto)
+        grids=grids, upto=upto, reduce_points=reduce_points)
 
 
 class Partitioner:
@@ -334,8 +239,22 @@ class Partitioner:
             raise InputMismatch(f"example must be a floating-point tensor, got {example.dtype}")
         self.example = example
         self.gm, self.leaves = trace(eval_copy(model), example, leaf_modules)
-        self.fusion = analyze(self.gm)
-        self.shapes = _shapes(self.fusion, example)
+        self._fusions: dict[bool, Fusion] = {}
+        self.fusion = self.fusion_for(True)
+        self.shapes = shapes_of(self.fusion, example)
+        self._flops: dict[str, int] | None = None
+
+    def fusion_for(self, reduce_points: bool) -> Fusion:
+        if reduce_points not in self._fusions:
+            self._fusions[reduce_points] = analyze(self.gm, reduce_points=reduce_points)
+        return self._fusions[reduce_points]
+
+    @property
+    def node_flops(self) -> dict[str, int]:
+        """FLOPs of every node per frame, counted once by ``FlopCounterMode`` on the example."""
+        if self._flops is None:
+            self._flops = node_flops(self.gm, self.example)
+        return self._flops
 
     @property
     def layers(self) -> list[Layer]:
@@ -352,152 +271,33 @@ class Partitioner:
         stages: Sequence[int | str | tuple[int, int]] | None = None,
         grids: Sequence[GridLike] | None = None,
         upto: int | str | None = None,
+        reduce_points: bool = True,
     ) -> Plan:
-        fusion = self.fusion if upto is None else analyze(self.gm, upto)
-        parts = split(fusion, stages)
-        if grids is not None and len(grids) != len(parts):
-            raise GridError(f"grids has {len(grids)} entries but there are {len(parts)} stages "
-                            f"(layers {[p.layers for p in parts]})")
-        default: dict[str, Any] = _grid_spec(grid)
+        base = self.fusion_for(reduce_points)
+        fusion = base if upto is None else analyze(self.gm, upto, reduce_points=reduce_points)
+        default: dict[str, Any] = grid_spec(grid)
         for key, val in (("row_weights", row_weights), ("col_weights", col_weights), ("cuts", cuts)):
             if val is not None:
                 default[key] = val
+        if upto is None and stages is None and grids is None:
+            fusion = fit_grid(fusion, default, self.shapes)
+        fusion, groups = split(fusion, stages)
+        if grids is not None and len(grids) != len(groups):
+            raise GridError(f"grids has {len(grids)} entries but there are {len(groups)} stages "
+                            f"(layers {[p.layers for p in groups]})")
+        parts = split_phases(fusion, groups)
+        flops = self.node_flops
         built: list[Stage] = []
-        for k, part in enumerate(parts):
-            gspec = _grid_spec(grids[k] if grids is not None else default)
-            built.append(_build_stage(k, fusion, part, gspec, self.shapes, reuse, self.example.element_size()))
-        fused = {n for p in parts for n in p.nodes}
-        tail = Tail(self.gm, fused, fusion.input_name)
+        counted: set[str] = set()
+        for g in groups:
+            gspec = grid_spec(grids[g.group] if grids is not None else default)
+            mine = [p for p in parts if p.group == g.group]
+            built += build_group(len(built), fusion, mine, gspec, self.shapes, reuse, self.example.element_size(),
+                                 flops, counted)
+        tail = Tail(self.gm, fusion.fused(), fusion.input_name, flops)
+        total = sum(flops.values())
         return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
-                    fusion.layers, fusion.stops, self.leaves)
-
-
-def _shapes(fusion: Fusion, example: torch.Tensor) -> dict[str, tuple[int, int, int]]:
-    out = {fusion.input_name: tuple(example.shape[1:])}
-    out.update({n: s.out_shape for n, s in fusion.specs.items()})
-    return out  # type: ignore[return-value]
-
-
-def _grid_spec(g: GridLike) -> dict[str, Any]:
-    if isinstance(g, Mapping) and set(g) <= {"grid", "row_weights", "col_weights", "cuts", "deepthings"}:
-        spec = dict(g)
-    elif isinstance(g, Mapping):
-        raise GridError(f"unknown grid keys {sorted(set(g) - {'grid', 'row_weights', 'col_weights', 'cuts', 'deepthings'})}")
-    elif isinstance(g, tuple) and len(g) == 2 and all(isinstance(v, (list, tuple)) for v in g):
-        spec = {"cuts": g}
-    else:
-        spec = {"grid": g}
-    g0 = spec.get("grid")
-    if isinstance(g0, str):
-        try:
-            r, c = (int(v) for v in g0.lower().split("x"))
-        except ValueError:
-            raise GridError(f"grid string must look like '5x5', got {g0!r}") from None
-        spec["grid"] = (r, c)
-    elif isinstance(g0, int) and not isinstance(g0, bool):
-        spec["grid"] = (g0, g0)
-    return spec
-
-
-def _axis_cuts(size: int, spec: Mapping[str, Any], axis: int) -> list[int]:
-    name = ("row", "column")[axis]
-    if spec.get("cuts") is not None:
-        c = spec["cuts"]
-        if not (isinstance(c, (tuple, list)) and len(c) == 2):
-            raise GridError(f"cuts must be (row_edges, col_edges), got {c!r}")
-        return check_cuts(c[axis], size, name)
-    weights = spec.get(("row_weights", "col_weights")[axis])
-    grid = spec.get("grid")
-    if grid is None:
-        parts = len(weights) if weights is not None else 1
-    else:
-        if not (isinstance(grid, (tuple, list)) and len(grid) == 2):
-            raise GridError(f"grid must be (rows, cols), 'RxC' or an int, got {grid!r}")
-        parts = grid[axis]
-        if isinstance(parts, bool) or not isinstance(parts, int):
-            raise GridError(f"grid entries must be positive integers, got {grid!r}")
-    if weights is not None:
-        if len(weights) != parts:
-            raise GridError(f"{len(weights)} {name} weights for a grid of {parts} {name}s")
-        return weighted_cuts(size, list(weights))
-    if spec.get("deepthings"):
-        return deepthings_cuts(size, parts)
-    return even_cuts(size, parts)
-
-
-def _build_stage(k: int, fusion: Fusion, part: StageNodes, gspec: Mapping[str, Any],
-                 shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int) -> Stage:
-    specs = {n: fusion.specs[n] for n in part.nodes}
-    ref = min(part.outputs, key=lambda o: (shapes[o][1] * shapes[o][2], part.outputs.index(o)))
-    rh, rw = shapes[ref][1:]
-    rows, cols = _axis_cuts(rh, gspec, 0), _axis_cuts(rw, gspec, 1)
-    input_hw = {n: shapes[n][1:] for n in [*part.inputs, *part.nodes]}
-    channels = {n: shapes[n][0] for n in [*part.inputs, *part.nodes]}
-    out_cuts = {o: (scale_cuts(rows, rh, shapes[o][1]), scale_cuts(cols, rw, shapes[o][2])) for o in part.outputs}
-    users = fusion.users
-    grid_r, grid_c = len(rows) - 1, len(cols) - 1
-    geos: list[TileGeometry] = []
-    for i in range(grid_r):
-        for j in range(grid_c):
-            boxes = {o: Box(r[i], r[i + 1], c[j], c[j + 1]) for o, (r, c) in out_cuts.items()}
-            geos.append(propagate(specs, part.nodes, part.inputs, input_hw, boxes))
-    groups = [((t // grid_c) + (t % grid_c)) % 2 if reuse else 0 for t in range(len(geos))]
-    deps: list[tuple[int, ...]] = [() for _ in geos]
-    if reuse and len(geos) > 1:
-        for t, geo in enumerate(geos):
-            if groups[t] == 0:
-                continue
-            i, j = divmod(t, grid_c)
-            nbrs = [ii * grid_c + jj for ii, jj in ((i - 1, j), (i, j - 1), (i, j + 1), (i + 1, j))
-                    if 0 <= ii < grid_r and 0 <= jj < grid_c]
-            avail = {n: [geos[a].compute[n] for a in nbrs] for n in part.nodes}
-            new = propagate(specs, part.nodes, part.inputs, input_hw, geo.out_boxes, avail)
-            new.pieces_in = plan_pieces(new, part.nodes, t, [(a, geos[a]) for a in nbrs])
-            geos[t] = new
-            deps[t] = tuple(sorted({p.src for p in new.pieces_in}))
-        for t, geo in enumerate(geos):
-            for p in geo.pieces_in:
-                geos[p.src].pieces_out.append(p)
-    tiles: list[Tile] = []
-    for t, geo in enumerate(geos):
-        c = cost(specs, part.nodes, part.inputs, channels, users, geo, itemsize)
-        i, j = divmod(t, grid_c)
-        tiles.append(Tile(k, t, i, j, geo.out_boxes[ref], geo.in_boxes[part.inputs[0]], c.flops, c.other_ops,
-                          c.in_bytes, c.out_bytes, c.peak_bytes, geo, groups[t], deps[t],
-                          c.reuse_in_bytes, c.reuse_out_bytes))
-    # what the model itself computes: every node over its whole map
-    untiled = sum(2 * s.macs_per_pixel * s.out_shape[1] * s.out_shape[2] for s in specs.values() if s.kind == "conv")
-    program = _program(fusion, part, specs, input_hw)
-    return Stage(k, part.nodes, part.inputs, part.outputs, ref, part.layers, rows, cols, tiles, program,
-                 untiled, {n: shapes[n] for n in [*part.inputs, *part.outputs]}, reuse)
-
-
-def _program(fusion: Fusion, part: StageNodes, specs: Mapping[str, OpSpec],
-             input_hw: Mapping[str, tuple[int, int]]) -> StageProgram:
-    modules: dict[str, nn.Module] = {}
-    consts: dict[str, torch.Tensor] = {}
-    root = fusion.gm
-
-    def visit(a: Any) -> None:
-        if isinstance(a, Const) and a.name not in consts:
-            obj: Any = root
-            for p in a.name.split("."):
-                obj = getattr(obj, p)
-            consts[a.name] = obj
-        elif isinstance(a, (list, tuple)):
-            for v in a:
-                visit(v)
-        elif isinstance(a, dict):
-            for v in a.values():
-                visit(v)
-
-    for s in specs.values():
-        if s.how == "module" and isinstance(s.target, str):
-            modules[s.target] = root.get_submodule(s.target)
-        visit(s.args)
-        visit(s.kwargs)
-        visit(s.params)
-    return StageProgram(list(specs.values()), modules, consts, part.inputs, input_hw, part.outputs)
+                    fusion.layers, fusion.stops, self.leaves, total)
 
 
 def rel_error(a: Any, b: Any) -> float:

@@ -19,6 +19,8 @@ from torch import nn
 
 from .geometry import Box, need_box
 from .ops import Const, OpSpec, Ref
+from .ops_shape import scalar_value, view_run
+from .reduce import partial, partial_key
 from .regions import TileGeometry
 from .stitch import stitch
 
@@ -62,9 +64,10 @@ class StageProgram(nn.Module):
     def __init__(self, specs: Sequence[OpSpec], modules: Mapping[str, nn.Module],
                  constants: Mapping[str, torch.Tensor], inputs: Sequence[str],
                  input_hw: Mapping[str, tuple[int, int]], outputs: Sequence[str] = (), *,
-                 fold_bn: bool = True) -> None:
+                 fold_bn: bool = True, reduced_in: Sequence[str] = ()) -> None:
         super().__init__()
         self.specs = list(specs)
+        self.reduced_in = list(reduced_in)  # reduce points whose combined values run_tile needs
         self.order = [s.name for s in self.specs]
         self.stage_inputs = list(inputs)
         self.input_hw = dict(input_hw)
@@ -120,14 +123,23 @@ class StageProgram(nn.Module):
     @torch.no_grad()
     def run_tile(self, geo: TileGeometry, inputs: Mapping[str, torch.Tensor],
                  pieces: Mapping[str, Sequence[tuple[Box, torch.Tensor]]] | None = None,
+                 reduced: Mapping[str, torch.Tensor] | None = None,
                  ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """Outputs of the tile (one tensor per stage output) and the pieces it hands to neighbours.
 
         ``inputs`` hold exactly each stage input's ``geo.in_boxes`` region; ``pieces`` the reuse
-        pieces listed in ``geo.pieces_in``, by node.
+        pieces listed in ``geo.pieces_in``, by node; ``reduced`` the combined value of every reduce
+        point in ``reduced_in``. The outputs also hold this tile's partial of every reduce point the
+        stage makes, under :func:`tiling.reduce.partial_key` of the point.
         """
         values: dict[str, Value] = {}
         self._batch = next(iter(inputs.values())).shape[0] if inputs else 1
+        missing = [r for r in self.reduced_in if r not in (reduced or {})]
+        if missing:
+            raise ValueError(f"this stage continues from reduce points {missing}: pass their combined values "
+                             f"as reduced={{name: tensor}} (see tiling.reduce.combine)")
+        self._glob: dict[str, Any] = {r: (reduced or {})[r] for r in self.reduced_in}
+        partials: dict[str, torch.Tensor] = {}
         for name in self.stage_inputs:
             box = geo.in_boxes[name]
             t = inputs[name]
@@ -137,6 +149,9 @@ class StageProgram(nn.Module):
             values[name] = (t, box)
         pieces = pieces or {}
         for spec in self.specs:
+            if not spec.is_map:
+                self._value(spec, geo, values, partials)
+                continue
             comp, need = geo.compute[spec.name], geo.need[spec.name]
             got = pieces.get(spec.name, ())
             if need.empty:
@@ -149,9 +164,26 @@ class StageProgram(nn.Module):
                 assert out is not None
                 values[spec.name] = (out, comp)
         outs = {o: _crop(values[o], b) if not b.empty else self._empty(o, values) for o, b in geo.out_boxes.items()}
+        outs.update(partials)
         exported = [_crop(values[p.node], p.box) for p in geo.pieces_out]
         return outs, exported
 
+    def _value(self, spec: OpSpec, geo: TileGeometry, values: Mapping[str, Value],
+               partials: dict[str, torch.Tensor]) -> None:
+        """A whole value: this tile's partial of a reduce point, or a value computed from them."""
+        if spec.kind == "reduce":
+            own = geo.owned[spec.name]
+            x = values.get(spec.inputs[0])
+            if own.empty or x is None:
+                t = next(iter(values.values()))[0]
+                crop = t.new_empty((self._batch, spec.out_shape[0], 0, 0))
+            else:
+                crop = _crop(x, own)
+            partials[partial_key(spec.name)] = partial(spec.params["op"], crop)
+        elif spec.kind == "scalar":
+            self._glob[spec.name] = scalar_value(spec, self._batch)
+        else:
+            self._glob[spec.name] = self._call(spec, Box(0, 0, 0, 0), values)
     def _assemble(self, spec: OpSpec, need: Box, comp: Box, out: torch.Tensor | None,
                   got: Sequence[tuple[Box, torch.Tensor]], values: Mapping[str, Value]) -> torch.Tensor:
         own = [(comp, out)] if out is not None else []
@@ -171,6 +203,11 @@ class StageProgram(nn.Module):
             return self._conv(spec, x)
         if kind == "upsample":
             return self._upsample(spec, comp, values[spec.inputs[0]])
+        if kind == "broadcast":
+            g = self._glob[spec.globals_in[0]]
+            return g.expand(g.shape[0], g.shape[1], comp.height, comp.width)
+        if kind == "reshape" and spec.params.get("view"):
+            return view_run(spec, _crop(values[spec.inputs[0]], comp))
         if spec.name in self._passthrough:  # a batch norm folded into the conv before it
             return _crop(values[spec.inputs[0]], comp)
         return self._call(spec, comp, values)
@@ -238,6 +275,8 @@ class StageProgram(nn.Module):
     def _call(self, spec: OpSpec, comp: Box, values: Mapping[str, Value]) -> torch.Tensor:
         def resolve(a: Any) -> Any:
             if isinstance(a, Ref):
+                if a.name in self._glob:
+                    return self._glob[a.name]
                 return _crop(values[a.name], comp)
             if isinstance(a, Const):
                 return self._const(a)
@@ -245,6 +284,8 @@ class StageProgram(nn.Module):
                 return type(a)(resolve(v) for v in a)
             if isinstance(a, dict):
                 return {k: resolve(v) for k, v in a.items()}
+            if isinstance(a, slice):
+                return slice(resolve(a.start), resolve(a.stop), resolve(a.step))
             return a
 
         if spec.how == "module":
@@ -264,7 +305,7 @@ def _crop(value: Value, want: Box) -> torch.Tensor:
     if not box.contains(want):
         raise AssertionError(f"region {want} is not inside the available {box}")  # pragma: no cover
     hs, ws = want.relative_to(box)
-    return t[:, :, hs, ws]
+    return t[..., hs, ws]
 
 
 def _divisors(o0: int, o1: int, size: int, k: int, s: int, p: int, include_pad: bool) -> list[float]:

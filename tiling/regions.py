@@ -36,6 +36,7 @@ class TileGeometry:
     need: dict[str, Box]
     pieces_in: list[Piece] = field(default_factory=list)
     pieces_out: list[Piece] = field(default_factory=list)
+    owned: dict[str, Box] = field(default_factory=dict)  # reduce point -> the box it sums, on its input
 
 
 def propagate(
@@ -45,16 +46,24 @@ def propagate(
     input_hw: Mapping[str, tuple[int, int]],
     out_boxes: Mapping[str, Box],
     avail: Mapping[str, Sequence[Box]] | None = None,
+    owned: Mapping[str, Box] | None = None,
 ) -> TileGeometry:
     """Regions of every node of one tile.
 
     ``avail`` lists, per node, boxes that neighbours compute and can hand over (reuse); the tile's
-    compute box is then the bounding box of its need minus those.
+    compute box is then the bounding box of its need minus those. ``owned`` gives, per reduce point,
+    the box of its input this tile sums: the tile must compute at least that.
     """
     need: dict[str, Box] = {}
     compute: dict[str, Box] = {}
     for name in reversed(order):
         spec = specs[name]
+        if not spec.is_map:  # whole values have no region; a reduce point needs its owned box
+            need[name] = compute[name] = EMPTY
+            if spec.kind == "reduce" and owned is not None:
+                i = spec.inputs[0]
+                need[i] = need.get(i, EMPTY).union(owned[name])
+            continue
         hw = spec.out_shape[1:]
         box = need.get(name, EMPTY)
         if name in out_boxes:
@@ -73,7 +82,8 @@ def propagate(
                 req = comp
             need[i] = need.get(i, EMPTY).union(req)
     in_boxes = {i: need.get(i, EMPTY) for i in inputs}
-    return TileGeometry(dict(out_boxes), in_boxes, compute, {n: need[n] for n in order})
+    return TileGeometry(dict(out_boxes), in_boxes, compute, {n: need[n] for n in order},
+                        owned={n: b for n, b in (owned or {}).items() if n in specs})
 
 
 def plan_pieces(geo: TileGeometry, order: Sequence[str], me: int,

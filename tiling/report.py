@@ -19,6 +19,9 @@ class PlanView(Protocol):
     @property
     def redundancy(self) -> float: ...
 
+    @property
+    def fused_share(self) -> float: ...
+
 MIB = 2**20
 
 
@@ -59,8 +62,15 @@ def plan_table(plan: PlanView) -> str:
     out = table(["stage", "layers", "grid", "tiles", "output", "GFLOP", "redundancy", "worst peak MiB",
                  "input sent MiB", "weights MiB"], rows)
     stop = plan.stop
-    out += f"\nwhole plan: redundancy {plan.redundancy * 100:+.1f}%, " \
-           f"{len(plan.tail.nodes)} tail node(s) run whole"
+    out += f"\nwhole plan: redundancy {plan.redundancy * 100:+.1f}%, fused share {plan.fused_share * 100:.1f}% " \
+           f"of the model's FLOPs (stages of 2+ tiles), {len(plan.tail.nodes)} tail node(s) run whole"
+    for s in plan.stages:
+        for p in s.reduces:
+            users = [t.index for t in plan.stages if p.node in t.reduced_in]
+            out += (f"\nreduce point {p.node} ({p.op} over {p.input}): stage {s.index} tiles send "
+                    f"{p.partial_bytes} B each per frame, combined for stage(s) {users}")
+        if s.pinned:
+            out += f"\nstage {s.index} continues tile by tile from stage(s) {sorted(set(s.pinned.values()))}"
     if stop is not None:
         out += f"\nfusion stops at {stop}"
     if plan.leaves:
