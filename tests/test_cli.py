@@ -79,7 +79,7 @@ def test_plan_darknet_cfg(shared_dir: Path, capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.parametrize("argv,msg", [
     (["demo", "--in-process", "--grid", "5by5"], "5x5"),
-    (["demo", "--in-process", "--grid", "50x50"], "larger than the output size"),
+    (["demo", "--in-process", "--grid", "50x50"], "the largest grid that fits is"),
     (["run", "--devices", "pi5*2"], "pi4"),
     (["plan", "--model", "nosuchnet"], "yolov2-16"),
     (["plan", "--cfg", "/nonexistent.cfg"], "nonexistent"),

@@ -16,11 +16,20 @@ from .errors import GridError
 from .fusion import Fusion, cut_before, group_outputs
 
 
-def _fit(fusion: Fusion, rows: int, cols: int, shapes: Mapping[str, tuple[int, int, int]]) -> Fusion | None:
+def _cuttable(size: int, parts: int, deepthings: bool) -> bool:
+    """Whether ``parts`` tiles can cut ``size`` with no empty tile (DeepThings' ceil(size/n) tiles need
+    ``(n - 1) * ceil(size / n) < size``; even cuts only ``n <= size``)."""
+    if deepthings:
+        return (parts - 1) * -(-size // parts) < size
+    return parts <= size
+
+
+def _fit(fusion: Fusion, rows: int, cols: int, shapes: Mapping[str, tuple[int, int, int]],
+         deepthings: bool = False) -> Fusion | None:
     while fusion.maps:
         ref = reference(group_outputs(fusion, set(fusion.maps)), shapes)
         h, w = shapes[ref][1:]
-        if h >= rows and w >= cols:
+        if _cuttable(h, rows, deepthings) and _cuttable(w, cols, deepthings):
             return fusion
         fusion = cut_before(fusion, ref, f"its output {h}x{w} is smaller than the grid {rows}x{cols}; "
                                          f"fusion ends before it so that the grid fits")
@@ -32,7 +41,7 @@ def fit_grid(fusion: Fusion, spec: Mapping[str, Any], shapes: Mapping[str, tuple
     want = parts_of(spec)
     if want is None or want == (1, 1) or any(not isinstance(v, int) or v < 1 for v in want):
         return fusion  # malformed grids are reported by the cutter, with its own message
-    fitted = _fit(fusion, want[0], want[1], shapes)
+    fitted = _fit(fusion, want[0], want[1], shapes, bool(spec.get("deepthings")))
     if fitted is not None:
         return fitted
     best = largest_grid(fusion, shapes)

@@ -115,31 +115,6 @@ class Plan:
 
 def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
               on_tile: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Run every tile of a stage in dependency order and stitch its outputs."""
-    first = env[stage.inputs[0]]
-    n = first.shape[0]
-    outs = {o: empty_like(first, (n, *stage.shapes[o])) for o in stage.outputs}
-    whole = {o: Box.full(*stage.shapes[o][1:]) for o in stage.outputs}
-    exported: dict[tuple[int, int], torch.Tensor] = {}  # (src tile, piece number) -> tensor
-    for i in stage.order:
-        tile = stage.tiles[i]
-        pieces: dict[str, list[tuple[Box, torch.Tensor]]] = {}
-        for p in tile.pieces_in:
-            src = stage.tiles[p.src]
-            k = src.pieces_out.index(p)
-            pieces.setdefault(p.node, []).append((p.box, exported[(p.src, k)]))
-        res, exp = stage.run_tile(tile, stage.crop_inputs(tile, env), pieces)
-        for k, t in enumerate(exp):
-            exported[(i, k)] = t
-        for o, t in res.items():
-            paste(outs[o], whole[o], [(tile.out_boxes[o], t)])
-        if on_tile is not None:
-            on_tile(i)
-    return outs
-
-
-def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
-              on_tile: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Run every tile of a stage in dependency order and stitch its outputs (stages without
     reduce points or pinned inputs; :meth:`Plan.run` handles every stage)."""
     return run_stage_tiles(stage, env, on_tile)[0]
