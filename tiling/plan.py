@@ -244,6 +244,9 @@ class Plan:
         if tuple(x.shape[1:]) != self.input_shape:
             raise InputMismatch(f"this plan is fixed to (C, H, W) = {self.input_shape}, got {tuple(x.shape[1:])}; "
                                 f"partition again with an example of the new size")
+        if x.dtype != self.dtype and self.dtype == torch.uint8:
+            raise InputMismatch(f"this plan takes raw uint8 frames (0-255) and normalises them in its first stage "
+                                f"(tiling.with_preprocess); got {x.dtype}: pass the frame as decoded, not normalised")
         if x.dtype != self.dtype:
             raise InputMismatch(f"this plan is fixed to dtype {self.dtype}, got {x.dtype}; convert with x.to({self.dtype})")
         if x.shape[0] < 1:
@@ -265,9 +268,8 @@ class Plan:
 def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
               on_tile: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Run every tile of a stage in dependency order and stitch its outputs."""
-    first = env[stage.inputs[0]]
-    n = first.shape[0]
-    outs = {o: empty_like(first, (n, *stage.shapes[o])) for o in stage.outputs}
+    n = env[stage.inputs[0]].shape[0]
+    outs: dict[str, torch.Tensor] = {}  # allocated from the first tile's results: uint8 in, float out
     whole = {o: Box.full(*stage.shapes[o][1:]) for o in stage.outputs}
     exported: dict[tuple[int, int], torch.Tensor] = {}  # (src tile, piece number) -> tensor
     for i in stage.order:
@@ -281,6 +283,8 @@ def run_stage(stage: Stage, env: Mapping[str, torch.Tensor],
         for k, t in enumerate(exp):
             exported[(i, k)] = t
         for o, t in res.items():
+            if o not in outs:
+                outs[o] = empty_like(t, (n, *stage.shapes[o]))
             paste(outs[o], whole[o], [(tile.out_boxes[o], t)])
         if on_tile is not None:
             on_tile(i)
@@ -330,12 +334,13 @@ class Partitioner:
         if not isinstance(example, torch.Tensor) or example.dim() != 4:
             raise InputMismatch(f"example must be an (N, C, H, W) tensor, got "
                                 f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
-        if not example.is_floating_point():
-            raise InputMismatch(f"example must be a floating-point tensor, got {example.dtype}")
+        if not (example.is_floating_point() or example.dtype == torch.uint8):
+            raise InputMismatch(f"example must be a floating-point or uint8 (raw frame) tensor, got {example.dtype}")
         self.example = example
         self.gm, self.leaves = trace(eval_copy(model), example, leaf_modules)
         self.fusion = analyze(self.gm)
         self.shapes = _shapes(self.fusion, example)
+        self.itemsizes = _itemsizes(self.gm, example)  # uint8 frames: 1 byte per input value, floats after
 
     @property
     def layers(self) -> list[Layer]:
@@ -365,7 +370,7 @@ class Partitioner:
         built: list[Stage] = []
         for k, part in enumerate(parts):
             gspec = _grid_spec(grids[k] if grids is not None else default)
-            built.append(_build_stage(k, fusion, part, gspec, self.shapes, reuse, self.example.element_size()))
+            built.append(_build_stage(k, fusion, part, gspec, self.shapes, reuse, self.itemsizes))
         fused = {n for p in parts for n in p.nodes}
         tail = Tail(self.gm, fused, fusion.input_name)
         return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
@@ -376,6 +381,11 @@ def _shapes(fusion: Fusion, example: torch.Tensor) -> dict[str, tuple[int, int, 
     out = {fusion.input_name: tuple(example.shape[1:])}
     out.update({n: s.out_shape for n, s in fusion.specs.items()})
     return out  # type: ignore[return-value]
+
+
+def _itemsizes(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, int]:
+    dtypes = {n.name: getattr(n.meta.get("tensor_meta"), "dtype", None) for n in gm.graph.nodes}
+    return {n: d.itemsize if isinstance(d, torch.dtype) else example.element_size() for n, d in dtypes.items()}
 
 
 def _grid_spec(g: GridLike) -> dict[str, Any]:
@@ -426,7 +436,7 @@ def _axis_cuts(size: int, spec: Mapping[str, Any], axis: int) -> list[int]:
 
 
 def _build_stage(k: int, fusion: Fusion, part: StageNodes, gspec: Mapping[str, Any],
-                 shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int) -> Stage:
+                 shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int | Mapping[str, int]) -> Stage:
     specs = {n: fusion.specs[n] for n in part.nodes}
     ref = min(part.outputs, key=lambda o: (shapes[o][1] * shapes[o][2], part.outputs.index(o)))
     rh, rw = shapes[ref][1:]
