@@ -11,10 +11,12 @@ from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
 from .plan import Partitioner, Plan, Stage, Tail, Tile, partition, rel_error, run_stage
 from .program import StageProgram
 from .regions import Piece, TileGeometry
-from .sources import load_darknet, zoo
+from .preprocess import Preprocess, PreprocessError, with_preprocess
+from .sources import load_darknet, load_images, load_model, load_onnx, zoo
 
 __all__ = [
-    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "Stage", "StageProgram", "Tail",
-    "Tile", "TileGeometry", "TilingError", "TraceFailure", "deepthings_cuts", "even_cuts", "load_darknet",
-    "partition", "rel_error", "run_stage", "weighted_cuts", "zoo",
+    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "Preprocess", "PreprocessError",
+    "Stage", "StageProgram", "Tail", "Tile", "TileGeometry", "TilingError", "TraceFailure", "deepthings_cuts",
+    "even_cuts", "load_darknet", "load_images", "load_model", "load_onnx", "partition", "rel_error", "run_stage",
+    "weighted_cuts", "with_preprocess", "zoo",
 ]

@@ -103,11 +103,13 @@ def _fix_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None) 
             if len(want) == len(dims) - 1:
                 want = [1, *want]
             if len(want) != len(dims):
-                raise OnnxImportError(f"input_shape {tuple(input_shape)} does not fit input '{vi.name}' of rank {len(dims)}")
+                raise OnnxImportError(f"input_shape {tuple(input_shape)} does not fit input '{vi.name}' "
+                                      f"of rank {len(dims)}")
         for k, d in enumerate(dims):
             if want is not None:
                 if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != want[k] and k > 0:
-                    raise OnnxImportError(f"input '{vi.name}' has fixed dim {k} = {d.dim_value}, input_shape says {want[k]}")
+                    raise OnnxImportError(f"input '{vi.name}' has fixed dim {k} = {d.dim_value}, "
+                                          f"input_shape says {want[k]}")
                 d.ClearField("dim_param")
                 d.dim_value = int(want[k])
             elif not (d.HasField("dim_value") and d.dim_value > 0):

@@ -1,13 +1,12 @@
 """The builder the ONNX op translations emit through, and the view of one node they read.
 
-``Builder.call``/``method``/``module`` run the torch operation eagerly when no operand depends on the
-model input (that is how initializers, ``Constant`` and shape arithmetic fold away), and otherwise add
-an fx node; constants that reach a graph node become buffers of the root module.
+:class:`Builder` walks the ONNX nodes and hands each to its translation with a :class:`NodeCtx`
+(attributes, inputs, static shapes from ONNX shape inference); translations emit through the
+:class:`~tiling.sources.emit.Emitter`, which folds whatever does not depend on the model input.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -16,13 +15,12 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from torch import fx, nn
+from torch import fx
 
 from ..errors import TilingError
+from .emit import Emitter, Value, identifier
 
 __all__ = ["Builder", "Handler", "NodeCtx", "OnnxImportError", "UnsupportedOnnxOp", "Value"]
-
-Value = Union[fx.Node, torch.Tensor]  # a graph value, or a constant folded at import time
 
 
 class OnnxImportError(TilingError):
@@ -37,11 +35,6 @@ class UnsupportedOnnxOp(OnnxImportError):
         why = f": {reason}" if reason else " (no translation for this op type)"
         super().__init__(f"unsupported ONNX op {op_type} in node '{node}' at opset {opset}{why}; "
                          f"supported ops are listed in docs/models.md")
-
-
-def _identifier(name: str, fallback: str) -> str:
-    s = re.sub(r"\W+", "_", name).strip("_") or fallback
-    return f"n_{s}" if s[0].isdigit() else s
 
 
 @dataclass
@@ -117,40 +110,33 @@ class NodeCtx:
 
     @property
     def hint(self) -> str:
-        return _identifier(self.node.name or self.node.output[0], self.op_type.lower())
+        return identifier(self.node.name or self.node.output[0], self.op_type.lower())
 
 
 Handler = Callable[["NodeCtx"], Union[Value, Sequence[Value]]]
 
 
-class Builder:
-    """Builds the fx graph; ``call``/``method``/``module`` fold operations on constants eagerly."""
+class Builder(Emitter):
+    """Translates an ONNX graph node by node into the fx graph of an :class:`Emitter`."""
 
     def __init__(self, model: onnx.ModelProto, opset: int, handlers: Mapping[str, Handler]) -> None:
+        super().__init__()
         self.model, self.opset, self.handlers = model, opset, handlers
-        self.root = nn.Module()
-        self.graph = fx.Graph()
         self.env: dict[str, Value] = {}
         self.shapes, self.dtypes = _static_shapes(model)
-        self._consts: dict[int, fx.Node] = {}
-        self._names: set[str] = set()
 
     def build(self) -> fx.GraphModule:
-        g = self.graph
         for init in self.model.graph.initializer:
             self.env[init.name] = torch.from_numpy(np.array(numpy_helper.to_array(init)))
         for vi in self.model.graph.input:
             if vi.name not in self.env:
-                ph = g.placeholder(self._unique(_identifier(vi.name, "input")))
+                ph = self.placeholder(vi.name)
                 ph.meta["onnx_name"] = vi.name
                 self.env[vi.name] = ph
         for node in self.model.graph.node:
             self._translate(node)
-        outs = [self._as_node(self.env[o.name]) for o in self.model.graph.output]
-        g.output(outs[0] if len(outs) == 1 else tuple(outs))
-        gm = fx.GraphModule(self.root, g, class_name="OnnxModel")
-        gm.graph.eliminate_dead_code()  # what only fed folded constants
-        return fx.GraphModule(gm, gm.graph, class_name="OnnxModel")  # keeps only the weights still used
+        outs = [self.env[o.name] for o in self.model.graph.output]
+        return self.finish(outs[0] if len(outs) == 1 else tuple(outs), "OnnxModel")
 
     def _translate(self, node: onnx.NodeProto) -> None:
         ctx = NodeCtx(node, self.opset, self)
@@ -176,66 +162,6 @@ class Builder:
             self.env[name] = results[k]
             if isinstance(results[k], fx.Node):
                 results[k].meta.setdefault("onnx_node", ctx.name)
-
-    # --- emitting ----------------------------------------------------------------------------------
-    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Value:
-        if not _dynamic((args, kwargs)):
-            return fn(*args, **kwargs)
-        return self.graph.call_function(fn, self._args(args), self._args(kwargs))
-
-    def method(self, name: str, *args: Any, **kwargs: Any) -> Value:
-        if not _dynamic((args, kwargs)):
-            return getattr(args[0], name)(*args[1:], **kwargs)
-        return self.graph.call_method(name, self._args(args), self._args(kwargs))
-
-    def module(self, mod: nn.Module, hint: str, *args: Value) -> Value:
-        mod.eval()
-        if not _dynamic(args):
-            return mod(*args)
-        name = self._unique(hint)
-        self.root.add_module(name, mod)
-        return self.graph.call_module(name, self._args(args))
-
-    def _args(self, a: Any) -> Any:
-        if isinstance(a, torch.Tensor):
-            return self._as_node(a)
-        if isinstance(a, tuple):
-            return tuple(self._args(v) for v in a)
-        if isinstance(a, list):
-            return [self._args(v) for v in a]
-        if isinstance(a, dict):
-            return {k: self._args(v) for k, v in a.items()}
-        return a
-
-    def _as_node(self, v: Value) -> fx.Node:
-        if isinstance(v, fx.Node):
-            return v
-        node = self._consts.get(id(v))
-        if node is None:
-            name = self._unique(f"const_{len(self._consts)}")
-            self.root.register_buffer(name, v.detach().clone())
-            node = self.graph.get_attr(name)
-            self._consts[id(v)] = node
-        return node
-
-    def _unique(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._names or hasattr(nn.Module, name):
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
-
-
-def _dynamic(a: Any) -> bool:
-    if isinstance(a, fx.Node):
-        return True
-    if isinstance(a, (list, tuple)):
-        return any(_dynamic(v) for v in a)
-    if isinstance(a, dict):
-        return any(_dynamic(v) for v in a.values())
-    return False
-
 
 def _static_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, torch.dtype]]:
     """Static shapes and dtypes of every value ONNX shape inference could resolve."""
