@@ -15,7 +15,7 @@ from typing import Any, Union
 import torch
 from torch import fx, nn
 
-__all__ = ["Emitter", "Value", "identifier"]
+__all__ = ["Emitter", "Value", "identifier", "with_weights"]
 
 Value = Union[fx.Node, torch.Tensor]  # a graph value, or a constant folded at import time
 
@@ -24,6 +24,25 @@ def identifier(name: str, fallback: str) -> str:
     """A Python identifier from a foreign name (``/features/0/Conv`` -> ``features_0_Conv``)."""
     s = re.sub(r"\W+", "_", name).strip("_") or fallback
     return f"n_{s}" if s[0].isdigit() else s
+
+
+def with_weights(mod: nn.Module, **tensors: torch.Tensor | None) -> nn.Module:
+    """Give a module built on the meta device (no random init, no memory) its real weights and buffers."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        t = t.detach().contiguous()
+        if isinstance(getattr(mod, name), nn.Parameter):
+            setattr(mod, name, nn.Parameter(t.clone(), requires_grad=False))
+        else:
+            setattr(mod, name, t.clone())
+    for name, p in list(mod.named_parameters(recurse=False)):
+        if p.is_meta:  # nothing given for it
+            setattr(mod, name, nn.Parameter(torch.zeros(p.shape, dtype=p.dtype), requires_grad=False))
+    for name, b in list(mod.named_buffers(recurse=False)):
+        if b is not None and b.is_meta:  # counters such as num_batches_tracked
+            setattr(mod, name, torch.zeros(b.shape, dtype=b.dtype))
+    return mod
 
 
 class Emitter:

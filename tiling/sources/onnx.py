@@ -46,7 +46,9 @@ def load_onnx(source: Source, *, input_shape: Sequence[int] | None = None) -> fx
     """
     model = _read(source)
     opset = _opset(model)
-    model = _fix_input_shape(model, input_shape)
+    if isinstance(source, onnx.ModelProto):  # the caller's: fix shapes on a copy
+        model = _copy(model)
+    _fix_input_shape(model, input_shape)
     try:
         model = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several unrelated types here
@@ -88,13 +90,11 @@ def _opset(model: onnx.ModelProto) -> int:
     return opset
 
 
-def _fix_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None) -> onnx.ModelProto:
-    """Make the graph inputs' shapes static: symbolic batch -> 1, the rest from ``input_shape``."""
+def _fix_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None) -> None:
+    """Make the graph inputs' shapes static, in place: symbolic batch -> 1, the rest from ``input_shape``."""
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
-    model = _copy(model)
-    real = [i for i in model.graph.input if i.name not in inits]
-    for vi in real:
+    for vi in inputs:
         dims = vi.type.tensor_type.shape.dim
         want = list(input_shape) if input_shape is not None else None
         if want is not None:
@@ -119,7 +119,6 @@ def _fix_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None) 
                         f"input_shape=(C, H, W) to fix it (plans are made for one input size)")
                 d.ClearField("dim_param")
                 d.dim_value = 1
-    return model
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

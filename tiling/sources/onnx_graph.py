@@ -100,10 +100,7 @@ class NodeCtx:
         if isinstance(v, torch.Tensor):
             return tuple(v.shape)
         s = self.builder.shapes.get(self.node.input[i])
-        if s is None:
-            raise self.fail(f"the shape of input '{self.node.input[i]}' is unknown after ONNX shape "
-                            f"inference; give the model a static input shape")
-        return s
+        return s if s is not None else self.builder.probe_shape(v)
 
     def out_shape(self, k: int = 0) -> tuple[int, ...] | None:
         return self.builder.shapes.get(self.node.output[k])
@@ -124,6 +121,7 @@ class Builder(Emitter):
         self.model, self.opset, self.handlers = model, opset, handlers
         self.env: dict[str, Value] = {}
         self.shapes, self.dtypes = _static_shapes(model)
+        self._probe: fx.Interpreter | None = None
 
     def build(self) -> fx.GraphModule:
         for init in self.model.graph.initializer:
@@ -137,6 +135,26 @@ class Builder(Emitter):
             self._translate(node)
         outs = [self.env[o.name] for o in self.model.graph.output]
         return self.finish(outs[0] if len(outs) == 1 else tuple(outs), "OnnxModel")
+
+    def probe_shape(self, node: fx.Node) -> tuple[int, ...]:
+        """The shape of a graph value ONNX shape inference left unknown (pads computed by a chain of
+        ops it does not propagate, say): run the graph built so far on zeros, each node once."""
+        if self._probe is None:
+            self._probe = fx.Interpreter(self.root, garbage_collect_values=False, graph=self.graph)
+            for n in self.graph.nodes:
+                if n.op == "placeholder":
+                    name = n.meta["onnx_name"]
+                    if name not in self.shapes:
+                        raise OnnxImportError(f"input '{name}' has no static shape; pass input_shape=")
+                    self._probe.env[n] = torch.zeros(self.shapes[name], dtype=self.dtypes.get(name, torch.float32))
+        env = self._probe.env
+        with torch.no_grad():
+            for n in self.graph.nodes:
+                if n not in env:
+                    env[n] = self._probe.run_node(n)
+                if n is node:
+                    break
+        return tuple(env[node].shape)
 
     def _translate(self, node: onnx.NodeProto) -> None:
         ctx = NodeCtx(node, self.opset, self)

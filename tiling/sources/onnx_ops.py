@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .emit import with_weights
 from .onnx_graph import Handler, NodeCtx, Value
 from .onnx_shape_ops import SHAPE_HANDLERS, rank
 
@@ -78,11 +79,8 @@ def conv(n: NodeCtx) -> Value:
     if not sym:
         x = _pad_explicit(n, x, pads, 0.0)
     mod = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(k), tuple(s), (pads[0], pads[1]) if sym else 0,
-                    tuple(d), groups, bias=bias is not None)
-    mod.weight.data.copy_(w)
-    if bias is not None:
-        mod.bias.data.copy_(bias)  # type: ignore[union-attr]
-    return n.builder.module(mod, n.hint, x)
+                    tuple(d), groups, bias=bias is not None, device="meta")
+    return n.builder.module(with_weights(mod, weight=w, bias=bias), n.hint, x)
 
 
 def conv_transpose(n: NodeCtx) -> Value:
@@ -112,11 +110,8 @@ def conv_transpose(n: NodeCtx) -> Value:
     else:
         pads = [int(v) for v in n.attr("pads", [0, 0, 0, 0])]
     mod = nn.ConvTranspose2d(w.shape[0], w.shape[1] * groups, tuple(k), tuple(s), 0, tuple(opad), groups,
-                             bias=bias is not None, dilation=tuple(d))
-    mod.weight.data.copy_(w)
-    if bias is not None:
-        mod.bias.data.copy_(bias)  # type: ignore[union-attr]
-    y = n.builder.module(mod, n.hint, x)
+                             bias=bias is not None, dilation=tuple(d), device="meta")
+    y = n.builder.module(with_weights(mod, weight=w, bias=bias), n.hint, x)
     if not any(pads):
         return y
     t, left, b, r = pads
@@ -228,11 +223,8 @@ def batch_norm(n: NodeCtx) -> Value:
     scale, bias, mean, var = (n.const(i, w) for i, w in ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")))
     eps = float(n.attr("epsilon", 1e-5))
     if len(n.shape(0)) == 4:
-        mod = nn.BatchNorm2d(scale.numel(), eps=eps)
-        mod.weight.data.copy_(scale)
-        mod.bias.data.copy_(bias)
-        mod.running_mean.copy_(mean)  # type: ignore[operator]
-        mod.running_var.copy_(var)  # type: ignore[operator]
+        mod = nn.BatchNorm2d(scale.numel(), eps=eps, device="meta")
+        mod = with_weights(mod, weight=scale, bias=bias, running_mean=mean, running_var=var)
         return n.builder.module(mod, n.hint, x)
     return n.builder.call(F.batch_norm, x, mean, var, scale, bias, False, 0.0, eps)
 
@@ -350,10 +342,8 @@ def gemm(n: NodeCtx) -> Value:
         w = (bm if tb else bm.t()) * alpha
         bias = None if c is None else (c * beta).reshape(-1)
         if bias is None or bias.numel() in (1, w.shape[0]):
-            mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-            mod.weight.data.copy_(w)
-            if bias is not None:
-                mod.bias.data.copy_(bias.expand(w.shape[0]))  # type: ignore[union-attr]
+            mod = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+            mod = with_weights(mod, weight=w, bias=None if bias is None else bias.expand(w.shape[0]))
             return n.builder.module(mod, n.hint, a)
     b = n.builder
     a = b.method("t", a) if ta else a
@@ -369,9 +359,8 @@ def gemm(n: NodeCtx) -> Value:
 def matmul(n: NodeCtx) -> Value:
     a, bm = n.input(0), n.input(1)
     if isinstance(a, fx.Node) and isinstance(bm, torch.Tensor) and bm.dim() == 2:
-        mod = nn.Linear(bm.shape[0], bm.shape[1], bias=False)
-        mod.weight.data.copy_(bm.t())
-        return n.builder.module(mod, n.hint, a)
+        mod = nn.Linear(bm.shape[0], bm.shape[1], bias=False, device="meta")
+        return n.builder.module(with_weights(mod, weight=bm.t()), n.hint, a)
     return n.builder.call(torch.matmul, a, bm)
 
 
