@@ -76,7 +76,7 @@ def make(nodes: Sequence[Any], x_shape: Sequence[int], out_shape: Sequence[int] 
         [numpy_helper.from_array(np.asarray(a), name) for name, a in inits],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8 if opset < 21 else 10)
-    onnx.checker.check_model(model)
+    onnx.checker.check_model(model, full_check=False) if out_shape else None
     return model
 
 

@@ -51,7 +51,7 @@ class Emitter:
     def __init__(self) -> None:
         self.root = nn.Module()
         self.graph = fx.Graph()
-        self._consts: dict[int, fx.Node] = {}
+        self._consts: dict[int, tuple[torch.Tensor, fx.Node]] = {}
         self._names: set[str] = set()
 
     def placeholder(self, name: str) -> fx.Node:
@@ -96,12 +96,13 @@ class Emitter:
     def _as_node(self, v: Value) -> fx.Node:
         if isinstance(v, fx.Node):
             return v
-        node = self._consts.get(id(v))
-        if node is None:
-            name = self._unique(f"const_{len(self._consts)}")
-            self.root.register_buffer(name, v.detach().clone())
-            node = self.graph.get_attr(name)
-            self._consts[id(v)] = node
+        hit = self._consts.get(id(v))
+        if hit is not None and hit[0] is v:
+            return hit[1]
+        name = self._unique(f"const_{len(self._consts)}")
+        self.root.register_buffer(name, v.detach().clone())
+        node = self.graph.get_attr(name)
+        self._consts[id(v)] = (v, node)  # holding v keeps its id from being reused by another tensor
         return node
 
     def _unique(self, base: str) -> str:
