@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,10 +71,7 @@ def load_model(path: str | os.PathLike[str], *, weights: str | os.PathLike[str] 
         return load_onnx(p, input_shape=input_shape)
     if ext == ".cfg":
         return load_darknet(p, weights)
-    model = _load_torch(p, trust)
-    if weights is not None:
-        _load_state_dict(model, Path(weights))
-    return model.eval()
+    return _load_torch(p, trust, None if weights is None else Path(weights)).eval()
 
 
 def _is_torchscript(p: Path) -> bool:
@@ -84,11 +82,16 @@ def _is_torchscript(p: Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-def _load_torch(p: Path, trust: bool) -> nn.Module:
+def _load_torch(p: Path, trust: bool, weights: Path | None) -> nn.Module:
     if _is_torchscript(p):
         from .torchscript import load_torchscript
 
-        return load_torchscript(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated; old files still load
+            sm = torch.jit.load(str(p), map_location="cpu")
+        if weights is not None:  # before conversion: freezing bakes the weights into the graph
+            _load_state_dict(sm, weights)
+        return load_torchscript(sm)
     try:  # safe: refuses anything but tensors and plain containers
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError) as e:
@@ -100,6 +103,8 @@ def _load_torch(p: Path, trust: bool) -> nn.Module:
             ) from e
         obj = torch.load(p, map_location="cpu", weights_only=False)
     if isinstance(obj, nn.Module):
+        if weights is not None:
+            _load_state_dict(obj, weights)
         return obj
     raise ModelFileError(
         f"{str(p)!r} holds a {type(obj).__name__} (weights without an architecture, e.g. a state dict); build "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,13 @@ class TorchScriptError(TilingError):
 
 def load_torchscript(path: str | os.PathLike[str] | torch.jit.ScriptModule) -> fx.GraphModule:
     """A TorchScript file (or loaded ``ScriptModule``) as an eval-mode ``fx.GraphModule``."""
-    sm = path if isinstance(path, torch.jit.ScriptModule) else torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.x; reading old files is the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sm = path if isinstance(path, torch.jit.ScriptModule) else torch.jit.load(str(path), map_location="cpu")
+        return _freeze_and_convert(sm)
+
+
+def _freeze_and_convert(sm: torch.jit.ScriptModule) -> fx.GraphModule:
     try:
         frozen = torch.jit.freeze(sm.eval())
     except Exception as e:  # noqa: BLE001 - freeze raises RuntimeError subclasses from C++
