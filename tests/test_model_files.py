@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx_helpers import export
 from torch import nn
 
 import tiling
 from tiling.sources import ImageError, ModelFileError
-
-from onnx_helpers import export
 
 
 class Small(nn.Module):

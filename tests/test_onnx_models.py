@@ -12,12 +12,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx_helpers import check, example, export
 from torch import Tensor, nn
 
 import tiling
 from tiling import zoo
-
-from onnx_helpers import check, example, export
 
 
 class Residual(nn.Module):
@@ -72,7 +71,7 @@ def _exported(name: str, opset: int, dynamo: bool, size: int) -> tuple[bytes, nn
 CASES = [  # (model, opset, dynamo exporter); each exporter and opset meets residuals, depthwise, SE, concat, upsample
     ("residual", 11, False), ("residual", 17, False), ("residual", 18, True),
     ("local", 13, False), ("local", 18, True),
-    ("resnet18", 13, False), ("mobilenetv2", 11, False), ("mobilenetv2", 17, False), ("yolov2-16", 17, False),
+    ("resnet18", 13, False), ("mobilenetv2", 11, False), ("yolov2-16", 17, False),
 ]
 SIZES = {"residual": 32, "local": 24, "resnet18": 64, "mobilenetv2": 64, "yolov2-16": 64}
 GRIDS = {"resnet18": ((2, 2),), "mobilenetv2": ((2, 2),)}  # fused outputs are 2x2 at 64
@@ -91,9 +90,9 @@ def test_exported_models_match_onnxruntime_tiled(name: str, opset: int, dynamo: 
 
 
 def test_batch_stays_free() -> None:
-    data, model, x = _exported("resnet18", 13, False, 64)
+    data, model, x = _exported("residual", 17, False, 32)
     gm = tiling.load_onnx(data)
-    xb = example(3, 3, 64, 64, seed=1)
+    xb = example(3, 3, 32, 32, seed=1)
     plan = tiling.partition(gm, x, grid=(2, 2))
     with torch.no_grad():
         assert tiling.rel_error(plan.run(xb), model(xb)) <= 1e-4
@@ -111,12 +110,12 @@ def _yolo_cfg(shared_dir: object, size: int) -> str:
 
 
 def test_darknet_yolov2_roundtrip(shared_dir: object) -> None:
-    """YOLOv2 from the shared cfg, exported at 128x128 and imported back: layers 0-15 tiled equal onnxruntime."""
-    model = tiling.load_darknet(_yolo_cfg(shared_dir, 128), calibration_size=128)
-    x = example(1, 3, 128, 128)
+    """YOLOv2 from the shared cfg, exported at 96x96 and imported back: layers 0-15 tiled equal onnxruntime."""
+    model = tiling.load_darknet(_yolo_cfg(shared_dir, 96), calibration_size=96)
+    x = example(1, 3, 96, 96)
     data = export(model, x, 13)
     err, plan = check(data, x, grids=((2, 2),), upto=16)
-    assert len(plan.layers) == 16 and plan.stages[0].shapes[plan.stages[0].reference] == (256, 8, 8)
+    assert len(plan.layers) == 16 and plan.stages[0].shapes[plan.stages[0].reference] == (256, 6, 6)
     native = tiling.partition(model, x, grid=(2, 2))
-    full = tiling.partition(tiling.load_onnx(data), x, grid=(3, 3))
+    full = tiling.partition(tiling.load_onnx(data), x, grid=(2, 2))
     assert len(full.layers) == len(native.layers)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from onnx_helpers import check, example, helper, make, run_ort, weights
 
 import tiling
 from tiling.sources.onnx import OnnxImportError, UnsupportedOnnxOp
-
-from onnx_helpers import check, example, helper, make, run_ort, weights
 
 X = (1, 3, 13, 11)  # odd sizes: SAME padding and ceil_mode windows differ from the even case
 

@@ -13,10 +13,10 @@ from tiling.preprocess import PRESETS
 
 @pytest.fixture(scope="module")
 def yolo() -> torch.nn.Module:
-    return tiling.zoo.get("yolov2-16", input_size=64).model
+    return tiling.zoo.get("yolov2-16", input_size=32).model
 
 
-def _frames(n: int = 1, h: int = 64, w: int = 64) -> torch.Tensor:
+def _frames(n: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from .errors import GridError, InputMismatch, NotTileable, TilingError, TraceFailure
 from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
 from .plan import Partitioner, Plan, Stage, Tail, Tile, partition, rel_error, run_stage
+from .preprocess import Preprocess, PreprocessError, with_preprocess
 from .program import StageProgram
 from .regions import Piece, TileGeometry
-from .preprocess import Preprocess, PreprocessError, with_preprocess
 from .sources import load_darknet, load_images, load_model, load_onnx, zoo
 
 __all__ = [
