@@ -9,13 +9,15 @@ from __future__ import annotations
 from .errors import GridError, InputMismatch, NotTileable, TilingError, TraceFailure
 from .geometry import Box, deepthings_cuts, even_cuts, weighted_cuts
 from .plan import Partitioner, Plan, Stage, Tail, Tile, partition, rel_error, run_stage
+from .preprocess import Preprocess, PreprocessError, with_preprocess
 from .program import StageProgram
 from .reduce import ReducePoint, combine, partial_key
 from .regions import Piece, TileGeometry
-from .sources import load_darknet, zoo
+from .sources import load_darknet, load_images, load_model, load_onnx, zoo
 
 __all__ = [
-    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "ReducePoint", "Stage",
-    "StageProgram", "Tail", "Tile", "TileGeometry", "TilingError", "TraceFailure", "combine", "deepthings_cuts",
-    "even_cuts", "load_darknet", "partial_key", "partition", "rel_error", "run_stage", "weighted_cuts", "zoo",
+    "Box", "GridError", "InputMismatch", "NotTileable", "Partitioner", "Piece", "Plan", "Preprocess", "PreprocessError",
+    "ReducePoint", "Stage", "StageProgram", "Tail", "Tile", "TileGeometry", "TilingError", "TraceFailure", "combine",
+    "deepthings_cuts", "even_cuts", "load_darknet", "load_images", "load_model", "load_onnx", "partial_key",
+    "partition", "rel_error", "run_stage", "weighted_cuts", "with_preprocess", "zoo",
 ]

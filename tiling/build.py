@@ -107,7 +107,7 @@ def _boxes(rows: list[int], cols: list[int], rh: int, rw: int, names: Sequence[s
 
 
 def build_group(k0: int, fusion: Fusion, parts: list[StageNodes], gspec: Mapping[str, Any],
-                shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int,
+                shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int | Mapping[str, int],
                 node_flops: Mapping[str, int], counted: set[str]) -> list[Stage]:
     """The stages of one group: one joint propagation per tile, restricted to each stage."""
     members = {n for p in parts for n in p.nodes if fusion.specs[n].is_map}
@@ -146,7 +146,7 @@ def _restrict(geo: TileGeometry, part: StageNodes, fusion: Fusion) -> TileGeomet
 
 
 def _stage(k: int, fusion: Fusion, part: StageNodes, gspec: Mapping[str, Any],
-           shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int, rows: list[int],
+           shapes: Mapping[str, tuple[int, int, int]], reuse: bool, itemsize: int | Mapping[str, int], rows: list[int],
            cols: list[int], geos: list[TileGeometry], node_flops: Mapping[str, int], counted: set[str]) -> Stage:
     specs = {n: fusion.specs[n] for n in part.nodes}
     maps = [n for n in part.nodes if specs[n].is_map]
@@ -170,7 +170,8 @@ def _stage(k: int, fusion: Fusion, part: StageNodes, gspec: Mapping[str, Any],
     untiled = sum(node_flops.get(n, 0) for n in mine) if node_flops else sum(
         2 * s.macs_per_pixel * s.out_shape[1] * s.out_shape[2] for s in specs.values() if s.kind == "conv")
     points = [ReducePoint(r, specs[r].inputs[0], k, specs[r].params["op"], specs[r].params["divisor"],
-                          specs[r].out_shape[0], specs[r].params["form"], itemsize) for r in part.reduces]
+                          specs[r].out_shape[0], specs[r].params["form"],
+                          itemsize if isinstance(itemsize, int) else itemsize.get(r, 4)) for r in part.reduces]
     return Stage(k, part.nodes, part.inputs, part.outputs, ref, part.layers, rows, cols, tiles,
                  program(fusion, part, specs, input_hw), untiled,
                  {n: shapes[n] for n in [*part.inputs, *part.outputs]}, reuse, part.group, dict(part.pinned),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .build import GridLike, build_group, grid_spec, shapes_of
 from .errors import GridError, InputMismatch
@@ -90,6 +90,9 @@ class Plan:
         if tuple(x.shape[1:]) != self.input_shape:
             raise InputMismatch(f"this plan is fixed to (C, H, W) = {self.input_shape}, got {tuple(x.shape[1:])}; "
                                 f"partition again with an example of the new size")
+        if x.dtype != self.dtype and self.dtype == torch.uint8:
+            raise InputMismatch(f"this plan takes raw uint8 frames (0-255) and normalises them in its first stage "
+                                f"(tiling.with_preprocess); got {x.dtype}: pass the frame as decoded, not normalised")
         if x.dtype != self.dtype:
             raise InputMismatch(f"this plan is fixed to dtype {self.dtype}, got {x.dtype}; convert with x.to({self.dtype})")
         if x.shape[0] < 1:
@@ -131,7 +134,7 @@ def run_stage_tiles(stage: Stage, env: Mapping[str, torch.Tensor], on_tile: Call
     """
     first = env[stage.inputs[0]] if stage.inputs else next(iter(env.values()))
     n = first.shape[0]
-    outs = {o: empty_like(first, (n, *stage.shapes[o])) for o in stage.outputs}
+    outs: dict[str, torch.Tensor] = {}  # allocated from the first tile's results: uint8 in, float out
     whole = {o: Box.full(*stage.shapes[o][1:]) for o in stage.outputs}
     exported: dict[tuple[int, int], torch.Tensor] = {}  # (src tile, piece number) -> tensor
     results: list[dict[str, torch.Tensor]] = [{} for _ in stage.tiles]
@@ -148,6 +151,8 @@ def run_stage_tiles(stage: Stage, env: Mapping[str, torch.Tensor], on_tile: Call
         for k, t in enumerate(exp):
             exported[(i, k)] = t
         for o in stage.outputs:
+            if o not in outs:
+                outs[o] = empty_like(res[o], (n, *stage.shapes[o]))
             paste(outs[o], whole[o], [(tile.out_boxes[o], res[o])])
         results[i] = res
         if on_tile is not None:
@@ -210,13 +215,14 @@ class Partitioner:
         if not isinstance(example, torch.Tensor) or example.dim() != 4:
             raise InputMismatch(f"example must be an (N, C, H, W) tensor, got "
                                 f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
-        if not example.is_floating_point():
-            raise InputMismatch(f"example must be a floating-point tensor, got {example.dtype}")
+        if not (example.is_floating_point() or example.dtype == torch.uint8):
+            raise InputMismatch(f"example must be a floating-point or uint8 (raw frame) tensor, got {example.dtype}")
         self.example = example
         self.gm, self.leaves = trace(eval_copy(model), example, leaf_modules)
         self._fusions: dict[bool, Fusion] = {}
         self.fusion = self.fusion_for(True)
         self.shapes = shapes_of(self.fusion, example)
+        self.itemsizes = _itemsizes(self.gm, example)  # uint8 frames: 1 byte per input value, floats after
         self._flops: dict[str, int] | None = None
 
     def fusion_for(self, reduce_points: bool) -> Fusion:
@@ -267,12 +273,18 @@ class Partitioner:
         for g in groups:
             gspec = grid_spec(grids[g.group] if grids is not None else default)
             mine = [p for p in parts if p.group == g.group]
-            built += build_group(len(built), fusion, mine, gspec, self.shapes, reuse, self.example.element_size(),
+            built += build_group(len(built), fusion, mine, gspec, self.shapes, reuse, self.itemsizes,
                                  flops, counted)
         tail = Tail(self.gm, fusion.fused(), fusion.input_name, flops)
         total = sum(flops.values())
         return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
                     fusion.layers, fusion.stops, self.leaves, total)
+
+
+def _itemsizes(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, int]:
+    """Bytes per value of every traced tensor (a uint8 frame is 1 byte per value, the maps after it 4)."""
+    dtypes = {n.name: getattr(n.meta.get("tensor_meta"), "dtype", None) for n in gm.graph.nodes}
+    return {n: d.itemsize if isinstance(d, torch.dtype) else example.element_size() for n, d in dtypes.items()}
 
 
 def rel_error(a: Any, b: Any) -> float:

@@ -9,7 +9,7 @@ rest from them as *pieces*; the smaller compute box in turn shrinks what it need
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .geometry import EMPTY, Box, bbox_of_difference, need_box
@@ -121,33 +121,35 @@ class Cost:
 
 def cost(specs: Mapping[str, OpSpec], order: Sequence[str], inputs: Sequence[str],
          channels: Mapping[str, int], users: Mapping[str, Sequence[str]], geo: TileGeometry,
-         itemsize: int) -> Cost:
+         itemsize: int | Mapping[str, int]) -> Cost:
+    size = _sizer(itemsize)
     flops = sum(2 * specs[n].macs_per_pixel * geo.compute[n].area for n in order if specs[n].kind == "conv")
     other = sum(specs[n].out_shape[0] * geo.compute[n].area for n in order if specs[n].kind != "conv")
-    in_bytes = sum(channels[i] * geo.in_boxes[i].area for i in inputs) * itemsize
-    out_bytes = sum(channels[o] * b.area for o, b in geo.out_boxes.items()) * itemsize
-    rin = sum(channels[p.node] * p.box.area for p in geo.pieces_in) * itemsize
-    rout = sum(channels[p.node] * p.box.area for p in geo.pieces_out) * itemsize
+    in_bytes = sum(channels[i] * geo.in_boxes[i].area * size(i) for i in inputs)
+    out_bytes = sum(channels[o] * b.area * size(o) for o, b in geo.out_boxes.items())
+    rin = sum(channels[p.node] * p.box.area * size(p.node) for p in geo.pieces_in)
+    rout = sum(channels[p.node] * p.box.area * size(p.node) for p in geo.pieces_out)
     peak = peak_bytes(specs, order, inputs, channels, users, geo, itemsize)
     return Cost(flops, other, in_bytes, out_bytes, peak, rin, rout)
 
 
 def peak_bytes(specs: Mapping[str, OpSpec], order: Sequence[str], inputs: Sequence[str],
                channels: Mapping[str, int], users: Mapping[str, Sequence[str]], geo: TileGeometry,
-               itemsize: int) -> int:
+               itemsize: int | Mapping[str, int]) -> int:
     """Largest total of tensors alive at once while the tile runs (batch 1).
 
     Batch norm and unary activations on a tensor nobody else reads run in place; channel slices are
     views; a pad that feeds a conv or pool is absorbed into it (the layer reads the border directly).
     So on a chain this is the largest layer input plus output, and on a DAG skip tensors add up.
     """
+    isz = _sizer(itemsize)
     storage: dict[str, str] = {}
     size: dict[str, int] = {}
     born: dict[str, int] = {}
     last: dict[str, int] = {}
     for i in inputs:
         storage[i] = i
-        size[i] = channels[i] * geo.in_boxes[i].area * itemsize
+        size[i] = channels[i] * geo.in_boxes[i].area * isz(i)
         born[i] = -1
     members = set(order)
     for step, name in enumerate(order):
@@ -163,7 +165,7 @@ def peak_bytes(specs: Mapping[str, OpSpec], order: Sequence[str], inputs: Sequen
             elif spec.kind == "pad" and all(u in members and specs[u].kind in ("conv", "maxpool", "avgpool")
                                             for u in users.get(name, ())):
                 shares = True
-        nbytes = channels[name] * geo.need[name].area * itemsize
+        nbytes = channels[name] * geo.need[name].area * isz(name)
         if shares:
             key = storage[src]  # type: ignore[index]
             size[key] = max(size[key], nbytes) if spec.kind != "pad" else size[key]
@@ -185,3 +187,10 @@ def peak_bytes(specs: Mapping[str, OpSpec], order: Sequence[str], inputs: Sequen
         alive = sum(size[k] for k in size if born.get(k, -1) <= t <= last.get(k, -1))
         peak = max(peak, alive)
     return peak
+
+
+def _sizer(itemsize: int | Mapping[str, int]) -> Callable[[str], int]:
+    """Bytes per value of a tensor, by name: one size for all, or per tensor (uint8 frames, float maps)."""
+    if isinstance(itemsize, int):
+        return lambda _name: itemsize
+    return lambda name: itemsize[name]
