@@ -14,16 +14,11 @@ from .common import grid_arg, parse_grid, progress, progress_iter
 MIB = 2**20
 
 
-def run_withprogress(plan: Any, x: torch.Tensor) -> Any:
+def run_with_progress(plan: Any, x: torch.Tensor) -> Any:
     """``plan.run`` with a progress bar over tiles (same result, same order)."""
-    import tiling
-
     total = sum(len(s.tiles) for s in plan.stages)
-    env = {plan.input_name: x}
     with progress(total, "tiles") as bar:
-        for stage in plan.stages:
-            env.update(tiling.run_stage(stage, env, on_tile=lambda _i: bar.update(1)))
-    return plan.tail.run(env)
+        return plan.run(x, on_tile=lambda _i: bar.update(1))
 
 
 def tile_table(plan: Any) -> str:
@@ -64,7 +59,7 @@ def demo_in_process(args: argparse.Namespace) -> int:
         ref = zm.model(x)
         t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    y = run_withprogress(plan, x)
+    y = run_with_progress(plan, x)
     t_tiled = time.perf_counter() - t0
     err = tiling.rel_error(y, ref)
     print()
@@ -126,7 +121,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.check:
         with torch.no_grad():
             ref = model(x)
-        err = tiling.rel_error(run_withprogress(p, x), ref)
+        err = tiling.rel_error(run_with_progress(p, x), ref)
         print(f"check: relative error {err:.2e}: {'OK' if err <= 1e-4 else 'MISMATCH'}")
         return 0 if err <= 1e-4 else 1
     return 0

@@ -237,8 +237,9 @@ class Driver(Shell):
         in_bytes = tile.in_bytes if wiring.frame_input else remote_bytes(dep.wiring, (stage_i, idx), ctx.placed, device)
         cost = Cost(tile.flops, in_bytes, tile.out_bytes + tile.reuse_out_bytes)
         self._sent[(key, device)] = self.clock.now()
+        reduced = {node: (point, [ctx.results[r] for r in refs]) for node, (point, refs) in wiring.reduced.items()}
         self.transport.dispatch(device, TileWork(dep.id, key, ctx.x if frame_boxes else None, frame_boxes, sources,
-                                                 pieces, cost, tile.reuse_in_bytes))
+                                                 pieces, cost, tile.reuse_in_bytes, reduced))
 
     def cancel(self, ins: Cancel) -> None:
         self._sent.pop((ins.key, ins.device), None)
@@ -253,7 +254,7 @@ class Driver(Shell):
             self.execute(self.sched.handle(TailDone(fid, device, self.clock.now())))
             return
         parts, shapes = self._last_parts(ctx)
-        remote = sum(dep.wiring.channels[name] * box.area * dep.wiring.itemsize
+        remote = sum(dep.wiring.channels[name] * box.area * dep.wiring.itemsize(name)
                      for name, ps in parts.items() for (box, _, _), ref in zip(ps, self._last_refs(ctx, name))
                      if ctx.placed.get(ref) != device)
         reads_frame = dep.plan.input_name in dep.plan.tail.inputs
