@@ -178,3 +178,30 @@ def test_real_architectures_with_reduce_points_run_distributed(cluster: fleet.Cl
         assert tiling.rel_error(dep(batch), model(batch)) <= 1e-4
     finally:
         dep.close()
+
+
+def test_uint8_frames_cross_as_bytes_and_are_normalised_on_the_devices(
+        cluster: fleet.Cluster, yolo: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = yolo
+    frame = torch.randint(0, 256, x.shape[1:], dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    pre = tiling.Preprocess.parse("imagenet")
+    dep8 = cluster.deploy(model, frame, grid=(2, 2), preprocess="imagenet")
+    dep32 = cluster.deploy(model, pre.apply_float(frame[None]), grid=(2, 2))
+    try:
+        want = model(pre.apply_float(frame[None]))
+        assert tiling.rel_error(dep8(frame[None]), want) <= 1e-4
+        hwc = cluster.deploy(model, frame.permute(1, 2, 0), grid=(2, 2), preprocess="imagenet,layout=hwc")
+        assert tiling.rel_error(hwc(frame.permute(1, 2, 0)), want[0]) <= 1e-4  # one HWC frame, camera-style
+        hwc.close()
+        dep32(pre.apply_float(frame[None]))
+        first8 = sum(t.in_bytes for t in dep8.plan.stages[0].tiles)
+        first32 = sum(t.in_bytes for t in dep32.plan.stages[0].tiles)
+        assert first8 * 4 == first32  # the frame's crops cross at a quarter of float32
+        with pytest.raises(tiling.InputMismatch, match="uint8 frames need a declared preprocessing"):
+            dep32(frame[None])
+        with pytest.raises(tiling.InputMismatch, match="raw uint8 frames"):
+            dep8(x)
+        assert tiling.rel_error(dep32(pre.apply_float(frame[None]).double()), want) <= 1e-4  # float64 converted
+    finally:
+        dep8.close()
+        dep32.close()

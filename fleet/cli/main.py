@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import commands
+from .common import add_model_args
 from . import lan as lancli
 
 DESCRIPTION = """\
@@ -74,7 +75,10 @@ def _add_run(sub: Any) -> None:
                        description="Deploy a zoo model or a Darknet .cfg on a cluster, stream frames, check every "
                                    "result against the untiled model, and print per-device statistics.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(r)
+    add_model_args(r)
+    r.add_argument("--images", metavar="DIR",
+                   help="run these PNG/JPEG files (a directory or one file) instead of random frames; needs "
+                        "--preprocess (frames travel as uint8)")
     _cluster_args(r)
     r.add_argument("--frames", type=int, default=8, help="frames to stream")
     r.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the run to this file")
@@ -90,7 +94,7 @@ def _add_bench(sub: Any) -> None:
                                    "first listed kind (frame already there) and on the fastest device (client "
                                    "transfers included). --standard runs the standard set (make bench).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(b)
+    add_model_args(b)
     _cluster_args(b)
     b.add_argument("--frames", type=int, default=12, help="timed frames (after 2 warm-up frames)")
     b.add_argument("--in-flight", type=int, help="throughput mode: frames in flight (default 2 per device)")
@@ -156,10 +160,7 @@ def _add_plan(sub: Any) -> None:
                         description="Partition a zoo model or a Darknet .cfg and print the plan: stages, grids, "
                                     "redundancy, per-tile peak memory, where fusion stops and why.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = pl.add_mutually_exclusive_group()
-    src.add_argument("--model", default="yolov2-16", help="a zoo model (see 'tilefleet models')")
-    src.add_argument("--cfg", help="a Darknet .cfg file")
-    pl.add_argument("--size", type=int, help="input height and width (default: the model's own)")
+    add_model_args(pl)
     pl.add_argument("--grid", default="5x5", help="ROWSxCOLS, or several comma-separated, one per stage")
     pl.add_argument("--stages", help="comma-separated layer boundaries, e.g. 4,8,12")
     pl.add_argument("--upto", help="stop fusion before this layer index (or after this module name)")
@@ -197,13 +198,6 @@ def _cluster_config(args: argparse.Namespace) -> int:
         print(f"bring it up with: ray up -y {out}   (or: tilefleet up ...)")
         return 0
     return cc.launch(out)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="yolov2-16", help="a zoo model (see 'tilefleet models')")
-    src.add_argument("--cfg", help="a Darknet .cfg file")
-    p.add_argument("--size", type=int, help="input height and width (default: the model's own)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:

@@ -168,11 +168,25 @@ class Cluster:
         return self.driver.call(self.driver.core.device_table)
 
     def deploy(self, model: nn.Module, example: torch.Tensor, grid: Any = "auto", *, mode: str = "latency",
-               **kw: Any) -> Deployment:
-        """Partition ``model`` for this cluster and ship its stages' weights to every device once."""
+               preprocess: Any = None, **kw: Any) -> Deployment:
+        """Partition ``model`` for this cluster and ship its stages' weights to every device once.
+
+        ``preprocess`` (a :class:`tiling.Preprocess` or its text, e.g. ``"imagenet"``,
+        ``"darknet,layout=hwc"``) makes the deployment take raw uint8 frames: ``example`` is then one,
+        frames cross the network as bytes (a quarter of float32), and each device normalises its own
+        crop in the first fused stage.
+        """
         self._check()
         if mode not in ("latency", "throughput"):
             raise ValueError(f"mode must be 'latency' or 'throughput', got {mode!r}")
+        pre = None
+        if preprocess is not None:  # frames travel as uint8; each device normalises its own crop
+            pre = tiling.Preprocess.parse(preprocess)
+            if not isinstance(example, torch.Tensor) or example.dtype != torch.uint8:
+                raise tiling.InputMismatch("with preprocess=..., the example is a raw uint8 frame (as the camera "
+                                           f"gives it, {pre.layout.upper()}), got "
+                                           f"{getattr(example, 'dtype', type(example).__name__)}")
+            model, example = tiling.with_preprocess(model, pre), pre.to_nchw(example)
         alive = self.driver.alive_specs()
         if isinstance(grid, str) and grid == "auto":
             from .planner import choose_plan
@@ -190,7 +204,7 @@ class Cluster:
         dep = Deployment(state, self.driver, choice, time.monotonic() - t0,
                          alive_devices=lambda: len(self.driver.alive_specs()),
                          cluster_check=self._check, scale=self.scale, detection_times=self.detection_times,
-                         on_close=self.deployments.remove)
+                         on_close=self.deployments.remove, preprocess=pre)
         self.deployments.append(dep)
         return dep
 
