@@ -159,7 +159,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
     if m.rounds:
         report.update(_versus_torch(m.rounds, mode, torch_threads))
     if specs:
-        _add_baselines(report, w, m.plan, specs, mode, standalone, devices, scale)
+        add_baselines(report, w, m.plan, specs, mode, standalone, devices, scale)
     return report
 
 
@@ -224,7 +224,7 @@ def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> 
         "in_flight": m.depth, "trim_k": k,
         "latency_ms": {"p50": float(np.percentile(timed_lat, 50) * 1e3), "p95": float(np.percentile(timed_lat, 95) * 1e3)},
         "fps": fps, "deploy_s": m.deploy_s, "correct": bool(max(m.errs) <= 1e-4), "max_rel_error": float(max(m.errs)),
-        "redundancy": plan.redundancy, "plan": _plan_label(plan), "plan_summary": m.summary,
+        "redundancy": plan.redundancy, "plan": plan_label(plan), "plan_summary": m.summary,
         "max_device_peak_bytes": max((d["peak_bytes"] for d in devs), default=0),
         "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in devs)),
         "steals": int(sum(d["steals"] for d in devs)),
@@ -244,7 +244,7 @@ def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> 
     return report
 
 
-def _add_baselines(report: dict[str, Any], w: Workload, plan: tiling.Plan, specs: list[Any], mode: str,
+def add_baselines(report: dict[str, Any], w: Workload, plan: tiling.Plan, specs: list[Any], mode: str,
                    standalone: bool, devices: str, scale: float | None) -> None:
     """Speedups over the untiled model on one device of the first kind, and on the fastest one."""
     flops = plan.untiled_flops + plan.tail.flops
@@ -327,7 +327,7 @@ def _versus_torch(rounds: list[dict[str, Any]], mode: str, threads: int) -> dict
     return {"host_baseline": hb, key: float(np.median(ratios)), f"{key}_rounds": ratios}
 
 
-def _plan_label(plan: tiling.Plan) -> str:
+def plan_label(plan: tiling.Plan) -> str:
     parts = [f"{s.layers[0]}-{s.layers[1] - 1}:{s.grid[0]}x{s.grid[1]}{' reuse' if s.reuse else ''}" for s in plan.stages]
     return ", ".join(parts)
 

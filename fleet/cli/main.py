@@ -10,6 +10,7 @@ from typing import Any
 
 from . import commands
 from .common import add_model_args
+from .sim import add_sim
 from . import lan as lancli
 
 DESCRIPTION = """\
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tilefleet", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_bench, _add_devices, _add_lan, _add_ray_up, _add_plan, _add_models):
+    for add in (_add_demo, _add_run, _add_bench, add_sim, _add_devices, _add_lan, _add_ray_up, _add_plan, _add_models):
         add(sub)
     return p
 
