@@ -310,3 +310,29 @@ def test_route_labels_drop_names() -> None:
     assert route_label("/v2/models/yolo/versions/1/infer") == "/v2/models/{name}/versions/{version}/infer"
     assert route_label("/v2/repository/models/yolo/load") == "/v2/repository/models/{name}/load"
     assert route_label("/metrics") == "/metrics"
+
+
+# --- load test schedules -------------------------------------------------------------------------
+
+def test_open_loop_schedule_is_fixed_in_advance() -> None:
+    from fleet.serving.loadtest import send_times
+
+    assert send_times(4, 1.0) == [0.0, 0.25, 0.5, 0.75]
+    p = send_times(50, 20.0, poisson=True, seed=3)
+    assert p == send_times(50, 20.0, poisson=True, seed=3) and p == sorted(p) and max(p) < 20.0
+    assert abs(len(p) / 20.0 - 50) < 5  # about the offered rate
+    gaps = np.diff(p)
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.15  # exponential gaps: coefficient of variation ~1
+    with pytest.raises(ValueError):
+        send_times(0, 1.0)
+
+
+def test_latency_counts_from_the_scheduled_send() -> None:
+    from fleet.serving.loadtest import Result, summarize
+
+    # a server stalled for 1 s: requests scheduled during the stall all see it (no coordinated omission)
+    res = [Result(0.0, 0.1, "ok"), Result(0.5, 1.6, "ok"), Result(1.0, 1.7, "ok"), Result(1.5, 1.8, "503")]
+    s = summarize(res, 2.0, 2.0)
+    assert s["sent"] == 4 and s["ok"] == 3 and s["errors"] == {"503": 1}
+    assert s["max_ms"] == pytest.approx(1100) and s["p50_ms"] == pytest.approx(700)
+    assert s["achieved_rps"] == pytest.approx(1.5)

@@ -66,6 +66,8 @@ class ModelConfig:
 
 def single(model: str, input_name: str = DEFAULT_INPUT, **kw: Any) -> ModelConfig:
     """``tilefleet serve --model NAME|FILE``: a zoo model under its name, a file under its stem."""
+    if "grid" in kw:
+        kw["grid"] = _grid({"grid": kw["grid"]}, "--grid")
     path = Path(model)
     if path.suffix == ".cfg" or path.is_file():
         if not path.is_file():
