@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# microseconds: 100 us .. 100 s
-US_BUCKETS = (100, 250, 500, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 3e7, 1e8)
+# microseconds, 100 us .. 100 s; fine between 1 and 10 ms, where the serving overhead's target (5 ms) is
+US_BUCKETS = (100, 250, 500, 1e3, 2e3, 3e3, 4e3, 5e3, 7.5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6,
+              1e7, 3e7, 1e8)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
