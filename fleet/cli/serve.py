@@ -123,7 +123,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"  HTTP {server.url}" + (f", gRPC {server.grpc_address}" if server.grpc_port else "")
               + (", bearer token required" if server.security.token else "") + (", TLS" if server.security.tls else ""))
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        for sig in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background job may start with it ignored
+            signal.signal(sig, lambda *_: stop.set())
         try:
             for name, state in server.service.load_startup().items():
                 print(f"  model {name}: {state}")

@@ -93,18 +93,33 @@ class Guard:
 
 
 async def read_body(request: Request, limit: int) -> bytearray:
-    """The whole body in one buffer, refused with 413 as soon as it passes ``limit`` bytes."""
+    """The whole body in one buffer, refused with 413 as soon as it passes ``limit`` bytes.
+
+    With a Content-Length the buffer is allocated once and filled in place (a 608x608 frame is
+    4.4 MB: growing a buffer chunk by chunk costs about a millisecond more)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ServingError(ErrorKind.TOO_LARGE, f"the request body is {declared} bytes; this server accepts at "
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
+        raise ServingError(ErrorKind.TOO_LARGE, f"the request body is {size} bytes; this server accepts at "
                                                 f"most {limit} (--max-request-bytes)")
-    buf = bytearray()
+    if size is not None:
+        buf, n = bytearray(size), 0
+        view = memoryview(buf)
+        async for chunk in request.stream():
+            if n + len(chunk) > size:
+                raise invalid(f"the body is longer than its Content-Length ({size} bytes)")
+            view[n:n + len(chunk)] = chunk
+            n += len(chunk)
+        if n != size:
+            raise invalid(f"the body ended after {n} of its Content-Length {size} bytes")
+        return buf
+    grown = bytearray()
     async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
+        grown += chunk
+        if len(grown) > limit:
             raise ServingError(ErrorKind.TOO_LARGE, f"the request body is over {limit} bytes, the most this server "
                                                     "accepts (--max-request-bytes)")
-    return buf
+    return grown
 
 
 async def wait_result(service: InferenceService, p: Pending, request: Request) -> Any:

@@ -230,7 +230,7 @@ class InferenceService:
             self.admission.capacity = self._capacity()
             self.admission.add_model(cfg.name, cfg.max_in_flight or self.admission.capacity)
             self._lock.notify_all()
-        log.info("model %s READY (%s)", cfg.name, dep.plan.summary().splitlines()[0] if dep.plan else "")
+        log.info("model %s READY: weights %.1f MiB per device", cfg.name, need[0] / 2**20)
 
     def _unload_locked(self, e: ModelEntry, reason: str) -> None:
         with self._lock:
