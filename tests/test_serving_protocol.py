@@ -336,3 +336,16 @@ def test_latency_counts_from_the_scheduled_send() -> None:
     assert s["sent"] == 4 and s["ok"] == 3 and s["errors"] == {"503": 1}
     assert s["max_ms"] == pytest.approx(1100) and s["p50_ms"] == pytest.approx(700)
     assert s["achieved_rps"] == pytest.approx(1.5)
+
+
+# --- the commands' argument errors ---------------------------------------------------------------
+
+def test_serve_refuses_a_lan_bind_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli.main import main
+
+    assert main(["serve", "--model", "yolov2-16", "--host", "0.0.0.0"]) == 2
+    assert "without an auth token" in capsys.readouterr().err
+    assert main(["serve", "--model", "yolov2-16", "--grid", "five"]) == 2
+    assert "ROWSxCOLS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["loadtest", "http://127.0.0.1:1", "--model", "m"])  # needs --rate or --concurrency

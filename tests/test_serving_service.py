@@ -370,3 +370,15 @@ def test_token_and_tls_on_both_ports(repo: Path, tmp_path: Path) -> None:
         inp.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
         assert g.infer("tiny", [inp], headers={"authorization": f"Bearer {TOKEN}"}).as_numpy("output").shape == (1, 4, 8, 8)
         assert ErrorKind.UNAUTHENTICATED.http_status == 401
+
+
+def test_loadtest_command_prints_a_table(server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.cli.main import main
+
+    out = tmp_path / "lt.json"
+    assert main(["loadtest", server.url, "--model", "tiny", "--rate", "5,10", "--duration", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "achieved/s" in text and "p99 ms" in text
+    reports = json.loads(out.read_text())
+    assert [r["offered_rps"] for r in reports] == [5, 10] and reports[1]["ok"] == 10
