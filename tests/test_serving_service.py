@@ -242,6 +242,15 @@ def test_timeout_and_disconnect_are_cleaned_up(server: Server) -> None:
         while svc.queue_state()["tiny"]["waiting"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert svc.queue_state()["tiny"]["waiting"] == 0  # the disconnected request left the queue
+        g = grpcclient.InferenceServerClient(server.grpc_address)
+        inp = grpcclient.InferInput("input", [3, 16, 16], "FP32")
+        inp.set_data_from_numpy(np.zeros((3, 16, 16), np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            g.infer("tiny", [inp], client_timeout=0.3)  # the gRPC deadline bounds the wait in the queue
+        assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        while svc.queue_state()["tiny"]["waiting"] and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+        assert svc.queue_state()["tiny"]["waiting"] == 0
     finally:
         cluster.gate.set()
     for b in blockers:
