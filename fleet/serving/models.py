@@ -8,7 +8,7 @@ together) are plain functions with plain inputs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ class ModelEntry:
     preprocess: Preprocessor | None = None
     weight_bytes: int = 0
     peak_bytes: int = 0
-    stats_base: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
