@@ -12,6 +12,7 @@ from . import commands
 from .common import add_model_args
 from .sim import add_sim
 from . import lan as lancli
+from . import serve as servecli
 
 DESCRIPTION = """\
 tilefleet splits CNN inference across a cluster of heterogeneous edge devices.
@@ -35,6 +36,8 @@ examples:
   tilefleet plan --model vgg16 --grid 2x2      how a zoo model would be cut
   tilefleet plan --cfg yolov2.cfg --upto 16    the same for a Darknet config
   tilefleet models                             the model zoo
+  tilefleet serve --model yolov2-16            serve it over the Open Inference Protocol (HTTP, gRPC)
+  tilefleet loadtest URL --model M --rate 2    open-loop load against a server
 
 Run 'tilefleet COMMAND --help' for each command's options.
 """
@@ -44,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tilefleet", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_bench, add_sim, _add_devices, _add_lan, _add_ray_up, _add_plan, _add_models):
+    for add in (_add_demo, _add_run, _add_bench, add_sim, _add_devices, _add_lan, _add_ray_up, _add_plan, _add_models,
+                _add_serving):
         add(sub)
     return p
 
@@ -174,6 +178,10 @@ def _add_plan(sub: Any) -> None:
 def _add_models(sub: Any) -> None:
     m = sub.add_parser("models", help="list the model zoo", description="List the models built in code.")
     m.set_defaults(func=commands.models)
+
+
+def _add_serving(sub: Any) -> None:
+    servecli.add_commands(sub)
 
 
 def _devices(args: argparse.Namespace) -> int:

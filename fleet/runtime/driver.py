@@ -187,9 +187,9 @@ class Driver(Shell):
         self.deployments.pop(state.id, None)
         self.transport.unload(state.id, [d for d, dev in self.devices.items() if dev.alive])
 
-    def snapshot(self, state: DeploymentState) -> dict[str, Any]:
+    def snapshot(self, state: DeploymentState, detail: bool = True) -> dict[str, Any]:
         return state.stats.snapshot({d: dev.alive for d, dev in self.devices.items()}, self.sched.stats(),
-                                    state.weight_bytes)
+                                    state.weight_bytes, detail)
 
     def alive_specs(self) -> list[DeviceSpec]:
         return [DeviceSpec(d.info.id, d.profile) for d in self.devices.values() if d.alive and d.profile]
@@ -275,7 +275,7 @@ class Driver(Shell):
             ctx.future.set_exception(FrameFailed(f"frame {ins.frame_id}: collecting the result failed: {e!r}"))
             return
         ctx.done_at = self.clock.now()
-        dep.stats.latencies[ins.frame_id] = ctx.done_at - ctx.submitted
+        dep.stats.record_latency(ins.frame_id, ctx.done_at - ctx.submitted)
         ctx.future.set_result(result)
 
     def fail_frame(self, ins: FailFrame) -> None:
