@@ -99,7 +99,8 @@ def test_bad_frames_are_refused_and_serving_continues(cluster: fleet.Cluster,
         with pytest.raises(tiling.InputMismatch, match="partition again"):
             dep(torch.randn(1, 3, 64, 64))
         with pytest.raises(tiling.InputMismatch, match="dtype"):
-            dep(x.double())
+            dep(x.to(torch.int32))
+        assert tiling.rel_error(dep(x.double()), model(x)) <= 1e-4  # float64 (and float16) frames are converted
         bad = x.clone()
         bad[0, 0, 0, 0] = float("nan")
         with pytest.raises(tiling.InputMismatch, match="NaN"):
