@@ -79,6 +79,21 @@ def bench_command(args: argparse.Namespace) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(_jsonable(r), indent=2))
         return 0
+    if args.fidelity:
+        return _fidelity(args)
+    if args.uint8_vs_float:
+        from fleet.bench.camera import uint8_vs_float32
+
+        r = uint8_vs_float32(args.model if "/" not in args.model else "yolov2-16", args.devices, args.frames,
+                             preprocess=args.preprocess or "darknet", grid=grid_arg(args.grid))
+        print(table(["frames as", "p50 ms", "input bytes per frame", "plan"],
+                    [[k, f"{r['p50_ms'][k]:.0f}", f"{r['input_bytes_per_frame'][k]:,}", r["plans"][k]]
+                     for k in ("uint8", "float32")]))
+        print(f"uint8 / float32 p50: {r['ratio_uint8_over_float32']:.3f} ({r['frames']} frames each, "
+              f"{r['rounds']} alternating rounds; last relative error {r['last_rel_error']:.1e})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return 0
     if args.dispatch:
         d = dispatch_overhead()
         print(table(["metric", "value"], [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in d.items()]))
@@ -134,3 +149,23 @@ def sweep_table(r: dict[str, Any]) -> str:
             f"{(r['auto_vs_best'] - 1) * 100:+.1f}% from the best measured plan ({r['best']}); its prediction is "
             f"{r['auto_prediction_error'] * 100:.1f}% off")
     return head + "\n" + table(["plan", "measured ms", "predicted ms", "correct", "note"], rows)
+
+
+def _fidelity(args: argparse.Namespace) -> int:
+    """The simulator against the emulated cluster on the standard scenarios, one row each."""
+    from fleet.bench.fidelity import fidelity
+
+    def show(r: dict[str, Any]) -> None:
+        print(f"{r['devices']} {r['mode']}: bench {r['bench_fps']:.3f} fps p50 {r['bench_p50_ms']:.0f} ms; "
+              f"sim {r['sim_fps']:.3f} fps p50 {r['sim_p50_ms']:.0f} ms", flush=True)
+
+    rows = fidelity(args.model if args.model and "/" not in args.model else "yolov2-16", on_row=show)
+    print(table(["devices", "mode", "plan (bench / sim)", "fps bench", "fps sim", "sim/bench", "p50 ms bench",
+                 "p50 ms sim", "sim/bench"],
+                [[r["devices"], r["mode"], r["bench_plan"] + (" / same" if r["sim_plan"] == r["bench_plan"]
+                                                              else " / " + r["sim_plan"]),
+                  f"{r['bench_fps']:.3f}", f"{r['sim_fps']:.3f}", f"{r['fps_ratio']:.3f}",
+                  f"{r['bench_p50_ms']:.0f}", f"{r['sim_p50_ms']:.0f}", f"{r['p50_ratio']:.3f}"] for r in rows]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["bench_correct"] for r in rows) else 1

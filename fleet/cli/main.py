@@ -107,6 +107,11 @@ def _add_bench(sub: Any) -> None:
                    help="also measure each device alone (for 'efficiency'; one run per device kind)")
     b.add_argument("--host-baseline", action="store_true",
                    help="also time plain torch on this host (2 threads, batch 1) in the same run")
+    b.add_argument("--uint8-vs-float", action="store_true",
+                   help="latency of raw uint8 camera frames (normalised on the devices) against float32 frames, "
+                        "one cluster, alternating rounds")
+    b.add_argument("--fidelity", action="store_true",
+                   help="run the standard scenarios through bench and through the simulator, side by side")
     b.add_argument("--dispatch", action="store_true",
                    help="measure dispatch overhead instead: >= 1000 small tiles on host*2")
     b.add_argument("--sweep", action="store_true",
