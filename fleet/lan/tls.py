@@ -42,7 +42,7 @@ LOOPBACK_NAMES: Final = ("127.0.0.1", "localhost")
 TLS_ENV: Final = ("RAY_USE_TLS", "RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
 
 
-class TlsError(LanError):
+class TlsError(LanError, ValueError):
     """A key, certificate or request is missing, malformed or not acceptable; says which and why."""
 
 
@@ -363,18 +363,22 @@ def obtain(client: Any, token: bytes, directory: Path, name: str, node_ip: str) 
     return device_files(directory, name, cert_pem, ca_pem, key_pem, node_ip)
 
 
-def driver_files(client: Any, token: bytes | None, state: Path, node_ip: str) -> TlsFiles:
-    """A certificate for a Ray driver in this process (``fleet.connect(cluster=...)`` on a ``--tls``
-    cluster), in ``<state>/tls/driver-<pid>``; those of drivers no longer running are removed."""
+def driver_tls(advert: Any, client: Any, token: Any, node_ip: str, state: Path | None = None) -> TlsFiles | None:
+    """A certificate for a Ray driver in this process when ``advert``'s head uses TLS (None when it
+    does not): ``fleet.connect(cluster=...)`` calls it with the agent connection of its trust check.
+    Kept in ``<state>/tls/driver-<pid>``; those of drivers no longer running are removed."""
     from .procs import pid_alive
+    from .state import state_dir
 
+    if not advert.tls:
+        return None
     if token is None:
-        raise TlsError("a --tls cluster needs the join token; this driver has none (drop --insecure)")
-    base = tls_dir(state)
+        raise TlsError(f"cluster {advert.cluster_name} uses TLS, which needs the join token; drop insecure=True")
+    base = tls_dir(state if state is not None else state_dir())
     for old in base.glob("driver-*"):
         pid = old.name.removeprefix("driver-")
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             for f in old.iterdir():
                 f.unlink(missing_ok=True)
             old.rmdir()
-    return obtain(client, token, base / f"driver-{os.getpid()}", "driver", node_ip)
+    return obtain(client, token.value, base / f"driver-{os.getpid()}", "driver", node_ip)
