@@ -133,7 +133,7 @@ def namespace_init(proc: Spawned) -> int:
 
 CLIENT = r"""
 import json, re, sys, time
-import ray, torch
+import ray, ray._private.internal_api, ray._private.state, torch
 import fleet, tiling
 from tiling import zoo
 
