@@ -131,6 +131,13 @@ def namespace_init(proc: Spawned) -> int:
     return int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
 
 
+def run_beside(host: Host, proc: Spawned, argv: list[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` on ``host`` in the PID namespace of ``proc`` (as another shell on that machine
+    would: it sees the processes whose pids the state files record)."""
+    return subprocess.run(["nsenter", "-t", str(namespace_init(proc)), "-p", "-m", "-n", *argv], env=host.env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 CLIENT = r"""
 import json, re, sys, time
 import ray, ray._private.internal_api, ray._private.state, torch

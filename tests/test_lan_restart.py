@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from lanops import (TILEFLEET, alive_ips, copy_token, devices, global_pid, namespace_init, power_cut, raylets,
-                    run_client, state, wait_for, wait_state)
+                    run_beside, run_client, state, wait_for, wait_state)
 from netns import Lan, make_lan, netns_unavailable
 
 pytestmark = pytest.mark.netns
@@ -116,7 +116,7 @@ def test_token_rotation_keeps_out_devices_with_the_old_token(lan: Lan, cluster: 
     h0, h1, h2, h3 = lan.hosts
     procs = cluster["procs"]
     old_instance = cluster["head_state"]["instance"]
-    res = h0.run([TILEFLEET, "token", "rotate", "--restart-head"], timeout=180)
+    res = run_beside(h0, cluster["head"], [TILEFLEET, "token", "rotate", "--restart-head"])
     assert "restarted with it" in res.stdout, res.stdout + res.stderr
     new = wait_for(lambda: (st := state(h0, "head")) and st["instance"] != old_instance and st, 30, lambda: "head")
     copy_token(h0, h1)  # h1 gets the new token; h2 is forgotten
