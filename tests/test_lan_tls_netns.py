@@ -7,7 +7,6 @@ the head restarts without ``--tls`` and the same frames run again, for the TLS o
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 import time
@@ -18,8 +17,7 @@ from typing import Any
 import pytest
 
 from fleet.lan import tls
-from lanops import (TILEFLEET, alive_ips, copy_token, devices, run_beside, run_client, state, wait_for,
-                    wait_state)
+from lanops import TILEFLEET, alive_ips, copy_token, devices, run_client, wait_state
 from netns import Host, Lan, make_lan, netns_unavailable
 
 pytestmark = pytest.mark.netns
@@ -126,8 +124,7 @@ def test_tls_overhead_against_the_same_cluster_without_tls(lan: Lan, cluster: di
         pytest.skip("the TLS frames (first test) did not run")
     h0, h1, h2 = lan[0], lan[1], lan[2]
     old = cluster["head_state"]["instance"]
-    res = run_beside(h0, cluster["head"], [TILEFLEET, "stop"])
-    assert res.returncode == 0, res.stdout + res.stderr
+    lan.stop(cluster["head"])  # SIGTERM, as `tilefleet stop` or Ctrl-C: Ray stops, the advert is withdrawn
     head = h0.spawn([TILEFLEET, "head", "--name", "lab"], name="head-plain")
     hs = wait_state(h0, "head", head, where=lambda st: st["instance"] != old)
     assert hs["tls"] is None
