@@ -96,3 +96,35 @@ def test_console_script_installed() -> None:
         pytest.skip("tilefleet is not installed in this interpreter's environment")
     out = subprocess.run([str(exe), "models"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "yolov2-16" in out.stdout
+
+
+def test_plan_an_onnx_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from tiling import zoo
+
+    zm = zoo.get("yolov2-16", input_size=64)
+    path = tmp_path / "yolo16.onnx"
+    torch.onnx.export(zm.model, zoo.example(zm), str(path), dynamo=False, opset_version=13)
+    assert main(["plan", "--onnx", str(path), "--grid", "2x2", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "OK" in out and "2x2" in out
+    assert main(["plan", "--model", str(path), "--grid", "2x2", "--preprocess", "darknet", "--check"]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_run_image_files_as_uint8_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)).save(tmp_path / f"cam{i}.png")
+    argv = ["run", "--model", "yolov2-16", "--size", "64", "--images", str(tmp_path), "--preprocess", "darknet",
+            "--devices", "pi4*2", "--frames", "3", "--grid", "2x2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "check: 3 results" in out and "OK" in out
+    assert main(["run", "--images", str(tmp_path), "--devices", "pi4", "--frames", "1"]) == 2
+    assert "--preprocess" in capsys.readouterr().err

@@ -29,7 +29,7 @@ def test_each_device_a_node_and_a_node_crash_loses_no_frame() -> None:
     with fleet.connect(emulate="pi4*3", nodes=True) as c:
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(nodes) == 4  # the driver's head (no CPUs) and one node per device
-        assert len({d.node_id for d in c.driver.devices.values()}) == 3
+        assert len({d.node_id for d in c.driver.core.devices.values()}) == 3
         dep = c.deploy(zm.model, x, stages=[8], grids=[(2, 2), (2, 2)])
         outs = []
         for i, y in enumerate(dep.stream(frames, in_flight=3)):

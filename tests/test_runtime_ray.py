@@ -99,7 +99,8 @@ def test_bad_frames_are_refused_and_serving_continues(cluster: fleet.Cluster,
         with pytest.raises(tiling.InputMismatch, match="partition again"):
             dep(torch.randn(1, 3, 64, 64))
         with pytest.raises(tiling.InputMismatch, match="dtype"):
-            dep(x.double())
+            dep(x.to(torch.int32))
+        assert tiling.rel_error(dep(x.double()), model(x)) <= 1e-4  # float64 (and float16) frames are converted
         bad = x.clone()
         bad[0, 0, 0, 0] = float("nan")
         with pytest.raises(tiling.InputMismatch, match="NaN"):
@@ -161,3 +162,47 @@ def test_frame_that_fits_no_device_fails_clearly_and_closed_cluster_refuses() ->
         assert small.stats()["devices"]["pi3-24m-0"]["peak_bytes"] <= 24 * 2**20
     with pytest.raises(fleet.ClusterClosed, match="connect"):
         c.deploy(zm.model, x, grid=(2, 2))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-b0", "gc-resnet", "shufflenetv2"])
+def test_real_architectures_with_reduce_points_run_distributed(cluster: fleet.Cluster, name: str) -> None:
+    """SE and global-context blocks run tiled across devices: every tile sends its partial, every
+    continuation combines them in tile order, and the result equals the untiled model."""
+    import archs
+
+    model, x = archs.build(name)
+    dep = cluster.deploy(model, x, grid=(2, 2))
+    try:
+        assert dep.plan.reduce_points or name == "shufflenetv2"
+        assert tiling.rel_error(dep(x), model(x)) <= 1e-4
+        batch = torch.cat([x, torch.randn_like(x)])
+        assert tiling.rel_error(dep(batch), model(batch)) <= 1e-4
+    finally:
+        dep.close()
+
+
+def test_uint8_frames_cross_as_bytes_and_are_normalised_on_the_devices(
+        cluster: fleet.Cluster, yolo: tuple[nn.Module, torch.Tensor]) -> None:
+    model, x = yolo
+    frame = torch.randint(0, 256, x.shape[1:], dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    pre = tiling.Preprocess.parse("imagenet")
+    dep8 = cluster.deploy(model, frame, grid=(2, 2), preprocess="imagenet")
+    dep32 = cluster.deploy(model, pre.apply_float(frame[None]), grid=(2, 2))
+    try:
+        want = model(pre.apply_float(frame[None]))
+        assert tiling.rel_error(dep8(frame[None]), want) <= 1e-4
+        hwc = cluster.deploy(model, frame.permute(1, 2, 0), grid=(2, 2), preprocess="imagenet,layout=hwc")
+        assert tiling.rel_error(hwc(frame.permute(1, 2, 0)), want[0]) <= 1e-4  # one HWC frame, camera-style
+        hwc.close()
+        dep32(pre.apply_float(frame[None]))
+        first8 = sum(t.in_bytes for t in dep8.plan.stages[0].tiles)
+        first32 = sum(t.in_bytes for t in dep32.plan.stages[0].tiles)
+        assert first8 * 4 == first32  # the frame's crops cross at a quarter of float32
+        with pytest.raises(tiling.InputMismatch, match="uint8 frames need a declared preprocessing"):
+            dep32(frame[None])
+        with pytest.raises(tiling.InputMismatch, match="raw uint8 frames"):
+            dep8(x)
+        assert tiling.rel_error(dep32(pre.apply_float(frame[None]).double()), want) <= 1e-4  # float64 converted
+    finally:
+        dep8.close()
+        dep32.close()

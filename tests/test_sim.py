@@ -140,3 +140,49 @@ def test_random_fault_histories_keep_the_invariants(seed: int) -> None:
                    scenario=Scenario(events), faults=faults, seed=seed)
     assert sorted(run.order) == list(range(frames)), "every frame ends exactly once"
     assert all(reason for reason in run.failed.values()), "a failed frame says why"
+
+
+def test_scenario_files_are_parsed_with_clear_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sims.scenario import ScenarioError, load_scenario
+
+    devs = devices("pi3*2")
+    good = tmp_path / "s.toml"
+    good.write_text('[[event]]\nat = 2.0\nkill = "pi3-1"\ndetect = 0.5\n\n[[event]]\nat = 1.0\nslow = "pi3-0"\n'
+                    'factor = 10\n\n[[event]]\nat = 3.0\njoin = "pi4"\n')
+    sc = load_scenario(good, devs, TABLE)
+    assert [(e.action, e.device) for e in sc.events] == [("slow", "pi3-0"), ("kill", "pi3-1"), ("join", "pi4-0")]
+    for text, msg in [('[[event]]\nat = 1\nkill = "pi9-0"\n', "no device 'pi9-0'"),
+                      ('[[event]]\nat = -1\nkill = "pi3-0"\n', "at must be a number >= 0"),
+                      ('[[event]]\nat = 1\nexplode = "pi3-0"\n', "needs exactly one of"),
+                      ('[[event]]\nat = 1\njoin = "pi99"\n', "unknown profile"),
+                      ("not toml [", "not a TOML file"), ("[other]\n", "unknown top-level")]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ScenarioError, match=msg):
+            load_scenario(bad, devs, TABLE)
+    huge = tmp_path / "huge.toml"
+    huge.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ScenarioError, match="at most"):
+        load_scenario(huge, devs, TABLE)
+
+
+def test_sim_command_reports_like_bench(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from fleet.cli.main import main
+
+    out = tmp_path / "r.json"
+    argv = ["sim", "--model", "yolov2-16", "--size", "96", "--devices", "pi3*200", "--grid", "2x2", "--mode",
+            "throughput", "--frames", "300", "--json", str(out), "--profile-scheduler"]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["correct"] is None and r["simulated"] and r["devices_count"] == 200 and r["frames"] == 300
+    assert set(r["latency_ms"]) == {"p50", "p95", "p99"} and r["fps"] > 0 and r["plan"] == "0-15:2x2"
+    assert "us CPU per event" in capsys.readouterr().out
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('[[event]]\nat = 0.5\nkill = "pi3-3"\ndetect = 1.5\n')
+    argv = ["sim", "--size", "96", "--devices", "pi3*4", "--grid", "2x2", "--rate", "2", "--duration", "10",
+            "--scenario", str(scenario), "--json", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["failed"] == 0 and r["frames"] == 20 and r["per_device"]["pi3-3"]["alive"] is False

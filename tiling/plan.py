@@ -47,6 +47,7 @@ class Plan:
     stops: list[Stop]
     leaves: list[str] = field(default_factory=list)
     model_flops: int = 0  # FLOPs of the whole model per frame, as FlopCounterMode counts them
+    itemsizes: dict[str, int] = field(default_factory=dict)  # bytes per value of each traced tensor
 
     @property
     def fused_share(self) -> float:
@@ -99,14 +100,15 @@ class Plan:
             raise InputMismatch("the batch is empty")
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor) -> Any:
-        """Every tile in this process, stitched, then the tail: the same result as ``model(x)``."""
+    def run(self, x: torch.Tensor, on_tile: Callable[[int], None] | None = None) -> Any:
+        """Every tile in this process, stitched, then the tail: the same result as ``model(x)``.
+        ``on_tile(i)`` is called after each tile (progress bars)."""
         self.check_input(x)
         env: dict[str, torch.Tensor] = {self.input_name: x}
         reduced: dict[str, torch.Tensor] = {}
         per_tile: dict[int, list[dict[str, torch.Tensor]]] = {}
         for stage in self.stages:
-            outs, per_tile[stage.index] = run_stage_tiles(stage, env, reduced=reduced, earlier=per_tile)
+            outs, per_tile[stage.index] = run_stage_tiles(stage, env, on_tile, reduced=reduced, earlier=per_tile)
             env.update(outs)
             for point in stage.reduces:  # reduce: every tile's partial, in tile order
                 reduced[point.node] = combine(point, [res[point.key] for res in per_tile[stage.index]])
@@ -278,7 +280,7 @@ class Partitioner:
         tail = Tail(self.gm, fusion.fused(), fusion.input_name, flops)
         total = sum(flops.values())
         return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
-                    fusion.layers, fusion.stops, self.leaves, total)
+                    fusion.layers, fusion.stops, self.leaves, total, dict(self.itemsizes))
 
 
 def _itemsizes(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, int]:

@@ -20,8 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import ray
+import torch
 
 from tiling.geometry import Box
+from tiling.reduce import ReducePoint, combine, partial_key
 from tiling.regions import TileGeometry
 from tiling.stitch import stitch
 
@@ -50,6 +52,7 @@ class Emulated(Protocol):
     def admit(self, now: float, bytes_in: int, flops: int, bytes_out: int) -> Timeline: ...
 
 
+PARTIAL_SUFFIX = partial_key("")  # the suffix every partial's key ends with
 RefPart = tuple[Box, Any]  # (box, ObjectRef of a dict of outputs) + output name, see _resolve
 
 
@@ -101,29 +104,37 @@ class TileWorker:
             del self.geometries[key]
 
     def run_tile(self, deployment: str, stage: int, tile: int, inputs: dict[str, Any],
-                 pieces: dict[str, list[tuple[Box, Any, int]]], cost: Cost) -> tuple[Report, Any]:
+                 pieces: dict[str, list[tuple[Box, Any, int]]], cost: Cost,
+                 reduced: dict[str, tuple[ReducePoint, list[Any]]] | None = None) -> tuple[Report, Any, Any]:
+        """Called with ``num_returns=3``: the report, the payload (maps and reuse pieces, kept here and
+        handed on by reference) and the partials of the stage's reduce points (a few KB, fetched by
+        every tile that continues after the reduce point, so no map crosses it)."""
         arrive = time.monotonic()
         try:
             geo = self.geometries[(deployment, stage)][tile]
             resolved = _resolve_inputs(inputs)
             resolved_pieces, piece_bytes = _resolve_pieces(pieces)
+            combined = _combine(reduced or {})
         except Exception as e:  # noqa: BLE001 - a lost producer: the driver re-runs it and us
             fail = TileFailure("InputLost", f"{type(e).__name__}: {e}", retryable=True)
-            return self._meta(fail, arrive, None), None
+            return self._meta(fail, arrive, None), None, None
         timeline = None
         if self.emulation is not None:
             with self._admit:
                 timeline = self.emulation.admit(arrive, cost.in_bytes + piece_bytes, cost.flops, cost.out_bytes)
-        res = self._compute.submit(self.executor.run, deployment, stage, geo, resolved, resolved_pieces).result()
+        res = self._compute.submit(self.executor.run, deployment, stage, geo, resolved, resolved_pieces,
+                                   combined).result()
         computed_at = time.monotonic()
         if isinstance(res, TileFailure):
-            return self._meta(res, arrive, timeline), None
+            return self._meta(res, arrive, timeline), None, None
         self.tiles_done += 1
         if timeline is not None:
             time.sleep(max(0.0, timeline.done - time.monotonic()))
         meta = self._meta(None, arrive, timeline, compute_s=res.compute_s, bytes_in=res.bytes_in,
                           bytes_out=res.bytes_out, torch_device=res.device, computed_at=computed_at)
-        return meta, {"out": res.outputs, "exp": res.exports}
+        maps = {k: v for k, v in res.outputs.items() if not k.endswith(PARTIAL_SUFFIX)}
+        partials = {k: v for k, v in res.outputs.items() if k.endswith(PARTIAL_SUFFIX)}
+        return meta, {"out": maps, "exp": res.exports}, partials
 
     def run_tail(self, deployment: str, env_parts: dict[str, list[tuple[Box, Any, str]]],
                  shapes: dict[str, tuple[int, ...]], given: dict[str, Any],
@@ -175,6 +186,16 @@ def _resolve_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
             continue
         payloads = ray.get([ref for _, ref, _ in value])
         out[name] = [(b, pay["out"][out_name]) for (b, _, out_name), pay in zip(value, payloads)]
+    return out
+
+
+def _combine(reduced: dict[str, tuple[ReducePoint, list[Any]]]) -> dict[str, np.ndarray]:
+    """Each reduce point's value from every tile's partial, combined in tile order (the same bits
+    on every device that continues after it). The partials' bytes are in the tile's cost already."""
+    out: dict[str, np.ndarray] = {}
+    for node, (point, refs) in reduced.items():
+        parts = [pay[point.key] for pay in ray.get(refs)]
+        out[node] = combine(point, [torch.from_numpy(np.ascontiguousarray(a)) for a in parts]).numpy()
     return out
 
 

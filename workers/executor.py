@@ -119,8 +119,11 @@ class TileExecutor:
     # --- tiles -----------------------------------------------------------------------------------
     def run(self, deployment: str, stage: int, geo: TileGeometry,
             inputs: Mapping[str, np.ndarray | Sequence[Part]],
-            pieces: Mapping[str, Sequence[Part]] | None = None) -> TileResult | TileFailure:
-        """Run one tile. ``inputs`` maps each stage input to its crop, or to parts to assemble."""
+            pieces: Mapping[str, Sequence[Part]] | None = None,
+            reduced: Mapping[str, np.ndarray] | None = None) -> TileResult | TileFailure:
+        """Run one tile. ``inputs`` maps each stage input to its crop, or to parts to assemble;
+        ``reduced`` holds the combined value of each reduce point the stage reads. The outputs include
+        this tile's partial of each reduce point its stage makes (``tiling.partial_key``)."""
         prog = self.stages.get((deployment, stage))
         if prog is None:
             return TileFailure("NotLoaded", f"stage {stage} of deployment '{deployment}' is not loaded here",
@@ -141,7 +144,8 @@ class TileExecutor:
                 for b, arr in parts:
                     bytes_in += arr.nbytes
                     tp.setdefault(node, []).append((b, self._tensor(arr)))
-            outs, exports = prog.run_tile(geo, crops, tp)
+            red = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in (reduced or {}).items()}
+            outs, exports = prog.run_tile(geo, crops, tp, red or None)
             res_out = {k: _numpy(v) for k, v in outs.items()}
             res_exp = [_numpy(v) for v in exports]
             if self.device.type == "cuda":

@@ -13,6 +13,8 @@ Timing rules (the same for every row a report compares):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,25 +33,75 @@ MIB = 2**20
 class Workload:
     name: str
     model: nn.Module
-    example: torch.Tensor
+    example: torch.Tensor  # what the deployment is given: uint8 NCHW frames when ``preprocess`` is set
+    preprocess: tiling.Preprocess | None = None
+
+    def reference(self, x: torch.Tensor) -> Any:
+        """The untiled model on a frame as the deployment receives it."""
+        if self.preprocess is not None:
+            x = self.preprocess.apply_float(x)
+        return self.model(x)
 
 
-def load_workload(model: str | None = None, cfg: str | None = None, size: int | None = None) -> Workload:
+MODEL_FILE_SUFFIXES = (".onnx", ".cfg", ".pt", ".pth", ".ts", ".jit", ".torchscript", ".pkl")
+
+
+def load_workload(model: str | None = None, cfg: str | None = None, size: int | None = None, *,
+                  weights: str | None = None, trust: bool = False, preprocess: str | None = None) -> Workload:
+    """A zoo model by name, or a model file (ONNX, Darknet cfg, TorchScript, a trusted pickle), with a
+    seeded example at the model's own input size (``size`` overrides height and width)."""
     from tiling import zoo
 
+    if model and (model.lower().endswith(MODEL_FILE_SUFFIXES) or "/" in model):
+        cfg = model if model.lower().endswith(".cfg") else None
+        if cfg is None:
+            return _file_workload(model, size, weights, trust, preprocess)
     if cfg:
-        m = tiling.load_darknet(cfg)
+        m = tiling.load_darknet(cfg, weights)
         c, h, w = m.input_shape
         if size:
             h = w = size
-        g = torch.Generator().manual_seed(0)
-        return Workload(cfg, m, torch.randn(1, c, h, w, generator=g))
+        return _with_example(cfg, m, (c, h, w), preprocess)
     zm = zoo.get(model or "yolov2-16", input_size=size)
-    return Workload(zm.name, zm.model, zoo.example(zm))
+    return _with_example(zm.name, zm.model, tuple(zoo.example(zm).shape[1:]), preprocess)
+
+
+def _file_workload(path: str, size: int | None, weights: str | None, trust: bool, preprocess: str | None) -> Workload:
+    shape = (3, size, size) if size else None
+    m = tiling.load_model(path, weights=weights, trust=trust, input_shape=shape)
+    found = getattr(m, "input_shape", None) or _onnx_input_shape(path)  # ONNX and Darknet know their input
+    if found is None and shape is None:
+        raise ValueError(f"{path} does not say its input size: pass --size (frames are 3 x SIZE x SIZE)")
+    c, h, w = tuple(found)[-3:] if found is not None else shape  # type: ignore[misc]
+    if size:
+        h = w = size
+    return _with_example(Path(path).name, m, (c, h, w), preprocess)
+
+
+def _onnx_input_shape(path: str) -> tuple[int, ...] | None:
+    if not path.lower().endswith(".onnx"):
+        return None
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init]
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    return tuple(dims) if len(dims) == 4 and all(v > 0 for v in dims[1:]) else None
+
+
+def _with_example(name: str, model: nn.Module, chw: tuple[int, ...], preprocess: str | None) -> Workload:
+    g = torch.Generator().manual_seed(0)
+    if preprocess is None:
+        return Workload(name, model, torch.randn(1, *chw, generator=g))
+    pre = tiling.Preprocess.parse(preprocess)
+    return Workload(name, model, torch.randint(0, 256, (1, *chw), generator=g, dtype=torch.uint8), pre)
 
 
 def frames_for(w: Workload, n: int, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
+    if w.preprocess is not None:
+        return [torch.randint(0, 256, w.example.shape, generator=g, dtype=torch.uint8) for _ in range(n)]
     return [torch.randn(w.example.shape, generator=g) for _ in range(n)]
 
 
@@ -107,7 +159,7 @@ def run_bench(w: Workload, devices: str, *, mode: str = "latency", frames: int =
     if m.rounds:
         report.update(_versus_torch(m.rounds, mode, torch_threads))
     if specs:
-        _add_baselines(report, w, m.plan, specs, mode, standalone, devices, scale)
+        add_baselines(report, w, m.plan, specs, mode, standalone, devices, scale)
     return report
 
 
@@ -121,10 +173,10 @@ def _measure(w: Workload, devices: str, n_specs: int, *, mode: str, frames: int,
     warm = 2 if mode == "latency" else max(2, n_specs or 2)
     xs = frames_for(w, frames + warm)
     with torch.no_grad():  # references before the timed window
-        refs = [w.model(x) for x in xs]
+        refs = [w.reference(x) for x in xs]
     with fleet.connect(address, emulate=None if address else devices, scale=scale, nodes=nodes) as cluster:
         t0 = time.monotonic()
-        dep = cluster.deploy(w.model, w.example, grid=grid, **kw)
+        dep = cluster.deploy(w.model, w.example, grid=grid, preprocess=w.preprocess, **kw)
         deploy_s = time.monotonic() - t0
         # warm-up frames first, then counters reset, so every statistic covers the timed window only
         depth = 1 if mode == "latency" else (in_flight or throughput_depth(
@@ -141,7 +193,7 @@ def _measure(w: Workload, devices: str, n_specs: int, *, mode: str, frames: int,
         done: list[float] = []
         for b in blocks:
             block = [timed[i] for i in b]
-            base = _torch_block(w.model, block, torch_threads) if torch_rounds else None
+            base = _torch_block(w.reference, block, torch_threads) if torch_rounds else None
             o, lt, d = _fleet_block(dep, block, mode, depth, bar)
             outs += o
             lat += lt
@@ -172,7 +224,7 @@ def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> 
         "in_flight": m.depth, "trim_k": k,
         "latency_ms": {"p50": float(np.percentile(timed_lat, 50) * 1e3), "p95": float(np.percentile(timed_lat, 95) * 1e3)},
         "fps": fps, "deploy_s": m.deploy_s, "correct": bool(max(m.errs) <= 1e-4), "max_rel_error": float(max(m.errs)),
-        "redundancy": plan.redundancy, "plan": _plan_label(plan), "plan_summary": m.summary,
+        "redundancy": plan.redundancy, "plan": plan_label(plan), "plan_summary": m.summary,
         "max_device_peak_bytes": max((d["peak_bytes"] for d in devs), default=0),
         "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in devs)),
         "steals": int(sum(d["steals"] for d in devs)),
@@ -192,7 +244,7 @@ def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> 
     return report
 
 
-def _add_baselines(report: dict[str, Any], w: Workload, plan: tiling.Plan, specs: list[Any], mode: str,
+def add_baselines(report: dict[str, Any], w: Workload, plan: tiling.Plan, specs: list[Any], mode: str,
                    standalone: bool, devices: str, scale: float | None) -> None:
     """Speedups over the untiled model on one device of the first kind, and on the fastest one."""
     flops = plan.untiled_flops + plan.tail.flops
@@ -244,7 +296,7 @@ def _fleet_block(dep: Any, xs: list[torch.Tensor], mode: str, depth: int,
     return outs, lat, done
 
 
-def _torch_block(model: nn.Module, xs: list[torch.Tensor], threads: int) -> list[float]:
+def _torch_block(model: Callable[[torch.Tensor], Any], xs: list[torch.Tensor], threads: int) -> list[float]:
     """Plain torch, batch 1, ``threads`` threads: seconds per frame (after one untimed frame)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -275,7 +327,7 @@ def _versus_torch(rounds: list[dict[str, Any]], mode: str, threads: int) -> dict
     return {"host_baseline": hb, key: float(np.median(ratios)), f"{key}_rounds": ratios}
 
 
-def _plan_label(plan: tiling.Plan) -> str:
+def plan_label(plan: tiling.Plan) -> str:
     parts = [f"{s.layers[0]}-{s.layers[1] - 1}:{s.grid[0]}x{s.grid[1]}{' reuse' if s.reuse else ''}" for s in plan.stages]
     return ", ".join(parts)
 

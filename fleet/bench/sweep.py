@@ -31,7 +31,7 @@ def sweep(model: str | None, cfg: str | None, size: int | None, devices: str, mo
     warm = 1
     xs = frames_for(w, frames + warm)
     with torch.no_grad():
-        refs = [w.model(x) for x in xs]
+        refs = [w.reference(x) for x in xs]
     rows: list[dict[str, Any]] = []
     with fleet.connect(emulate=devices, scale=scale) as cluster:
         s = cluster.scale
@@ -39,7 +39,7 @@ def sweep(model: str | None, cfg: str | None, size: int | None, devices: str, mo
         configs += [(_label(c), c["grid"], {k: v for k, v in c.items() if k != "grid"}) for c in SWEEP_FIXED]
         for label, grid, kw in configs:
             try:
-                dep = cluster.deploy(w.model, w.example, grid=grid, **kw)
+                dep = cluster.deploy(w.model, w.example, grid=grid, preprocess=w.preprocess, **kw)
             except (tiling.TilingError, ValueError) as e:
                 rows.append({"plan": label, "error": str(e)})
                 continue

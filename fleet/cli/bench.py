@@ -15,7 +15,7 @@ from fleet.bench.dispatch import dispatch_overhead
 from fleet.bench.runner import load_workload, run_bench
 from fleet.bench.sweep import sweep
 
-from .common import grid_arg
+from .common import grid_arg, workload
 
 MIB = 2**20
 TORCH_ROUNDS = 4  # plain torch and the cluster alternate in this many rounds (host runs)
@@ -61,11 +61,10 @@ def report_table(r: dict[str, Any]) -> str:
     return table(["metric", "value"], rows)
 
 
-def one(args: argparse.Namespace | None, name: str, model: str | None, cfg: str | None, size: int | None,
-        devices: str, mode: str, frames: int, grid: Any = "auto", stages: list[int] | None = None,
-        reuse: bool = False, in_flight: int | None = None, scale: float | None = None, address: str | None = None,
-        standalone: bool = False, host: bool = False) -> dict[str, Any]:
-    w = load_workload(model, cfg, size)
+def one(args: argparse.Namespace | None, name: str, w: Any, devices: str, mode: str, frames: int,
+        grid: Any = "auto", stages: list[int] | None = None, reuse: bool = False, in_flight: int | None = None,
+        scale: float | None = None, address: str | None = None, standalone: bool = False,
+        host: bool = False) -> dict[str, Any]:
     r = run_bench(w, devices, mode=mode, frames=frames, grid=grid, stages=stages, reuse=reuse, in_flight=in_flight,
                   scale=scale, address=address, standalone=standalone, torch_rounds=TORCH_ROUNDS if host else 0,
                   nodes=bool(getattr(args, "nodes", False)))
@@ -92,7 +91,7 @@ def bench_command(args: argparse.Namespace) -> int:
         summary = []
         for name, kw in STANDARD:
             print(f"== {name}: {kw}")
-            r = one(args, name, "yolov2-16", None, None, **kw)
+            r = one(args, name, load_workload("yolov2-16"), **kw)
             print(report_table(r))
             (out / f"{name}.json").write_text(json.dumps(_jsonable(r), indent=2))
             summary.append([name, r["plan"], f"{r.get('speedup', 0):.2f}x", f"{r['fps']:.3f}",
@@ -103,7 +102,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(table(["run", "plan", "speedup", "fps", "p50 ms", "efficiency", "peak MiB", "correct"], summary))
         print(f"dispatch overhead: median {d['median_ms']:.2f} ms over {d['tiles']} tiles")
         return 0
-    r = one(args, "bench", args.model, args.cfg, args.size, args.devices, args.mode, args.frames, grid_arg(args.grid),
+    r = one(args, "bench", workload(args), args.devices, args.mode, args.frames, grid_arg(args.grid),
             [int(v) for v in args.stages.split(",")] if args.stages else None, args.reuse, args.in_flight,
             args.scale, args.address, args.standalone, args.host_baseline)
     print(r["plan_summary"])

@@ -9,21 +9,16 @@ from typing import Any
 
 import torch
 
-from .common import grid_arg, parse_grid, progress, progress_iter
+from .common import grid_arg, parse_grid, progress, progress_iter, workload
 
 MIB = 2**20
 
 
-def run_withprogress(plan: Any, x: torch.Tensor) -> Any:
+def run_with_progress(plan: Any, x: torch.Tensor) -> Any:
     """``plan.run`` with a progress bar over tiles (same result, same order)."""
-    import tiling
-
     total = sum(len(s.tiles) for s in plan.stages)
-    env = {plan.input_name: x}
     with progress(total, "tiles") as bar:
-        for stage in plan.stages:
-            env.update(tiling.run_stage(stage, env, on_tile=lambda _i: bar.update(1)))
-    return plan.tail.run(env)
+        return plan.run(x, on_tile=lambda _i: bar.update(1))
 
 
 def tile_table(plan: Any) -> str:
@@ -42,7 +37,9 @@ def tile_table(plan: Any) -> str:
 def demo(args: argparse.Namespace) -> int:
     if args.in_process:
         return demo_in_process(args)
-    return _cluster_run(ClusterRun("tilefleet demo", model="yolov2-16", size=args.size, frames=args.frames,
+    from fleet.bench.runner import load_workload
+
+    return _cluster_run(ClusterRun("tilefleet demo", load_workload("yolov2-16", None, args.size), frames=args.frames,
                                    devices=args.devices, grid=args.grid, mode=args.mode, reuse=args.reuse))
 
 
@@ -64,7 +61,7 @@ def demo_in_process(args: argparse.Namespace) -> int:
         ref = zm.model(x)
         t_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    y = run_withprogress(plan, x)
+    y = run_with_progress(plan, x)
     t_tiled = time.perf_counter() - t0
     err = tiling.rel_error(y, ref)
     print()
@@ -87,19 +84,12 @@ def demo_in_process(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, torch.Tensor, str]:
-    from tiling import zoo
+    w = workload(args)
+    if w.preprocess is not None:
+        import tiling
 
-    if args.cfg:
-        from tiling import load_darknet
-
-        model = load_darknet(args.cfg)
-        c, h, w = model.input_shape
-        if args.size:
-            h = w = args.size
-        torch.manual_seed(0)
-        return model, torch.randn(1, c, h, w), args.cfg
-    zm = zoo.get(args.model, input_size=args.size)
-    return zm.model, zoo.example(zm), zm.name
+        return tiling.with_preprocess(w.model, w.preprocess), w.example, w.name
+    return w.model, w.example, w.name
 
 
 def plan(args: argparse.Namespace) -> int:
@@ -126,7 +116,7 @@ def plan(args: argparse.Namespace) -> int:
     if args.check:
         with torch.no_grad():
             ref = model(x)
-        err = tiling.rel_error(run_withprogress(p, x), ref)
+        err = tiling.rel_error(run_with_progress(p, x), ref)
         print(f"check: relative error {err:.2e}: {'OK' if err <= 1e-4 else 'MISMATCH'}")
         return 0 if err <= 1e-4 else 1
     return 0
@@ -149,13 +139,12 @@ class ClusterRun:
     """What ``demo`` and ``run`` ask of a cluster: a workload, devices, a plan request, frames."""
 
     title: str
+    workload: Any  # fleet.bench.runner.Workload
     frames: int
     devices: str
     grid: str
     mode: str
-    model: str | None = None
-    cfg: str | None = None
-    size: int | None = None
+    images: str | None = None
     reuse: bool = False
     stages: str | None = None
     address: str | None = None
@@ -177,14 +166,13 @@ class ClusterRun:
 def _cluster_run(r: ClusterRun) -> int:
     """Deploy, stream frames with a progress bar, check each against the untiled model, report."""
     import tiling
-    from fleet.bench.runner import frames_for, load_workload
 
-    w = load_workload(r.model, r.cfg, r.size)
-    xs = frames_for(w, r.frames)
+    w = r.workload
+    xs = _frames(r, w)
     print(f"{r.title}: {w.name} {tuple(w.example.shape[1:])} on {r.address or r.devices}, {r.frames} frames, "
           f"grid {r.grid}, {r.mode} mode")
     with torch.no_grad():
-        refs = [w.model(x) for x in progress_iter(xs, "references (untiled, this host)")]
+        refs = [w.reference(x) for x in progress_iter(xs, "references (untiled, this host)")]
     outs, wall, st, profs, plan, scale = _stream(r, w, xs)
     errs = [tiling.rel_error(y, ref) for y, ref in zip(outs, refs)]
     print()
@@ -202,6 +190,22 @@ def _cluster_run(r: ClusterRun) -> int:
     return 0 if ok else 1
 
 
+def _frames(r: ClusterRun, w: Any) -> list[torch.Tensor]:
+    """Random frames of the model's input, or image files (uint8, for a preprocessed deployment)."""
+    from fleet.bench.runner import frames_for
+
+    if r.images is None:
+        return frames_for(w, r.frames)
+    import tiling
+
+    if w.preprocess is None:
+        raise ValueError("--images gives raw uint8 frames: say how to normalise them with --preprocess "
+                         "imagenet|darknet|none")
+    h, wd = w.example.shape[-2:]
+    imgs = [w.preprocess.to_nchw(im) for im in tiling.load_images(r.images, size=(int(h), int(wd)))]
+    return [imgs[i % len(imgs)] for i in range(max(r.frames, len(imgs)))]
+
+
 def _stream(r: ClusterRun, w: Any, xs: list[torch.Tensor]) -> tuple[list[Any], float, dict[str, Any],
                                                                     dict[str, Any], Any, float]:
     """Connect, deploy, stream every frame; (outputs, wall s, stats, device figures, plan, clock scale)."""
@@ -211,7 +215,7 @@ def _stream(r: ClusterRun, w: Any, xs: list[torch.Tensor]) -> tuple[list[Any], f
     with fleet.connect(r.address, emulate=None if r.address else r.devices, scale=r.scale,
                        profiles_file=r.profiles_file, nodes=r.nodes) as cluster:
         t0 = time.monotonic()
-        dep = cluster.deploy(w.model, w.example, grid=g, **kw)
+        dep = cluster.deploy(w.model, w.example, grid=g, preprocess=w.preprocess, **kw)
         print(f"deployed in {time.monotonic() - t0:.1f} s (weights shipped once per device)")
         print(dep.plan_summary())
         outs = []
@@ -252,9 +256,9 @@ def _speedup_line(r: ClusterRun, plan: Any, per_frame: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    return _cluster_run(ClusterRun("tilefleet run", model=args.model, cfg=args.cfg, size=args.size,
-                                   frames=args.frames, devices=args.devices, grid=args.grid, mode=args.mode,
-                                   reuse=args.reuse, stages=args.stages, address=args.address, scale=args.scale,
+    return _cluster_run(ClusterRun("tilefleet run", workload(args), frames=args.frames, devices=args.devices,
+                                   grid=args.grid, mode=args.mode, images=args.images, reuse=args.reuse,
+                                   stages=args.stages, address=args.address, scale=args.scale,
                                    profiles_file=args.profiles, trace=args.trace, nodes=bool(args.nodes)))
 
 

@@ -9,8 +9,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import commands
+from .common import add_model_args
+from .sim import add_sim
 from . import lan as lancli
 from . import lanadmin
+from . import serve as servecli
 
 DESCRIPTION = """\
 tilefleet splits CNN inference across a cluster of heterogeneous edge devices.
@@ -36,6 +39,8 @@ examples:
   tilefleet plan --model vgg16 --grid 2x2      how a zoo model would be cut
   tilefleet plan --cfg yolov2.cfg --upto 16    the same for a Darknet config
   tilefleet models                             the model zoo
+  tilefleet serve --model yolov2-16            serve it over the Open Inference Protocol (HTTP, gRPC)
+  tilefleet loadtest URL --model M --rate 2    open-loop load against a server
 
 Run 'tilefleet COMMAND --help' for each command's options.
 """
@@ -45,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tilefleet", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_bench, _add_devices, _add_lan, _add_lan_admin, _add_ray_up, _add_plan,
-                _add_models):
+    for add in (_add_demo, _add_run, _add_bench, add_sim, _add_devices, _add_lan, _add_lan_admin, _add_ray_up,
+                _add_plan, _add_models, _add_serving):
         add(sub)
     return p
 
@@ -78,7 +83,10 @@ def _add_run(sub: Any) -> None:
                        description="Deploy a zoo model or a Darknet .cfg on a cluster, stream frames, check every "
                                    "result against the untiled model, and print per-device statistics.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(r)
+    add_model_args(r)
+    r.add_argument("--images", metavar="DIR",
+                   help="run these PNG/JPEG files (a directory or one file) instead of random frames; needs "
+                        "--preprocess (frames travel as uint8)")
     _cluster_args(r)
     r.add_argument("--frames", type=int, default=8, help="frames to stream")
     r.add_argument("--trace", help="write a Chrome trace (chrome://tracing, Perfetto) of the run to this file")
@@ -94,7 +102,7 @@ def _add_bench(sub: Any) -> None:
                                    "first listed kind (frame already there) and on the fastest device (client "
                                    "transfers included). --standard runs the standard set (make bench).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _model_args(b)
+    add_model_args(b)
     _cluster_args(b)
     b.add_argument("--frames", type=int, default=12, help="timed frames (after 2 warm-up frames)")
     b.add_argument("--in-flight", type=int, help="throughput mode: frames in flight (default 2 per device)")
@@ -164,10 +172,7 @@ def _add_plan(sub: Any) -> None:
                         description="Partition a zoo model or a Darknet .cfg and print the plan: stages, grids, "
                                     "redundancy, per-tile peak memory, where fusion stops and why.",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    src = pl.add_mutually_exclusive_group()
-    src.add_argument("--model", default="yolov2-16", help="a zoo model (see 'tilefleet models')")
-    src.add_argument("--cfg", help="a Darknet .cfg file")
-    pl.add_argument("--size", type=int, help="input height and width (default: the model's own)")
+    add_model_args(pl)
     pl.add_argument("--grid", default="5x5", help="ROWSxCOLS, or several comma-separated, one per stage")
     pl.add_argument("--stages", help="comma-separated layer boundaries, e.g. 4,8,12")
     pl.add_argument("--upto", help="stop fusion before this layer index (or after this module name)")
@@ -180,6 +185,10 @@ def _add_plan(sub: Any) -> None:
 def _add_models(sub: Any) -> None:
     m = sub.add_parser("models", help="list the model zoo", description="List the models built in code.")
     m.set_defaults(func=commands.models)
+
+
+def _add_serving(sub: Any) -> None:
+    servecli.add_commands(sub)
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -205,13 +214,6 @@ def _cluster_config(args: argparse.Namespace) -> int:
         print(f"bring it up with: ray up -y {out}   (or: tilefleet up ...)")
         return 0
     return cc.launch(out)
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default="yolov2-16", help="a zoo model (see 'tilefleet models')")
-    src.add_argument("--cfg", help="a Darknet .cfg file")
-    p.add_argument("--size", type=int, help="input height and width (default: the model's own)")
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:

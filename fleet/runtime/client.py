@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import itertools
 import logging
 import os
@@ -170,12 +171,21 @@ class Cluster:
         self._check()
         return self.driver.call(self.driver.core.device_table)
 
-    def deploy(self, model: nn.Module, example: torch.Tensor, grid: Any = "auto", *, mode: str = "latency",
-               **kw: Any) -> Deployment:
-        """Partition ``model`` for this cluster and ship its stages' weights to every device once."""
+    def plan(self, model: nn.Module, example: torch.Tensor, grid: Any = "auto", *, mode: str = "latency",
+             preprocess: Any = None, **kw: Any) -> Planned:
+        """How ``model`` would be cut for this cluster, without shipping anything: check it (memory,
+        the plan summary) and then pass it to :meth:`deploy` as ``planned=``."""
         self._check()
         if mode not in ("latency", "throughput"):
             raise ValueError(f"mode must be 'latency' or 'throughput', got {mode!r}")
+        pre = None
+        if preprocess is not None:  # frames travel as uint8; each device normalises its own crop
+            pre = tiling.Preprocess.parse(preprocess)
+            if not isinstance(example, torch.Tensor) or example.dtype != torch.uint8:
+                raise tiling.InputMismatch("with preprocess=..., the example is a raw uint8 frame (as the camera "
+                                           f"gives it, {pre.layout.upper()}), got "
+                                           f"{getattr(example, 'dtype', type(example).__name__)}")
+            model, example = tiling.with_preprocess(model, pre), pre.to_nchw(example)
         alive = self.driver.alive_specs()
         if isinstance(grid, str) and grid == "auto":
             from .planner import choose_plan
@@ -187,13 +197,30 @@ class Cluster:
             plan, choice = choose_plan(model, example, alive, mode=mode, scale=self.scale, **kw)
         else:
             plan, choice = tiling.partition(model, example, grid, **kw), None
+        return Planned(plan, choice, example.element_size(), pre)
+
+    def deploy(self, model: nn.Module | None = None, example: torch.Tensor | None = None, grid: Any = "auto", *,
+               mode: str = "latency", preprocess: Any = None, planned: Planned | None = None,
+               **kw: Any) -> Deployment:
+        """Partition ``model`` for this cluster and ship its stages' weights to every device once.
+
+        ``preprocess`` (a :class:`tiling.Preprocess` or its text, e.g. ``"imagenet"``,
+        ``"darknet,layout=hwc"``) makes the deployment take raw uint8 frames: ``example`` is then one,
+        frames cross the network as bytes (a quarter of float32), and each device normalises its own
+        crop in the first fused stage. ``planned`` (from :meth:`plan`) ships that plan as it is.
+        """
+        self._check()
+        if planned is None:
+            if model is None or example is None:
+                raise TypeError("deploy(model, example, ...) or deploy(planned=cluster.plan(...))")
+            planned = self.plan(model, example, grid, mode=mode, preprocess=preprocess, **kw)
         t0 = time.monotonic()
-        state = ship(new_deployment_id(), plan, example)
+        state = ship(new_deployment_id(), planned.plan, planned.frame_itemsize)
         self.driver.call(lambda: self.driver.core.load(state))  # every alive device, before the first frame
-        dep = Deployment(state, self.driver, choice, time.monotonic() - t0,
+        dep = Deployment(state, self.driver, planned.choice, time.monotonic() - t0,
                          alive_devices=lambda: len(self.driver.alive_specs()),
                          cluster_check=self._check, scale=self.scale, detection_times=self.detection_times,
-                         on_close=self.deployments.remove)
+                         on_close=self.deployments.remove, preprocess=planned.preprocess)
         self.deployments.append(dep)
         return dep
 
@@ -234,7 +261,17 @@ class Cluster:
             raise ClusterClosed("this cluster is closed; call fleet.connect() again")
 
 
-def ship(dep_id: str, plan: tiling.Plan, example: torch.Tensor) -> DeploymentState:
+@dataclass(frozen=True)
+class Planned:
+    """A plan made for a cluster and not shipped yet (:meth:`Cluster.plan`)."""
+
+    plan: tiling.Plan
+    choice: Any  # the auto-planner's candidates and predictions, or None for an explicit grid
+    frame_itemsize: int  # bytes per value of a frame as it is sent (1 for uint8 camera frames)
+    preprocess: tiling.Preprocess | None = None
+
+
+def ship(dep_id: str, plan: tiling.Plan, frame_itemsize: int) -> DeploymentState:
     """Put the plan's programs, tail and tile geometries in the object store once: every device
     (and any that joins later) loads them by reference."""
     import ray
@@ -242,4 +279,4 @@ def ship(dep_id: str, plan: tiling.Plan, example: torch.Tensor) -> DeploymentSta
     programs = {s.index: ray.put(s.program) for s in plan.stages}
     tail = ray.put(plan.tail) if not plan.tail.empty else None
     geos = ray.put({s.index: [t.geometry for t in s.tiles] for s in plan.stages})
-    return DeploymentState.build(dep_id, plan, example.element_size(), shipped=(programs, tail, geos))
+    return DeploymentState.build(dep_id, plan, frame_itemsize, shipped=(programs, tail, geos))

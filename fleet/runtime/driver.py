@@ -187,9 +187,9 @@ class Driver(Shell):
         self.deployments.pop(state.id, None)
         self.transport.unload(state.id, [d for d, dev in self.devices.items() if dev.alive])
 
-    def snapshot(self, state: DeploymentState) -> dict[str, Any]:
+    def snapshot(self, state: DeploymentState, detail: bool = True) -> dict[str, Any]:
         return state.stats.snapshot({d: dev.alive for d, dev in self.devices.items()}, self.sched.stats(),
-                                    state.weight_bytes)
+                                    state.weight_bytes, detail)
 
     def alive_specs(self) -> list[DeviceSpec]:
         return [DeviceSpec(d.info.id, d.profile) for d in self.devices.values() if d.alive and d.profile]
@@ -237,8 +237,9 @@ class Driver(Shell):
         in_bytes = tile.in_bytes if wiring.frame_input else remote_bytes(dep.wiring, (stage_i, idx), ctx.placed, device)
         cost = Cost(tile.flops, in_bytes, tile.out_bytes + tile.reuse_out_bytes)
         self._sent[(key, device)] = self.clock.now()
+        reduced = {node: (point, [ctx.results[r] for r in refs]) for node, (point, refs) in wiring.reduced.items()}
         self.transport.dispatch(device, TileWork(dep.id, key, ctx.x if frame_boxes else None, frame_boxes, sources,
-                                                 pieces, cost, tile.reuse_in_bytes))
+                                                 pieces, cost, tile.reuse_in_bytes, reduced))
 
     def cancel(self, ins: Cancel) -> None:
         self._sent.pop((ins.key, ins.device), None)
@@ -253,7 +254,7 @@ class Driver(Shell):
             self.execute(self.sched.handle(TailDone(fid, device, self.clock.now())))
             return
         parts, shapes = self._last_parts(ctx)
-        remote = sum(dep.wiring.channels[name] * box.area * dep.wiring.itemsize
+        remote = sum(dep.wiring.channels[name] * box.area * dep.wiring.itemsize(name)
                      for name, ps in parts.items() for (box, _, _), ref in zip(ps, self._last_refs(ctx, name))
                      if ctx.placed.get(ref) != device)
         reads_frame = dep.plan.input_name in dep.plan.tail.inputs
@@ -274,7 +275,7 @@ class Driver(Shell):
             ctx.future.set_exception(FrameFailed(f"frame {ins.frame_id}: collecting the result failed: {e!r}"))
             return
         ctx.done_at = self.clock.now()
-        dep.stats.latencies[ins.frame_id] = ctx.done_at - ctx.submitted
+        dep.stats.record_latency(ins.frame_id, ctx.done_at - ctx.submitted)
         ctx.future.set_result(result)
 
     def fail_frame(self, ins: FailFrame) -> None:

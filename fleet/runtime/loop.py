@@ -94,8 +94,8 @@ class DriverThread:
         """A device is gone (its Ray node died, say): handled on the driver thread."""
         self.inbox.put(lambda: self.core.on_device_lost(device, why, results_lost))
 
-    def snapshot(self, state: DeploymentState) -> dict[str, Any]:
-        return self.call(lambda: self.core.snapshot(state))
+    def snapshot(self, state: DeploymentState, detail: bool = True) -> dict[str, Any]:
+        return self.call(lambda: self.core.snapshot(state, detail))
 
     def unload(self, state: DeploymentState) -> None:
         self.call(lambda: self.core.unload(state))

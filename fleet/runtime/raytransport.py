@@ -42,7 +42,7 @@ class RayTransport:
         self.devices = devices
         self.driver: Driver | None = None  # set once the driver exists (it reports back to it)
         self._pending: dict[Any, tuple[str, Any, str]] = {}  # report ref -> (kind, key or frame id, device)
-        self._tile_refs: dict[tuple[TileKey, str], Any] = {}  # -> the 2 refs of run_tile
+        self._tile_refs: dict[tuple[TileKey, str], Any] = {}  # -> the 3 refs of run_tile
         self._tail_refs: dict[tuple[int, str], Any] = {}  # (frame, device) -> the output ref of run_tail
         self._node_id = ray.get_runtime_context().get_node_id()
         # tiles done per Ray node, published to the cluster's KV for `tilefleet devices` (LAN clusters)
@@ -62,24 +62,30 @@ class RayTransport:
                 pass
 
     def dispatch(self, device: str, work: TileWork) -> None:
+        # a tile's handle is (payload ref, partials ref): maps and pieces come from the first,
+        # reduce points' partials from the second, so no map is fetched to reduce
         inputs: dict[str, Any] = {n: _crop(work.frame, b) for n, b in work.frame_boxes.items()}
-        inputs.update(work.sources)
+        inputs.update({n: [(b, h[0], o) for b, h, o in parts] for n, parts in work.sources.items()})
+        pieces = {n: [(b, h[0], k) for b, h, k in ps] for n, ps in work.pieces.items()}
+        reduced = {n: (point, [h[1] for h in hs]) for n, (point, hs) in work.reduced.items()}
         _, stage, idx = work.key
-        self._guard(device, lambda: self._call_tile(device, work, stage, idx, inputs))
-
-    def _call_tile(self, device: str, work: TileWork, stage: int, idx: int, inputs: dict[str, Any]) -> None:
-        actor = self.devices[device].actor
-        refs = actor.run_tile.options(num_returns=2).remote(work.deployment, stage, idx, inputs, work.pieces,
-                                                            work.cost)
-        self._pending[refs[0]] = ("tile", work.key, device)
-        self._tile_refs[(work.key, device)] = refs
-
-    def run_tail(self, device: str, work: TailWork) -> None:
-        given = {work.frame_name: work.frame} if work.frame_name else {}
 
         def call() -> None:
             actor = self.devices[device].actor
-            meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(work.deployment, work.parts, work.shapes,
+            refs = actor.run_tile.options(num_returns=3).remote(work.deployment, stage, idx, inputs, pieces,
+                                                                work.cost, reduced or None)
+            self._pending[refs[0]] = ("tile", work.key, device)
+            self._tile_refs[(work.key, device)] = refs
+
+        self._guard(device, call)
+
+    def run_tail(self, device: str, work: TailWork) -> None:
+        given = {work.frame_name: work.frame} if work.frame_name else {}
+        parts = {n: [(b, h[0], o) for b, h, o in ps] for n, ps in work.parts.items()}
+
+        def call() -> None:
+            actor = self.devices[device].actor
+            meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(work.deployment, parts, work.shapes,
                                                                              given, work.cost)
             self._pending[meta_ref] = ("tail", work.frame_id, device)
             self._tail_refs[(work.frame_id, device)] = out_ref
@@ -104,7 +110,7 @@ class RayTransport:
             return to_torch_tree(ray.get(tail_handle, timeout=60))
         env = {}
         for name, parts in gather.parts.items():
-            payloads = ray.get([h for _, h, _ in parts], timeout=60)
+            payloads = ray.get([h[0] for _, h, _ in parts], timeout=60)
             env[name] = stitch(Box.full(*gather.shapes[name][1:]),
                                [(box, pay["out"][out]) for (box, _, out), pay in zip(parts, payloads)])
         return deployment.finish_outputs(env)
@@ -145,7 +151,8 @@ class RayTransport:
             report = Report(device, False, error=type(e).__name__, message=(str(e).splitlines() or [""])[0])
         if kind == "tile":
             refs = self._tile_refs.pop((subject, device), None)
-            self.driver.on_report(subject, device, report, refs[1] if refs is not None and report.ok else None)
+            handle = (refs[1], refs[2]) if refs is not None and report.ok else None
+            self.driver.on_report(subject, device, report, handle)
         else:
             handle = self._tail_refs.pop((subject, device), None)
             self.driver.on_tail_report(subject, device, report, handle)

@@ -8,6 +8,7 @@ thread, so no client thread ever reads a structure the driver is writing.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import statistics
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import numpy as np
 from workers.report import Report
 
 MAX_OVERHEADS = 100_000
+MAX_LATENCIES = 100_000  # a long-running server keeps the most recent frames' latencies only
 MAX_TRACE = 200_000
 
 
@@ -60,8 +62,15 @@ class DeploymentStats:
     """What the driver knows of one deployment's frames and devices."""
 
     counters: dict[str, Counters] = field(default_factory=dict)
-    latencies: dict[int, float] = field(default_factory=dict)
+    latencies: OrderedDict[int, float] = field(default_factory=OrderedDict)
     overheads: list[float] = field(default_factory=list)  # dispatch overhead per tile (round trip - compute)
+    frames_done: int = 0
+
+    def record_latency(self, frame: int, seconds: float) -> None:
+        self.latencies[frame] = seconds
+        self.frames_done += 1
+        if len(self.latencies) > MAX_LATENCIES:
+            self.latencies.popitem(last=False)
 
     def device(self, device: str) -> Counters:
         return self.counters.setdefault(device, Counters())
@@ -74,8 +83,10 @@ class DeploymentStats:
         self.counters.clear()
         self.latencies.clear()
         self.overheads.clear()
+        self.frames_done = 0
 
-    def snapshot(self, devices: dict[str, bool], sched: dict[str, Any], weight_bytes: int) -> dict[str, Any]:
+    def snapshot(self, devices: dict[str, bool], sched: dict[str, Any], weight_bytes: int,
+                 detail: bool = True) -> dict[str, Any]:
         """A plain-data copy: per device counters with the scheduler's steals and retries, per frame latency.
 
         ``devices`` maps each device to whether it is alive; ``sched`` is ``Scheduler.stats()``.
@@ -87,8 +98,10 @@ class DeploymentStats:
             out[did] = {**c, "alive": alive, "steals": s.steals if s else 0, "retries": s.retries if s else 0,
                         # weights held from deploy on + the most tile memory ever in flight at once
                         "peak_bytes": (weight_bytes + s.peak_high_water) if (c["tiles"] and s) else 0}
+        frames: dict[str, Any] = {"count": self.frames_done}
+        if not detail:
+            return {"devices": out, "frames": frames}
         lat = list(self.latencies.values())
-        frames: dict[str, Any] = {"count": len(lat)}
         if lat:
             frames.update(p50_ms=percentile(lat, 50) * 1e3, p95_ms=percentile(lat, 95) * 1e3,
                           mean_ms=statistics.mean(lat) * 1e3)

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from scheduler import TileKey
 from tiling.geometry import Box
+from tiling.reduce import ReducePoint
 from workers.report import Cost
 
 Part = tuple[Box, Any, str]  # (box of the producer's output, handle of the producer's payload, output name)
@@ -34,6 +35,8 @@ class TileWork:
     pieces: dict[str, list[Piece]]  # reuse pieces exported by neighbours (checkerboard reuse)
     cost: Cost
     reuse_in_bytes: int = 0  # bytes of ``pieces`` (the simulator charges them; Ray measures them)
+    # reduce point -> (the point, handles of every tile whose partial combines into it, in tile order)
+    reduced: dict[str, tuple[ReducePoint, list[Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

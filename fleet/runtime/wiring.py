@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from scheduler import FrameSpec, TileRef, TileSpec
-from tiling import Plan
+from tiling import Plan, ReducePoint, Stage, Tile
 from tiling.geometry import Box
 
 
@@ -30,6 +29,13 @@ class Source:
 class TileWiring:
     sources: dict[str, list[Source]] = field(default_factory=dict)  # stage input -> producers
     frame_input: str | None = None  # the stage input that is the frame itself, if any
+    # reduce point -> (the point, the tiles whose partials combine into it, in tile-index order)
+    reduced: dict[str, tuple[ReducePoint, list[TileRef]]] = field(default_factory=dict)
+    pinned_to: TileRef | None = None  # the tile whose maps this one continues (same index, same boxes)
+
+    def reduced_bytes(self) -> int:
+        """Bytes of partials this tile fetches (a few KB: what crosses a reduce point)."""
+        return sum(p.partial_bytes * len(tiles) for p, tiles in self.reduced.values())
 
 
 @dataclass
@@ -42,47 +48,63 @@ class Wiring:
     stage_weights: tuple[int, ...]
     last_outputs: list[str]  # stage outputs the tail reads (or that the model returns)
     channels: dict[str, int]
-    itemsize: int  # bytes per element of the plan's dtype
+    itemsizes: dict[str, int]  # bytes per value of each stage output (a uint8 frame's maps are float)
+
+    def itemsize(self, name: str) -> int:
+        return self.itemsizes.get(name, 4)
 
 
 def wire(plan: Plan) -> Wiring:
-    producers: dict[str, int] = {}
-    for s in plan.stages:
-        for o in s.outputs:
-            producers[o] = s.index
+    """Where every tile's inputs come from, and the scheduler's template of a frame."""
+    producers = {o: s.index for s in plan.stages for o in s.outputs}
+    channels = {name: shape[0] for s in plan.stages for name, shape in s.shapes.items()}
+    points = plan.reduce_points
     tiles: dict[TileRef, TileWiring] = {}
     specs: list[TileSpec] = []
-    channels: dict[str, int] = {}
-    for s in plan.stages:
-        for name, shape in s.shapes.items():
-            channels[name] = shape[0]
     for s in plan.stages:
         for t in s.tiles:
-            w = TileWiring()
-            deps: set[TileRef] = {(s.index, d) for d in t.deps}
-            for name, box in t.in_boxes.items():
-                if name == plan.input_name:
-                    w.frame_input = name
-                    continue
-                src_stage = plan.stages[producers[name]]
-                srcs = []
-                for p in src_stage.tiles:
-                    pbox = p.out_boxes[name]
-                    ov = pbox.intersect(box)
-                    if not ov.empty:
-                        srcs.append(Source((src_stage.index, p.index), name, pbox, ov))
-                        deps.add((src_stage.index, p.index))
-                w.sources[name] = srcs
+            w, deps = _wire_tile(plan, s, t, producers, points)
             tiles[(s.index, t.index)] = w
-            specs.append(TileSpec(stage=s.index, index=t.index, flops=t.flops, in_bytes=t.in_bytes + t.reuse_in_bytes,
+            specs.append(TileSpec(stage=s.index, index=t.index, flops=t.flops,
+                                  in_bytes=t.in_bytes + t.reuse_in_bytes + w.reduced_bytes(),
                                   out_bytes=t.out_bytes + t.reuse_out_bytes, peak_bytes=t.peak_bytes + t.reuse_in_bytes,
                                   deps=tuple(sorted(deps))))
     last = [n for n in plan.tail.inputs if n != plan.input_name]
     # a worker holds every stage's weights of a deployment from deploy on, so each stage's tiles are
     # charged the whole deployment's weights (conservative when two stages are in flight at once)
     total_w = sum(s.weight_bytes for s in plan.stages)
-    itemsize = torch.empty((), dtype=plan.dtype).element_size()
-    return Wiring(tiles, producers, tuple(specs), tuple(total_w for _ in plan.stages), last, channels, itemsize)
+    itemsizes = {n: plan.itemsizes.get(n, 4) for n in channels}
+    return Wiring(tiles, producers, tuple(specs), tuple(total_w for _ in plan.stages), last, channels, itemsizes)
+
+
+def _wire_tile(plan: Plan, s: Stage, t: Tile, producers: dict[str, int],
+               points: dict[str, ReducePoint]) -> tuple[TileWiring, set[TileRef]]:
+    w = TileWiring()
+    deps: set[TileRef] = {(s.index, d) for d in t.deps}
+    for name, box in t.in_boxes.items():
+        if name == plan.input_name:
+            w.frame_input = name
+            continue
+        src_stage = plan.stages[producers[name]]
+        if name in s.pinned:  # the same-index tile made exactly this box: it continues on those maps
+            ref = (s.pinned[name], t.index)
+            w.sources[name] = [Source(ref, name, src_stage.tiles[t.index].out_boxes[name], box)]
+            w.pinned_to = ref
+            deps.add(ref)
+            continue
+        srcs = []
+        for p in src_stage.tiles:
+            ov = p.out_boxes[name].intersect(box)
+            if not ov.empty:
+                srcs.append(Source((src_stage.index, p.index), name, p.out_boxes[name], ov))
+                deps.add((src_stage.index, p.index))
+        w.sources[name] = srcs
+    for node in s.reduced_in:
+        point = points[node]
+        refs = [(point.stage, p.index) for p in plan.stages[point.stage].tiles]
+        w.reduced[node] = (point, refs)
+        deps.update(refs)
+    return w, deps
 
 
 def frame_spec(w: Wiring, frame_id: int, deployment: str, tail_flops: int, in_bytes: int, out_bytes: int,
@@ -98,5 +120,7 @@ def remote_bytes(w: Wiring, ref: TileRef, placed: dict[TileRef, str], device: st
     for name, srcs in w.tiles[ref].sources.items():
         for src in srcs:
             if placed.get(src.tile) != device:
-                total += w.channels[name] * src.overlap.area * w.itemsize
+                total += w.channels[name] * src.overlap.area * w.itemsize(name)
+    for point, tiles in w.tiles[ref].reduced.values():
+        total += point.partial_bytes * sum(placed.get(t) != device for t in tiles)
     return total
