@@ -23,7 +23,8 @@ from typing import Any
 from fleet import lan
 from fleet.lan.agent import AgentClient, AgentError, HeadNotProven
 from fleet.lan.discovery import static_heads
-from fleet.lan.node import HeadOptions, JoinOptions, run_head, run_join, stop_one
+from fleet.lan.member import JoinOptions, run_join
+from fleet.lan.node import HeadOptions, clean_stale, run_head, stop_one, tls_of_state
 from fleet.lan.state import LanError
 from fleet.lan.trust import check_head, collect_devices, pick_head
 
@@ -127,6 +128,9 @@ def add_lan_commands(sub: Any) -> None:
                    help="the tilefleet agent's TCP port (default 6390)")
     h.add_argument("--node-ip", metavar="IP", help="this machine's address on the devices' LAN (default: its only one)")
     _token_args(h)
+    h.add_argument("--tls", action="store_true",
+                   help="encrypt Ray's traffic: a CA in the state dir signs a certificate for every device as it "
+                        "joins (after the token challenge); nodes without one are refused (docs/security.md)")
     h.add_argument("--detach", action="store_true", help="run in the background; `tilefleet stop` ends it")
     h.add_argument("--num-cpus", type=_count, metavar="N", help="CPUs this machine offers to tiles (default: all)")
     h.add_argument("--autoscaling-config", metavar="YAML",
@@ -237,6 +241,13 @@ def _detach(command: list[str], state_file: Path, log_path: Path, summary: Calla
     return 1
 
 
+def _clean_stale(path: Path, what: str) -> None:
+    """A previous run that was killed (power cut, SIGKILL) may have left Ray running: stop it first."""
+    done = clean_stale(path, what)
+    if done:
+        _err(f"note: {done}")
+
+
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Expected errors become one line and an exit code, not a traceback."""
     def run(args: argparse.Namespace) -> int:
@@ -268,6 +279,8 @@ def head_summary(st: dict[str, Any]) -> str:
         f"  agent:  {where}"
         + ("" if st.get("advertised") else "  (not advertised over zeroconf: join with --address)"),
         f"  token:  {token}" + ("" if st.get("insecure") else ": copy it to every device"),
+        f"  tls:    Ray's traffic encrypted; CA {st['tls']['ca']} (devices get certificates as they join)"
+        if st.get("tls") else "  tls:    off (Ray's traffic is authenticated by the token, not encrypted; --tls)",
         f"  join:   tilefleet join --cluster {st['cluster_name']}   or   tilefleet join --address {where}",
         "  stop:   Ctrl-C in the foreground, or `tilefleet stop`",
     ])
@@ -277,6 +290,7 @@ def head_summary(st: dict[str, Any]) -> str:
 def head(args: argparse.Namespace) -> int:
     """Start the head (see the parser's description)."""
     state = lan.state_dir()
+    _clean_stale(state / "head.json", "tilefleet head")
     running = lan.read_state(state / "head.json")
     if running is not None:
         raise LanError(f"a tilefleet head already runs on this machine (pid {running['pid']}, cluster "
@@ -289,6 +303,9 @@ def head(args: argparse.Namespace) -> int:
     if ipaddress.ip_address(node_ip).is_loopback:
         _err(f"warning: --node-ip {node_ip} is a loopback address: only this machine can join this head")
     token = _token(args, create=True)
+    if args.tls and token is None:
+        raise LanError("--tls needs the join token (devices get their certificates after proving they hold it); "
+                       "drop --insecure")
     if not lan.port_free(args.port):
         raise LanError(f"port {args.port} (Ray's GCS) is in use on this machine (another Ray head?); "
                        "pick another with --port")
@@ -300,13 +317,14 @@ def head(args: argparse.Namespace) -> int:
                    "--node-ip", node_ip, *_token_args_of(token)]
         if args.num_cpus is not None:
             command += ["--num-cpus", str(args.num_cpus)]
+        command += ["--tls"] if args.tls else []
         if args.autoscaling_config:
             command += ["--autoscaling-config", str(Path(args.autoscaling_config).expanduser())]
         return _detach(command, state / "head.json", state / "head.log", head_summary)
     opts = HeadOptions(name=name, node_ip=node_ip, token=token, state=state, port=args.port,
                        agent_port=args.agent_port, num_cpus=args.num_cpus,
                        autoscaling_config=str(Path(args.autoscaling_config).expanduser())
-                       if args.autoscaling_config else None)
+                       if args.autoscaling_config else None, tls=args.tls)
     return run_head(opts, _profile(), lambda st: print(head_summary(st), flush=True))
 
 
@@ -322,6 +340,8 @@ def join_summary(st: dict[str, Any]) -> str:
         f"  as:     {st['name']} at {st['node_ip']}, role {st['role']}",
         f"  link:   {st['down_mbps']:.1f} Mbit/s down, {st['up_mbps']:.1f} Mbit/s up, "
         f"{st['latency_ms']:.2f} ms one-way",
+        f"  tls:    certificate {st['tls']['cert']}" if st.get("tls") else "  tls:    off",
+        "  rejoin: by itself when the head restarts (this process waits for it)",
         "  leave:  Ctrl-C in the foreground, or `tilefleet leave`",
     ])
 
@@ -330,6 +350,7 @@ def join_summary(st: dict[str, Any]) -> str:
 def join(args: argparse.Namespace) -> int:
     """Join a cluster (see the parser's description)."""
     state = lan.state_dir()
+    _clean_stale(state / "join.json", "tilefleet join")
     running = lan.read_state(state / "join.json")
     if running is not None:
         raise LanError(f"this machine already joined cluster {running['cluster_name']} (pid {running['pid']}); "
@@ -347,7 +368,7 @@ def join(args: argparse.Namespace) -> int:
             command += ["--num-cpus", str(args.num_cpus)] if args.num_cpus is not None else []
             return _detach(command, state / "join.json", state / "join.log", join_summary)
         opts = JoinOptions(node_ip=node_ip, token=token, state=state, device_name=args.device_name,
-                           client=args.client, num_cpus=args.num_cpus)
+                           client=args.client, num_cpus=args.num_cpus, address=args.address, timeout=args.timeout)
         return run_join(opts, advert, client, _profile(), lambda st: print(join_summary(st), flush=True))
 
 
@@ -372,7 +393,7 @@ def leave(args: argparse.Namespace) -> int:
     if st is None:
         print("nothing to leave: this machine runs no `tilefleet join`")
         return 0
-    lan.use_ray_auth(Path(st["token_path"]) if st.get("token_path") else None)
+    lan.use_ray_auth(Path(st["token_path"]) if st.get("token_path") else None, tls_of_state(st))
     print(lan.drain(f"{st['head_host']}:{st['ray_port']}", st["node_id"]))
     print(stop_one(path, "tilefleet join"))
     return 0

@@ -12,6 +12,7 @@ from . import commands
 from .common import add_model_args
 from .sim import add_sim
 from . import lan as lancli
+from . import lanadmin
 from . import serve as servecli
 
 DESCRIPTION = """\
@@ -33,6 +34,8 @@ examples:
   tilefleet head --name lab                    start a cluster on this machine (Ray head, agent, zeroconf)
   tilefleet join --cluster lab                 join this device to it (found by zeroconf)
   tilefleet devices                            the LAN's clusters and their devices
+  tilefleet token rotate --restart-head        a new join token (devices with the old one are refused)
+  sudo tilefleet service install join --cluster lab   rejoin at every boot (systemd)
   tilefleet plan --model vgg16 --grid 2x2      how a zoo model would be cut
   tilefleet plan --cfg yolov2.cfg --upto 16    the same for a Darknet config
   tilefleet models                             the model zoo
@@ -47,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tilefleet", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_run, _add_bench, add_sim, _add_devices, _add_lan, _add_ray_up, _add_plan, _add_models,
-                _add_serving):
+    for add in (_add_demo, _add_run, _add_bench, add_sim, _add_devices, _add_lan, _add_lan_admin, _add_ray_up,
+                _add_plan, _add_models, _add_serving):
         add(sub)
     return p
 
@@ -139,6 +142,10 @@ def _add_devices(sub: Any) -> None:
 
 def _add_lan(sub: Any) -> None:
     lancli.add_lan_commands(sub)
+
+
+def _add_lan_admin(sub: Any) -> None:
+    lanadmin.add_admin_commands(sub)
 
 
 def _add_ray_up(sub: Any) -> None:

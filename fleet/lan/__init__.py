@@ -15,9 +15,12 @@ proves a head before it joins, and a head proves a device before it lists the cl
 Rooms: :mod:`~fleet.lan.state` (where things live, state files), :mod:`~fleet.lan.tokens` (the join
 token, HMAC challenges), :mod:`~fleet.lan.discovery` (zeroconf adverts), :mod:`~fleet.lan.agent`
 (the head's agent and its client), :mod:`~fleet.lan.trust` (the one check of a head before joining),
-:mod:`~fleet.lan.raynode` (labels, ``ray start`` lines, the GCS), :mod:`~fleet.lan.procs` and
-:mod:`~fleet.lan.node` (the head and join processes), :mod:`~fleet.lan.net` (addresses, ports),
-:mod:`~fleet.lan.profiling` (this device's speed), :mod:`~fleet.lan.clusterconfig` (``ray up``).
+:mod:`~fleet.lan.raynode` (labels, ``ray start`` lines, the GCS), :mod:`~fleet.lan.procs`,
+:mod:`~fleet.lan.node` (the head process, restarting in place) and :mod:`~fleet.lan.member` (the join
+process, rejoining a restarted head), :mod:`~fleet.lan.tls` (the head's CA, device certificates,
+Ray's TLS environment), :mod:`~fleet.lan.service` (systemd units), :mod:`~fleet.lan.net`
+(addresses, ports), :mod:`~fleet.lan.profiling` (this device's speed), :mod:`~fleet.lan.clusterconfig`
+(``ray up``).
 This ``__init__`` re-exports the names a caller needs as ``fleet.lan.X``; modules inside the
 package import each other directly, never through it.
 """

@@ -11,7 +11,10 @@ to label itself with that figure. The agent answers, on one TCP port:
 - ``prove`` {mac}: the device's answer to ``nonce2`` (:func:`~fleet.lan.tokens.device_response`),
   which unlocks the privileged operations on this connection only;
 - ``ping``; ``probe_down`` {bytes} / ``probe_up`` {bytes}: raw bytes each way, to time the link
-  (privileged, since they cost bandwidth); ``devices``: the cluster's nodes (privileged).
+  (privileged, since they cost bandwidth); ``devices``: the cluster's nodes (privileged);
+- ``certify`` {csr}: on a ``--tls`` head, a certificate signed by the head's CA for a key the
+  device made itself (privileged; issued for the connection's peer address only), sealed with an
+  HMAC of the token (:func:`~fleet.lan.tokens.certificate_mac`).
 
 Framing: a 4-byte big-endian length, then a msgpack map. Requests are untrusted: at most
 :data:`MAX_FRAME` bytes, strictly typed fields, known ops only; a bad one gets
@@ -33,8 +36,8 @@ from typing import Any, Final, NamedTuple
 import msgpack
 
 from .discovery import BadAdvert, HeadAdvert
-from .tokens import (NONCE_MAX, NONCE_MIN, challenge_response, device_response, new_nonce, verify_device_response,
-                     verify_response)
+from .tokens import (NONCE_MAX, NONCE_MIN, certificate_mac, challenge_response, device_response, new_nonce,
+                     verify_certificate_mac, verify_device_response, verify_response)
 
 __all__ = [
     "MAX_FRAME", "MAX_PROBE_BYTES", "Agent", "AgentClient", "AgentError", "AgentProtocolError",
@@ -59,9 +62,14 @@ _HEADER: Final = struct.Struct(">I")
 # op -> {field: type}; every field is required and no other is accepted
 _SCHEMA: Final[dict[str, dict[str, type]]] = {
     "info": {}, "challenge": {"nonce": bytes}, "prove": {"mac": bytes}, "ping": {},
-    "probe_down": {"bytes": int}, "probe_up": {"bytes": int}, "devices": {},
+    "probe_down": {"bytes": int}, "probe_up": {"bytes": int}, "devices": {}, "certify": {"csr": bytes},
 }
-_PRIVILEGED: Final = frozenset({"probe_down", "probe_up", "devices"})
+_PRIVILEGED: Final = frozenset({"probe_down", "probe_up", "devices", "certify"})
+CSR_MAX: Final = 16 * 1024
+"""Largest certificate signing request the agent takes (ours are about 500 bytes)."""
+
+Signer = Callable[[bytes, str], tuple[bytes, bytes]]
+"""(CSR PEM, peer address) -> (certificate PEM, CA certificate PEM); raises ValueError to refuse."""
 
 
 class AgentError(Exception):
@@ -152,6 +160,8 @@ def validate_request(msg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"nonce must be {NONCE_MIN}..{NONCE_MAX} bytes, got {len(msg['nonce'])}")
     if "mac" in msg and len(msg["mac"]) != 32:
         raise ValueError(f"mac must be 32 bytes, got {len(msg['mac'])}")
+    if "csr" in msg and not 1 <= len(msg["csr"]) <= CSR_MAX:
+        raise ValueError(f"csr must be 1..{CSR_MAX} bytes, got {len(msg['csr'])}")
     if "bytes" in msg and not 1 <= msg["bytes"] <= MAX_PROBE_BYTES:
         raise ValueError(f"probe size must be 1..{MAX_PROBE_BYTES} bytes, got {msg['bytes']}")
     return op, {k: msg[k] for k in schema}
@@ -167,14 +177,16 @@ class Agent:
     (``OSError``), before anything else is started; :meth:`start` begins serving on threads.
 
     ``token`` None means insecure mode: the challenge answers ``{"insecure": true}`` and
-    privileged ops need no proof. ``devices`` is called per ``devices`` request.
+    privileged ops need no proof. ``devices`` is called per ``devices`` request; ``signer`` (a
+    ``--tls`` head's :class:`~fleet.lan.tls.Signer`) per ``certify`` request.
     """
 
     def __init__(self, advert: HeadAdvert, token: bytes | None, devices: Callable[[], list[dict[str, Any]]],
-                 *, host: str, port: int) -> None:
+                 *, host: str, port: int, signer: Signer | None = None) -> None:
         self.advert = advert
         self._token = bytes(token) if token is not None else None
         self._devices = devices
+        self._signer = signer
         self._sock = socket.create_server((host, port))
         self._sock.settimeout(0.5)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
@@ -245,7 +257,7 @@ class Agent:
                     conn.sendall(encode_frame({"ok": False, "error": f"op {op!r} needs the device's proof: "
                                                                      "send 'challenge', then 'prove'"}))
                     continue
-                if not self._handle(conn, op, args, session):
+                if not self._handle(conn, op, args, session, str(peer[0])):
                     return
         except (OSError, TimeoutError) as e:
             log.debug("agent connection from %s ended: %s", peer, e)
@@ -255,7 +267,8 @@ class Agent:
             conn.close()
             self._slots.release()
 
-    def _handle(self, conn: socket.socket, op: str, args: dict[str, Any], session: dict[str, Any]) -> bool:
+    def _handle(self, conn: socket.socket, op: str, args: dict[str, Any], session: dict[str, Any],
+                peer_ip: str) -> bool:
         """Answer one valid request; False closes the connection."""
         send = lambda m: conn.sendall(encode_frame(m))  # noqa: E731
         if op == "info":
@@ -304,7 +317,19 @@ class Agent:
                 send({"ok": False, "error": f"cannot list the cluster's nodes: {type(e).__name__}: {e}"})
             else:
                 send({"ok": True, "devices": devices})
+        elif op == "certify":
+            send(self._certify(args["csr"], peer_ip))
         return True
+
+    def _certify(self, csr: bytes, peer_ip: str) -> dict[str, Any]:
+        if self._signer is None or self._token is None:
+            return {"ok": False, "error": "this head does not use TLS (start it with --tls); join without a certificate"}
+        try:
+            cert, ca = self._signer(csr, peer_ip)
+        except ValueError as e:  # TlsError derives from it: the request is refused, the agent serves on
+            return {"ok": False, "error": f"certificate refused: {e}"}
+        log.info("issued a TLS certificate for %s", peer_ip)
+        return {"ok": True, "cert": cert, "ca": ca, "mac": certificate_mac(self._token, csr, cert, ca)}
 
 
 def _try_send(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -497,6 +522,21 @@ class AgentClient:
                 n, t = target, probe(target)
             rates.append(n * 8 / max(t - rtt, t / 2, 1e-6) / 1e6)
         return LinkFigures(rates[0], rates[1], rtt / 2 * 1e3)
+
+    def certify(self, csr: bytes, token: bytes) -> tuple[bytes, bytes]:
+        """(certificate, CA certificate) for ``csr`` from a ``--tls`` head, after :meth:`prove_head`;
+        the reply's seal is checked with the token before anything is returned."""
+        if not self.proven:
+            self.prove_head(token)
+        reply = self.call("certify", csr=csr)
+        cert, ca, mac = reply.get("cert"), reply.get("ca"), reply.get("mac")
+        if not (isinstance(cert, bytes) and isinstance(ca, bytes) and 0 < len(cert) <= CSR_MAX
+                and 0 < len(ca) <= CSR_MAX):
+            raise AgentProtocolError(f"the agent at {self.where} sent a bad certificate reply")
+        if not verify_certificate_mac(token, csr, cert, ca, mac):
+            raise HeadNotProven(f"the certificate from {self.where} is not sealed with the cluster's token (changed "
+                                "on the way, or not from the head); not using it")
+        return cert, ca
 
     def devices(self, token: bytes | None = None, *, insecure: bool = False) -> list[dict[str, Any]]:
         """The cluster's nodes as the head sees them (proves both sides first if not yet done)."""

@@ -41,10 +41,14 @@ WIRE_VERSION: Final = 1
 """Version of the advert and join protocol; a head speaking another one is ignored, not misread."""
 
 TXT_ENTRY_MAX: Final = 255  # DNS: one TXT string (``key=value``) is at most 255 bytes
+TXT_ENTRIES_MAX: Final = 64  # ours has 12; a record with more is not a tilefleet advert
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,63}")
 _VERSION_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+!_-]{0,63}")
 _HEX_RE: Final = re.compile(r"[0-9a-f]{16,64}")
 _LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_INSTANCE_RE: Final = re.compile(r"[0-9a-f]{8,32}")
+_OPTIONAL: Final = frozenset({"tls", "instance"})
+"""Advert keys a head may leave out (added after wire version 1 began; absent means off / unknown)."""
 
 
 class BadAdvert(ValueError):
@@ -93,6 +97,11 @@ class HeadAdvert:
     ray_version: str
     python_version: str
     token_fingerprint: str
+    tls: bool = False
+    """Ray's traffic uses TLS: a node needs a certificate from the head's CA (``certify`` at the agent)."""
+    instance: str = ""
+    """Random per start of the head: a device that sees it change knows the head restarted (its old
+    Ray node belongs to a cluster that is gone) and joins again."""
 
     def __post_init__(self) -> None:
         for key in ("cluster_name", "cluster_id"):
@@ -115,10 +124,18 @@ class HeadAdvert:
         fp = self.token_fingerprint
         if not isinstance(fp, str) or not _HEX_RE.fullmatch(fp):
             raise BadAdvert("token_fingerprint", f"must be 16..64 lowercase hex characters, got {fp!r}")
+        if not isinstance(self.tls, bool):
+            raise BadAdvert("tls", f"must be a bool, got {self.tls!r}")
+        if not isinstance(self.instance, str) or (self.instance and not _INSTANCE_RE.fullmatch(self.instance)):
+            raise BadAdvert("instance", f"must be empty or 8..32 lowercase hex characters, got {self.instance!r}")
 
     def to_txt(self) -> dict[str, str]:
         """The TXT record; ``host`` is not in it, since the address record already carries it."""
-        return {k: str(v) for k, v in asdict(self).items() if k != "host"}
+        txt = {k: str(v) for k, v in asdict(self).items() if k not in ("host", "tls", "instance")}
+        txt["tls"] = "1" if self.tls else "0"
+        if self.instance:
+            txt["instance"] = self.instance
+        return txt
 
     @classmethod
     def from_txt(cls, txt: Mapping[bytes | str, bytes | str | None], host: str) -> HeadAdvert:
@@ -129,6 +146,8 @@ class HeadAdvert:
         """
         if not isinstance(txt, Mapping):
             raise BadAdvert("*", f"the TXT record must be a mapping, got {type(txt).__name__}")
+        if len(txt) > TXT_ENTRIES_MAX:
+            raise BadAdvert("*", f"the TXT record has {len(txt)} entries; an advert has at most {TXT_ENTRIES_MAX}")
         values: dict[str, str | None] = {}
         for k, v in txt.items():
             key = _text(k, "*", "keys must be UTF-8 text").lower()
@@ -141,10 +160,10 @@ class HeadAdvert:
             values[key] = None if raw is None else _text(bytes(raw), key, "value must be UTF-8 text")
         parsed: dict[str, Any] = {"host": host}
         for f in fields(cls):
-            if f.name == "host":
+            if f.name == "host" or (f.name in _OPTIONAL and f.name not in values):
                 continue
             if f.name not in values:
-                wanted = ", ".join(x.name for x in fields(cls) if x.name != "host")
+                wanted = ", ".join(x.name for x in fields(cls) if x.name != "host" and x.name not in _OPTIONAL)
                 raise BadAdvert(f.name, f"missing; a tilefleet advert carries {wanted}")
             v = values[f.name]
             if v is None or not v:
@@ -154,6 +173,10 @@ class HeadAdvert:
                     what = "an integer port 1..65535" if f.name != "wire_version" else "an integer >= 1"
                     raise BadAdvert(f.name, f"must be {what}, got {v!r}")
                 parsed[f.name] = int(v)
+            elif f.name == "tls":
+                if v not in ("0", "1"):
+                    raise BadAdvert("tls", f"must be 0 or 1, got {v!r:.20}")
+                parsed["tls"] = v == "1"
             else:
                 parsed[f.name] = v.lower() if f.name == "token_fingerprint" else v
         return cls(**parsed)

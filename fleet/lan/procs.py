@@ -132,11 +132,24 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 class Stopper:
-    """SIGTERM and SIGINT set :attr:`event` (a second Ctrl-C too: cleanup is already under way)."""
+    """SIGTERM and SIGINT set :attr:`event` (a second Ctrl-C too: cleanup is already under way).
 
-    def __init__(self) -> None:
+    With ``restart_signal``, SIGUSR1 sets :attr:`restart` instead: the head restarts in place
+    (``tilefleet token rotate --restart-head`` sends it), which a stop request still overrides.
+    """
+
+    def __init__(self, *, restart_signal: bool = False) -> None:
         self.event = threading.Event()
+        self.restart = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.event.set())
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.event.set())
+        if restart_signal:
+            signal.signal(signal.SIGUSR1, lambda *_: self.restart.set())
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as a stop or restart is asked for."""
+        if self.event.wait(seconds):
+            return True
+        return self.restart.is_set()

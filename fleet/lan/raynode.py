@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .state import LanError, atomic_write
+from .tls import TLS_ENV, TlsFiles, tls_env
 
 
 
@@ -139,10 +140,11 @@ def ray_node_argv(ray: str, *, head: str, node_ip: str, temp_dir: Path, labels: 
     return argv
 
 
-def ray_env(base: Mapping[str, str], token_path: Path | None) -> dict[str, str]:
+def ray_env(base: Mapping[str, str], token_path: Path | None, tls: TlsFiles | None = None) -> dict[str, str]:
     """The environment of a ``ray start`` (and of our own Ray clients): token mode with the token
-    file, or auth disabled when ``token_path`` is None (``--insecure``)."""
-    env = dict(base)
+    file, or auth disabled when ``token_path`` is None (``--insecure``); TLS with ``tls``'s files,
+    else TLS off (a stray ``RAY_USE_TLS`` from the shell must not half-configure a node)."""
+    env = tls_env(base, tls)
     env.pop("RAY_AUTH_TOKEN", None)  # a stray inline token would win over the file
     env.pop("RAY_ADDRESS", None)
     if token_path is None:
@@ -156,15 +158,17 @@ def ray_env(base: Mapping[str, str], token_path: Path | None) -> dict[str, str]:
     return env
 
 
-def use_ray_auth(token_path: Path | None) -> None:
-    """Set this process's Ray auth environment; call before this process first talks to Ray.
+def use_ray_auth(token_path: Path | None, tls: TlsFiles | None = None) -> None:
+    """Set this process's Ray auth and TLS environment; call before this process first talks to Ray.
 
-    Ray reads ``RAY_AUTH_MODE`` into its config when ``ray`` is imported, and caches the token it
-    loaded, so both are refreshed here (the same calls Ray makes when it turns token mode on).
+    Ray reads ``RAY_AUTH_MODE`` and ``RAY_USE_TLS`` into its config when ``ray`` is imported, and
+    caches the token it loaded, so both are refreshed here (the same calls Ray makes when it turns
+    token mode on).
     """
-    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", *TLS_ENV):
         os.environ.pop(key, None)
-    os.environ.update({k: v for k, v in ray_env({}, token_path).items() if k.startswith("RAY_AUTH")})
+    os.environ.update({k: v for k, v in ray_env({}, token_path, tls).items()
+                       if k.startswith("RAY_AUTH") or k in TLS_ENV})
     if "ray" in sys.modules:
         from ray._raylet import AuthenticationTokenLoader, Config
 
@@ -189,9 +193,10 @@ def cluster_id(state: Path) -> str:
     """This machine's stable cluster id (32 hex), created once in the state dir."""
     path = Path(state) / "cluster_id"
     try:
-        text = path.read_text().strip()
-        if re.fullmatch(r"[0-9a-f]{32}", text):
-            return text
+        with open(path, "rb") as f:
+            text = f.read(64).strip()  # 32 hex and a newline: anything longer is not ours
+        if re.fullmatch(rb"[0-9a-f]{32}", text):
+            return text.decode()
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

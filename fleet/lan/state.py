@@ -22,6 +22,10 @@ _SOCKET_PATH_MAX: Final = 107  # AF_UNIX path limit; Ray's sockets live under <t
 _RAY_SUFFIX_LEN: Final = 64    # len("/session_2026-11-24_22-40-05_802465_123456/sockets/plasma_store")
 
 
+STATE_MAX: Final = 64 * 1024
+"""Largest state file read (ours are about 1 KiB); a bigger one is not ours and is treated as stale."""
+
+
 class LanError(Exception):
     """An expected failure with one line saying what was wrong and what to do; ``code`` is the
     exit status (2 for usage and configuration, 1 for runtime failures)."""
@@ -70,10 +74,12 @@ def read_state(path: Path, *, live_only: bool = True) -> dict[str, Any] | None:
     unreadable or stale (its pid is dead or belongs to another process now). ``live_only=False``
     returns a stale one too (to clean up after a process that was killed)."""
     try:
-        data = json.loads(Path(path).read_text())
+        with open(path, "rb") as f:
+            raw = f.read(STATE_MAX + 1)
+        data = json.loads(raw) if len(raw) <= STATE_MAX else None
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         data = None
     if isinstance(data, dict) and isinstance(data.get("pid"), int) and (
             not live_only or pid_alive(data["pid"], data.get("pid_start"))):

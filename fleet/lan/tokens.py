@@ -158,6 +158,24 @@ def verify_device_response(token: bytes, nonce: bytes, response: bytes) -> bool:
     return hmac.compare_digest(device_response(token, nonce), bytes(response))
 
 
+def certificate_mac(token: bytes, csr: bytes, cert: bytes, ca: bytes) -> bytes:
+    """The head's seal on a certificate it issued: HMAC-SHA256(token, CERT_LABEL || sha256 of the
+    request, the certificate and the CA). The agent's connection is authenticated at its start but
+    not encrypted; the seal stops anyone on the path from swapping the CA or the certificate."""
+    _check_token(token)
+    digests = b"".join(hashlib.sha256(bytes(x)).digest() for x in (csr, cert, ca))
+    return hmac.new(bytes(token), _CERT_LABEL + digests, hashlib.sha256).digest()
+
+
+def verify_certificate_mac(token: bytes, csr: bytes, cert: bytes, ca: bytes, mac: object) -> bool:
+    if not isinstance(mac, (bytes, bytearray)):
+        return False
+    return hmac.compare_digest(certificate_mac(token, csr, cert, ca), bytes(mac))
+
+
+_CERT_LABEL: Final = b"tilefleet-certificate-v1\x00"
+
+
 _FINGERPRINT_LABEL: Final = b"tilefleet-fingerprint-v1\x00"
 
 

@@ -62,14 +62,17 @@ def _lan_head(cluster: str | None, token_file: str | None, insecure: bool, timeo
     """
     from fleet.lan.net import choose_node_ip
     from fleet.lan.raynode import use_ray_auth
+    from fleet.lan.tls import driver_tls
     from fleet.lan.tokens import resolve_token
     from fleet.lan.trust import pick_head
 
     token = None if insecure else resolve_token(token_file, create=False)
     advert, client = pick_head(token, cluster=cluster, timeout=timeout)
-    client.close()
-    use_ray_auth(token.path if token else None)
-    return f"{advert.host}:{advert.ray_port}", choose_node_ip(None, advert.host)
+    node_ip = choose_node_ip(None, advert.host)
+    with client:  # a --tls cluster: this driver's own certificate, over the agent connection just checked
+        tls_files = driver_tls(advert, client, token, node_ip)
+    use_ray_auth(token.path if token else None, tls_files)
+    return f"{advert.host}:{advert.ray_port}", node_ip
 
 
 def connect(address: str | None = None, *, emulate: str | None = None, profiles_file: str | None = None,
