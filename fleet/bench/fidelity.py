@@ -29,7 +29,8 @@ def fidelity(model: str = "yolov2-16", scenarios: list[tuple[str, str, int]] | N
     w = load_workload(model)
     for devices, mode, frames in scenarios or SCENARIOS:
         bench = run_bench(w, devices, mode=mode, frames=frames, progress=False)
-        sim = sim_bench(w, SimOptions(devices=devices, mode=mode, frames=frames))
+        # the same inputs: bench's emulation runs at a clock scale when a fast profile is in the mix
+        sim = sim_bench(w, SimOptions(devices=devices, mode=mode, frames=frames, scale=bench["scale"]))
         row = {"devices": devices, "mode": mode, "frames": frames,
                "bench_plan": bench["plan"], "sim_plan": sim["plan"],
                "bench_fps": bench["fps"], "sim_fps": sim["fps"], "fps_ratio": sim["fps"] / bench["fps"],
@@ -37,7 +38,8 @@ def fidelity(model: str = "yolov2-16", scenarios: list[tuple[str, str, int]] | N
                "p50_ratio": sim["latency_ms"]["p50"] / bench["latency_ms"]["p50"],
                "bench_correct": bench["correct"], "host_too_slow": bench["host_too_slow"],
                "commands": [f"tilefleet bench --model {model} --devices '{devices}' --mode {mode} --frames {frames}",
-                            f"tilefleet sim --model {model} --devices '{devices}' --mode {mode} --frames {frames}"]}
+                            f"tilefleet sim --model {model} --devices '{devices}' --mode {mode} --frames {frames} "
+                            f"--scale {bench['scale']:.3g}"]}
         rows.append(row)
         if on_row is not None:
             on_row(row)

@@ -214,10 +214,12 @@ def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> 
     s, plan, stats = m.scale, m.plan, m.stats
     timed_lat = np.asarray(m.lat) / s
     if mode == "throughput" and m.rounds:  # each round's steady state, then the median over rounds
-        fps, k = float(np.median([r["fps_k"][0] for r in m.rounds])), m.rounds[0]["fps_k"][1]
+        fps, k = float(np.median([r["fps_k"][0] for r in m.rounds])) * s, m.rounds[0]["fps_k"][1]
+    elif mode == "throughput":
+        fps, k = _fps(m.done, m.depth)
+        fps *= s  # wall-clock completions, on the emulated clock
     else:
-        fps, k = _fps(m.done, m.depth) if mode == "throughput" else (1.0 / float(np.median(timed_lat)), 0)
-    fps *= s
+        fps, k = 1.0 / float(np.median(timed_lat)), 0  # timed_lat is already on the emulated clock
     devs = stats["devices"].values()
     report: dict[str, Any] = {
         "model": w.name, "devices": devices, "mode": mode, "frames": frames, "warmup": m.warm, "scale": s,

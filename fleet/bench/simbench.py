@@ -42,6 +42,7 @@ class SimOptions:
     seed: int = 0
     profiles_file: str | None = None
     trace: bool = False
+    scale: float = 1.0  # emulation's clock scale, to compare with a bench run (bench reports its own)
 
 
 def sim_bench(w: Workload, o: SimOptions, on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -59,13 +60,15 @@ def sim_bench(w: Workload, o: SimOptions, on_progress: Callable[[int, int], None
     total = frames + (0 if o.rate is not None else warm)
     scenario = load_scenario(o.scenario, specs, table) if o.scenario else None
     run = simulate(plan, specs, frames=total, in_flight=depth, rate=o.rate, poisson=o.poisson, streams=o.streams,
+                   scale=o.scale,
                    scenario=scenario, seed=o.seed, trace=o.trace, frame_itemsize=w.example.element_size(),
                    on_progress=(lambda n: on_progress(n, total)) if on_progress else None)
     report = _report(w, o, plan, run, warm if o.rate is None else 0, depth)
     report.update(plan_s=plan_s, sim_wall_s=run.wall_s, events=run.events,
                   us_per_event=run.handle_cpu_s / max(1, run.events) * 1e6, devices_count=len(specs))
     if choice is not None:
-        report["predicted"] = {"latency_ms": choice.predicted.latency_s * 1e3, "fps": choice.predicted.fps}
+        report["predicted"] = {"latency_ms": choice.predicted.latency_s / o.scale * 1e3,
+                               "fps": choice.predicted.fps * o.scale}
     add_baselines(report, w, plan, specs, o.mode, False, o.devices, None)
     return report
 
@@ -77,22 +80,23 @@ def _plan(w: Workload, specs: list[DeviceSpec], o: SimOptions) -> tuple[tiling.P
     if o.grid == "auto":
         from fleet.runtime.planner import choose_plan
 
-        return choose_plan(model, example, specs, mode=o.mode, scale=1.0)
+        return choose_plan(model, example, specs, mode=o.mode, scale=o.scale)
     kw: dict[str, Any] = {"reuse": o.reuse, **({"stages": o.stages} if o.stages else {})}
     return tiling.partition(model, example, o.grid, **kw), None
 
 
 def _report(w: Workload, o: SimOptions, plan: tiling.Plan, run: SimRun, warm: int, depth: int) -> dict[str, Any]:
+    s = o.scale  # a run at emulation's clock scale reports in emulated seconds, as bench does
     timed = [f for f in run.completed if f >= warm]
-    lat = np.asarray([run.ended[f] - run.submitted[f] for f in timed]) if timed else np.asarray([np.inf])
-    done = sorted(run.ended[f] for f in timed)
+    lat = np.asarray([run.ended[f] - run.submitted[f] for f in timed]) / s if timed else np.asarray([np.inf])
+    done = sorted(run.ended[f] / s for f in timed)
     if o.mode == "throughput" or o.rate is not None:
         fps, k = steady_fps(done, trim=depth), trim_for(len(done), depth)
     else:
         fps, k = 1.0 / float(np.median(lat)), 0
     devs = run.stats["devices"]
     return {
-        "model": w.name, "devices": o.devices, "mode": o.mode, "frames": len(timed), "warmup": warm, "scale": 1.0,
+        "model": w.name, "devices": o.devices, "mode": o.mode, "frames": len(timed), "warmup": warm, "scale": s,
         "in_flight": depth, "trim_k": k, "simulated": True,
         "latency_ms": {q: float(np.percentile(lat, v) * 1e3) for q, v in (("p50", 50), ("p95", 95), ("p99", 99))},
         "fps": fps, "deploy_s": 0.0, "correct": None, "max_rel_error": None,

@@ -49,6 +49,8 @@ def add_sim(sub: Any) -> None:
     s.add_argument("--duration", type=float, help="open loop: seconds of arrivals (sets the frame count)")
     s.add_argument("--scenario", help="a TOML file of scripted events (kill, revive, slow, join)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=float, default=1.0,
+                   help="emulation's clock scale (bench prints it): simulate exactly what an emulated run does")
     s.add_argument("--profile-scheduler", action="store_true",
                    help="report the driver's and scheduler's CPU time per event (the transport excluded)")
     s.add_argument("--json", help="write the report as JSON to this file")
@@ -63,7 +65,8 @@ def sim_command(args: argparse.Namespace) -> int:
     opts = SimOptions(devices=args.devices, mode=args.mode, frames=args.frames, grid=grid_arg(args.grid),
                       stages=[int(v) for v in args.stages.split(",")] if args.stages else None, reuse=args.reuse,
                       in_flight=args.in_flight, rate=args.rate, poisson=args.poisson, streams=args.streams,
-                      duration=args.duration, scenario=args.scenario, seed=args.seed, profiles_file=args.profiles)
+                      duration=args.duration, scenario=args.scenario, seed=args.seed, profiles_file=args.profiles,
+                      scale=args.scale)
     w = workload(args)
     from tqdm import tqdm
 
