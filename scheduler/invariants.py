@@ -67,6 +67,8 @@ def _check_device(dev: DeviceRecord, frames: Mapping[int, FrameRecord], max_in_f
         if frame is None or frame.tail != "running" or frame.tail_device != d:
             _fail(f"device {d}: holds a tail for frame {fid} that is not running there")
         tails += need
+    if tails != dev.tail_bytes:
+        _fail(f"device {d}: tail bytes {dev.tail_bytes} != recomputed {tails}")
     expected = sum(weights.values()) + peak + tails
     if expected != dev.memory_in_use():
         _fail(f"device {d}: memory bookkeeping {dev.memory_in_use()} != recomputed {expected}")

@@ -9,8 +9,10 @@ machine drifts in speed and only numbers taken side by side compare.
 
 The fleet is three device classes (4, 8 and 16 GFLOP/s); every device holds two frames' worth of
 work (``2 * devices`` frames in flight; a frame that ends is replaced at once), frames are a 4x4
-grid of independent tiles or a single tile, plus a small tail.  Devices run what they were sent
-first in, first out at exactly their profile's speed.  Only ``handle`` is timed, with
+grid of independent tiles or a single tile, plus a small tail.  Devices run the tiles they were
+sent first in, first out at exactly their profile's speed; a tail runs beside them (the tail
+policy sends every tail to the fastest device, which would otherwise become the bottleneck and
+leave the rest of the fleet idle, which is not the load this measures).  Only ``handle`` is timed, with
 ``time.process_time()``, after a warm-up that fills the fleet.
 """
 
@@ -104,7 +106,9 @@ class Workload:
             if isinstance(ins, Dispatch):
                 self.enqueue(ins.device, ("tile", ins.key), now)
             elif isinstance(ins, RunTail):
-                self.enqueue(ins.device, ("tail", (ins.frame_id, -1, -1)), now)
+                dev = self.devices[ins.device]
+                cost = tail_cost_s(self.specs[ins.frame_id], dev.info)
+                self.push(now + cost, TailDone(ins.frame_id, ins.device, now + cost))
             elif isinstance(ins, (Complete, FailFrame)):
                 del self.specs[ins.frame_id]
                 self.submit(now)
@@ -117,26 +121,25 @@ class Workload:
     def start(self, dev: _Device, now: float) -> None:
         if dev.busy or not dev.queue:
             return
-        kind, key = dev.queue.popleft()
+        _, key = dev.queue.popleft()
         dev.busy = True
-        spec = self.specs[key[0]]
-        if kind == "tile":
-            cost = tile_cost_s(spec.tiles[key[2]], dev.info)
-            done: Event = TileDone(key, dev.info.id, now + cost)
-        else:
-            cost = tail_cost_s(spec, dev.info)
-            done = TailDone(key[0], dev.info.id, now + cost)
+        cost = tile_cost_s(self.specs[key[0]].tiles[key[2]], dev.info)
+        self.push(now + cost, TileDone(key, dev.info.id, now + cost))
+
+    def push(self, t: float, event: Event) -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (now + cost, self.seq, done))
+        heapq.heappush(self.heap, (t, self.seq, event))
 
     def run(self, events: int) -> None:
         stop = self.events + events
         while self.heap and self.events < stop:
             now, _, event = heapq.heappop(self.heap)
             assert isinstance(event, (TileDone, TailDone))
-            self.devices[event.device].busy = False
+            dev = self.devices[event.device]
+            if isinstance(event, TileDone):
+                dev.busy = False
             self.feed(event, now)
-            self.start(self.devices[event.device], now)
+            self.start(dev, now)
 
 
 def measure(devices: int, tiles: int, events: int) -> float:

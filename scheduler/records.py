@@ -99,6 +99,7 @@ class DeviceRecord:
     # running tile should end, the work behind it (in flight and tails), and the planned work.
     costs: dict[TileKey, int] = field(default_factory=dict)
     tail_costs: dict[int, int] = field(default_factory=dict)
+    tail_bytes: int = 0  # sum(tails.values()), kept so memory checks stay O(1)
     run_end_ns: int | None = None
     flight_ns: int = 0
     planned_ns: int = 0
@@ -191,11 +192,12 @@ class DeviceRecord:
 
     def add_tail(self, frame_id: int, need: int, cost_ns: int) -> None:
         self.tails[frame_id] = need
+        self.tail_bytes += need
         self.tail_costs[frame_id] = cost_ns
         self.flight_ns += cost_ns
 
     def remove_tail(self, frame_id: int) -> None:
-        del self.tails[frame_id]
+        self.tail_bytes -= self.tails.pop(frame_id)
         self.flight_ns -= self.tail_costs.pop(frame_id)
 
     def clear(self) -> None:
@@ -203,6 +205,7 @@ class DeviceRecord:
         self.in_flight.clear()
         self.planned.clear()
         self.tails.clear()
+        self.tail_bytes = 0
         self.weight_refs.clear()
         self.peak_bytes = 0
         self.costs.clear()
@@ -226,7 +229,7 @@ class DeviceRecord:
     def memory_in_use(self) -> int:
         """Weights of every stage with a tile in flight (once each), plus the
         peaks of the tiles in flight, plus running tails' reservations."""
-        return self.weights_in_use() + self.peak_bytes + sum(self.tails.values())
+        return self.weights_in_use() + self.peak_bytes + self.tail_bytes
 
     def extra_bytes_for(self, tile: TileRecord) -> int:
         """How much ``memory_in_use`` would grow if ``tile`` were dispatched."""
