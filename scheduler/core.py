@@ -26,9 +26,17 @@ from scheduler.events import Cancel, Complete, Dispatch, FailFrame, Instruction,
 from scheduler.index import FleetIndex
 from scheduler.log import EventLog
 from scheduler.model import TileKey
-from scheduler.placement import cost_ns, tail_ns, to_ns
+from scheduler.placement import cost_ns, tail_ns
 from scheduler.records import DeviceRecord, FrameRecord, FrameStatus, TileRecord
-from scheduler.stealing import PlannedTile, Queue, Steal, Thief, make_queue, out_of_reach, steal_from
+from scheduler.stealing import (
+    PlannedTile,
+    Queue,
+    Steal,
+    Thief,
+    make_queue,
+    out_of_reach,
+    steal_from,
+)
 
 
 class SchedulerCore:

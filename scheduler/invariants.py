@@ -275,9 +275,9 @@ def _check_settled(core: SchedulerCore) -> None:
     if index.dirty or index.freed or core._tails_new:
         _fail("settling left devices or tails unprocessed")
     for dev in alive:
-        if dev.planned and len(dev.in_flight) < core.max_in_flight_per_device:
-            if dev.has_room_for(core._tile(dev.planned[0][1])):
-                _fail(f"device {dev.id}: a free slot and a planned head that fits, not filled")
+        free_slot = dev.planned and len(dev.in_flight) < core.max_in_flight_per_device
+        if free_slot and dev.has_room_for(core._tile(dev.planned[0][1])):
+            _fail(f"device {dev.id}: a free slot and a planned head that fits, not filled")
     for frame in core._frames.values():
         if frame.status == "active" and frame.tail == "pending":
             need = frame.spec.tail_memory_bytes

@@ -49,7 +49,13 @@ from scheduler.invariants import check_index, check_invariants
 from scheduler.log import LogEntry, Subject, Transition
 from scheduler.model import FrameSpec, TileKey, TileRef, frame_problems, tile_key
 from scheduler.placement import compute_s, to_ns
-from scheduler.records import DeviceRecord, DeviceStats, FrameRecord, FrameStatus, TileRecord
+from scheduler.records import (
+    DeviceRecord,
+    DeviceStats,
+    FrameRecord,
+    FrameStatus,
+    TileRecord,
+)
 
 
 class Scheduler(SchedulerCore):

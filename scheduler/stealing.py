@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from scheduler.model import DeviceInfo, TileKey, TileSpec
-from scheduler.placement import Candidate, NS, cost_ns, fits, to_ns
+from scheduler.placement import NS, Candidate, cost_ns, fits, to_ns
 
 _BUCKET_LIMIT = 8
 

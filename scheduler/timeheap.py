@@ -26,7 +26,7 @@ Entry = tuple[int, str, int]
 class TimeHeap:
     """Devices by ``max(now, run_end) + rest``, ascending (or descending)."""
 
-    __slots__ = ("cur", "floating", "sign", "static", "_version")
+    __slots__ = ("_version", "cur", "floating", "sign", "static")
 
     def __init__(self, *, descending: bool = False) -> None:
         self.sign = -1 if descending else 1
