@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         for name, root in trees.items():  # alternate trees within each round
             for n, t, us in _run_tree(root, args):
                 samples.setdefault((name, n, t), []).append(us)
-            print(f"round {r + 1}/{args.rounds} {name} done", file=sys.stderr)
+                print(f"round {r + 1}/{args.rounds} {name} {n} devices {t} tiles: {us:.1f} us",
+                      file=sys.stderr, flush=True)
     print("devices tiles/frame " + " ".join(f"{name:>16}" for name in trees) + "   (us/event, median)")
     for n in args.devices:
         for t in args.tiles:
