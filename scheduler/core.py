@@ -10,7 +10,11 @@ retire it).  Reacting to the events themselves is
 apart from "where work goes now".
 
 Planning is EFT (:mod:`scheduler.placement`); rebalancing is stealing of
-planned tiles only (:mod:`scheduler.stealing`).
+planned tiles only (:mod:`scheduler.stealing`).  Both ask the fleet indexes
+(:mod:`scheduler.index`) instead of scanning devices, so settling after an event
+touches only the devices and frames that event concerns.  Every change to a
+device's queues goes through the record's queue methods followed by
+:meth:`SchedulerCore._touch`, which re-files it in the indexes.
 """
 
 from __future__ import annotations
@@ -19,18 +23,20 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from scheduler.events import Cancel, Complete, Dispatch, FailFrame, Instruction, RunTail
+from scheduler.index import FleetIndex
 from scheduler.log import EventLog
 from scheduler.model import TileKey
-from scheduler.placement import (
-    Candidate,
-    choose_tail_device,
-    largest_budget,
-    plan_greedy,
-    tail_cost_s,
-    tile_cost_s,
-)
+from scheduler.placement import cost_ns, tail_ns
 from scheduler.records import DeviceRecord, FrameRecord, FrameStatus, TileRecord
-from scheduler.stealing import PlannedTile, Victim, choose_steal
+from scheduler.stealing import (
+    PlannedTile,
+    Queue,
+    Steal,
+    Thief,
+    make_queue,
+    out_of_reach,
+    steal_from,
+)
 
 
 class SchedulerCore:
@@ -57,6 +63,7 @@ class SchedulerCore:
         self.work_stealing = work_stealing
         self.learn_speed = learn_speed
         self.now = 0.0
+        self._now_ns = 0
         self.retries = 0
         self.steals = 0
         self._devices: dict[str, DeviceRecord] = {}
@@ -64,11 +71,35 @@ class SchedulerCore:
         self._finished: OrderedDict[int, FrameRecord] = OrderedDict()
         self._seq = 0
         self._log = EventLog(log_size)
+        self._index = FleetIndex(max_in_flight_per_device)
+        self._tails_new: set[int] = set()  # frames whose tail became pending: search everywhere
+        self._tails_waiting: set[int] = set()  # pending tails that found no room: retry on freed
 
     # ============================================================== transitions
 
     def _tile(self, key: TileKey) -> TileRecord:
         return self._frames[key[0]].tiles[(key[1], key[2])]
+
+    def _touch(self, dev: DeviceRecord) -> None:
+        """Re-file ``dev`` in the indexes after any change to its queues, speed or life."""
+        self._index.update(dev, self._now_ns)
+
+    def _cost(self, dev: DeviceRecord, tile: TileRecord) -> int:
+        return cost_ns(tile.spec, dev.info, dev.speed)
+
+    def _set_speed(self, dev: DeviceRecord, speed: float) -> None:
+        """A new speed factor: every cost on the device changes, and so may its class."""
+        if speed == dev.speed:
+            return
+        dev.speed = speed
+        costs = {k: self._cost(dev, self._tile(k)) for k in dev.costs}
+        tails = {f: tail_ns(self._frames[f].spec, dev.info, speed) for f in dev.tail_costs}
+        dev.retime(costs, tails)
+        self._touch(dev)
+
+    def _set_pending_tail(self, frame: FrameRecord) -> None:
+        frame.tail, frame.tail_device = "pending", None
+        self._tails_new.add(frame.frame_id)
 
     def _take_back(self, key: TileKey, device_id: str) -> tuple[TileRecord, float | None] | None:
         """Remove ``key`` from the device's in-flight list if it is there.
@@ -81,20 +112,28 @@ class SchedulerCore:
         dev = self._devices.get(device_id)
         if dev is None or key not in dev.in_flight:
             return None
-        was_running = dev.in_flight[0] == key
-        dev.in_flight.remove(key)
         tile = self._tile(key)
-        dev.release(tile)
-        started = dev.running_since if was_running else None
-        if was_running:
-            dev.running_since = self.now
-        return tile, started
+        started = dev.running_since
+        was_running = self._remove_in_flight(dev, tile)
+        return tile, started if was_running else None
+
+    def _remove_in_flight(self, dev: DeviceRecord, tile: TileRecord) -> bool:
+        was_running = dev.take_flight(tile, self.now, self._now_ns)
+        self._index.freed.add(dev.id)
+        self._touch(dev)
+        return was_running
+
+    def _unplan(self, dev: DeviceRecord, tile: TileRecord) -> None:
+        dev.unplan(tile)
+        self._touch(dev)
 
     def _release_tail(self, frame_id: int, device_id: str) -> FrameRecord | None:
         dev = self._devices.get(device_id)
         if dev is None or frame_id not in dev.tails:
             return None
-        del dev.tails[frame_id]
+        dev.remove_tail(frame_id)
+        self._index.freed.add(dev.id)
+        self._touch(dev)
         return self._frames[frame_id]
 
     def _fail_frame(self, frame: FrameRecord, reason: str, out: list[Instruction]) -> None:
@@ -104,13 +143,12 @@ class SchedulerCore:
             return
         for tile in sorted(frame.tiles.values(), key=lambda t: t.priority):
             if tile.state == "planned" and tile.device is not None:
-                self._devices[tile.device].unplan(tile.key)
+                self._unplan(self._devices[tile.device], tile)
                 tile.state, tile.device = "dropped", None
             elif tile.state == "in_flight" and tile.device is not None:
                 dev = self._devices[tile.device]
                 if dev.in_flight[0] != tile.key:
-                    dev.in_flight.remove(tile.key)
-                    dev.release(tile)
+                    self._remove_in_flight(dev, tile)
                     dev.cancelled += 1
                     out.append(Cancel(tile.key, dev.id))
                     tile.state, tile.device = "dropped", None
@@ -139,20 +177,30 @@ class SchedulerCore:
             return
         if frame.tail == "running":
             return
-        self._frames.pop(frame.frame_id, None)
+        if self._frames.pop(frame.frame_id, None) is not None:
+            for t in frame.tiles.values():
+                if t.state == "done" and t.device is not None:
+                    self._forget_result(t.device, frame.frame_id)
         self._finished[frame.frame_id] = frame
         while len(self._finished) > self.log_size:
             self._finished.popitem(last=False)
+
+    def _forget_result(self, device_id: str, frame_id: int) -> None:
+        results = self._devices[device_id].results
+        left = results[frame_id] - 1
+        if left:
+            results[frame_id] = left
+        else:
+            del results[frame_id]
 
     # ================================================================ planning
 
     def _infeasible(self, frame: FrameRecord) -> str | None:
         """A reason no alive device can ever run some remaining part of the
         frame, or None.  Checked on submission and after each loss."""
-        alive = [d.info for d in self._devices.values() if d.alive]
-        if not alive:
+        largest = self._index.largest_memory()
+        if largest < 0:
             return f"no alive device to run frame {frame.frame_id}"
-        largest = largest_budget(alive)
         for tile in sorted(frame.tiles.values(), key=lambda t: t.priority):
             if tile.state != "done" and tile.need_bytes > largest:
                 return (
@@ -168,24 +216,6 @@ class SchedulerCore:
             )
         return None
 
-    def _ready_at(self, dev: DeviceRecord, *, with_planned: bool = True) -> float:
-        """When the device's committed work is estimated to end."""
-        t = self.now
-        for i, key in enumerate(dev.in_flight):
-            cost = tile_cost_s(self._tile(key).spec, dev.info, dev.speed)
-            if i == 0:
-                cost = max(0.0, cost - (self.now - dev.running_since))
-            t += cost
-        for fid in dev.tails:
-            t += tail_cost_s(self._frames[fid].spec, dev.info, dev.speed)
-        if with_planned:
-            for _, key in dev.planned:
-                t += tile_cost_s(self._tile(key).spec, dev.info, dev.speed)
-        return t
-
-    def _candidate(self, dev: DeviceRecord, *, with_planned: bool = True) -> Candidate:
-        return Candidate(dev.info, dev.speed, self._ready_at(dev, with_planned=with_planned))
-
     def _plan(
         self,
         tiles: Iterable[TileRecord],
@@ -196,31 +226,45 @@ class SchedulerCore:
     ) -> None:
         """Put ready tiles on planned queues by greedy EFT, oldest first.
 
-        ``exclude`` keeps tiles off one device (the one just slowed) unless
-        no other device can hold them.
+        Each tile goes to the device with the best objective given everything
+        planned so far (the index answers exactly what a scan of every alive
+        device would).  ``exclude`` keeps tiles off one device (the one just
+        slowed) unless no other device can hold them.
         """
         todo = sorted(tiles, key=lambda t: t.priority)
         if not todo:
             return
-        alive = {d.id: self._candidate(d) for d in self._devices.values() if d.alive}
-        preferred = {d: c for d, c in alive.items() if d != exclude}
-        choices, updated = plan_greedy([(t, t.spec, t.need_bytes) for t in todo], preferred)
-        alive.update(updated)
-        leftovers = [t for t, d in choices if d is None]
-        if leftovers and exclude is not None and exclude in alive:
-            more, _ = plan_greedy([(t, t.spec, t.need_bytes) for t in leftovers], alive)
-            choices = [(t, d) for t, d in choices if d is not None] + more
-        for tile, device in choices:
+        hidden = self._devices.get(exclude) if exclude is not None else None
+        if hidden is not None and hidden.alive:
+            self._index.hide(hidden)
+            leftovers = self._place(todo, out, why=why, fail=False)
+            self._touch(hidden)
+            self._place(leftovers, out, why=why, fail=True)
+        else:
+            self._place(todo, out, why=why, fail=True)
+
+    def _place(
+        self, todo: list[TileRecord], out: list[Instruction], *, why: str, fail: bool
+    ) -> list[TileRecord]:
+        leftovers: list[TileRecord] = []
+        for tile in todo:
             frame = self._frames[tile.key[0]]
             if frame.status != "active":
                 continue
-            if device is None:
+            found = self._index.best(tile.spec, tile.need_bytes, self._now_ns)
+            if found is None:
+                if not fail:
+                    leftovers.append(tile)
+                    continue
                 reason = self._infeasible(frame) or f"no device can hold tile {tile.key}"
                 self._fail_frame(frame, reason, out)
                 continue
-            tile.state, tile.device = "planned", device
-            self._devices[device].plan(tile.priority, tile.key)
-            self._log.note(self.now, tile.key, "waiting", "planned", device, why)
+            dev = self._devices[found[1]]
+            tile.state, tile.device = "planned", dev.id
+            dev.plan(tile, self._cost(dev, tile))
+            self._touch(dev)
+            self._log.note(self.now, tile.key, "waiting", "planned", dev.id, why)
+        return leftovers
 
     # ================================================================= settling
 
@@ -231,35 +275,54 @@ class SchedulerCore:
         self._fill(out)
         if not self.work_stealing:
             return
-        budget = 1 + sum(len(d.planned) for d in self._devices.values()) * max(
-            1, len(self._devices)
-        )
+        budget = 1 + self._index.planned_total * max(1, len(self._devices))
         while budget > 0 and self._steal_once():
             budget -= 1
             self._fill(out)
 
     def _place_tails(self, out: list[Instruction]) -> None:
+        """Oldest pending tail first, each on the best device with room now.
+
+        A tail that found no room before can only fit on a device that freed
+        memory since (``freed``), so only those are looked at for it.
+        """
+        fresh, self._tails_new = self._tails_new, set()
+        ids = fresh | self._tails_waiting
+        frames = [self._frames[f] for f in ids if f in self._frames]
         pending = sorted(
-            (f for f in self._frames.values() if f.status == "active" and f.tail == "pending"),
-            key=lambda f: f.seq,
+            (f for f in frames if f.status == "active" and f.tail == "pending"), key=lambda f: f.seq
         )
+        self._tails_waiting = set()
+        freed = sorted(
+            (d for d in map(self._devices.get, self._index.freed) if d is not None and d.alive),
+            key=lambda d: (not d.info.gpu, -d.info.gflops / d.speed, d.id),
+        )
+        self._index.freed.clear()
         for frame in pending:
             need = frame.spec.tail_memory_bytes
-            alive = [d for d in self._devices.values() if d.alive]
-            device = choose_tail_device(
-                need, [(Candidate(d.info, d.speed), d.free_bytes()) for d in alive]
-            )
+            if frame.frame_id in fresh:
+                device = self._index.tail_device(need, self._devices)
+            else:
+                device = next((d.id for d in freed if need <= d.free_bytes()), None)
             if device is None:
+                self._tails_waiting.add(frame.frame_id)
                 continue  # no room now; memory frees when something finishes
+            dev = self._devices[device]
             frame.tail, frame.tail_device = "running", device
-            self._devices[device].tails[frame.frame_id] = need
+            dev.add_tail(frame.frame_id, need, tail_ns(frame.spec, dev.info, dev.speed))
+            self._touch(dev)
             out.append(RunTail(frame.frame_id, device))
 
     def _fill(self, out: list[Instruction]) -> None:
         """Dispatch planned tiles into free slots, head of queue first; a head
         that does not fit in memory now waits (it fits once the device
-        drains, because planning only chose devices whose budget holds it)."""
-        for dev in sorted(self._devices.values(), key=lambda d: d.id):
+        drains, because planning only chose devices whose budget holds it).
+
+        Only devices changed since the last fill can have become able to
+        dispatch, so only those are looked at, in id order.
+        """
+        for device_id in sorted(self._index.dirty):
+            dev = self._devices[device_id]
             if not dev.alive:
                 continue
             while dev.planned and len(dev.in_flight) < self.max_in_flight_per_device:
@@ -267,56 +330,67 @@ class SchedulerCore:
                 tile = self._tile(key)
                 if not dev.has_room_for(tile):
                     break
-                dev.planned.pop(0)
-                if not dev.in_flight:
-                    dev.running_since = self.now
-                dev.in_flight.append(key)
-                dev.reserve(tile)
+                dev.dispatch_head(tile, self.now, self._now_ns)
                 tile.state = "in_flight"
+                self._touch(dev)
                 self._log.note(self.now, key, "planned", "in_flight", dev.id, "dispatch")
                 out.append(Dispatch(key, dev.id))
+        self._index.dirty.clear()
 
-    def _planned_tiles(self, dev: DeviceRecord) -> tuple[PlannedTile, ...]:
-        out: list[PlannedTile] = []
+    def _queue(self, dev: DeviceRecord) -> Queue:
+        """The victim's planned queue with its finish times, from its bookkeeping."""
+        planned: list[PlannedTile] = []
+        costs: list[int] = []
         for _, key in dev.planned:
             tile = self._frames[key[0]].tiles[(key[1], key[2])]
-            out.append(PlannedTile(key, tile.spec, tile.weights + tile.spec.peak_bytes))
-        return tuple(out)
+            planned.append(PlannedTile(key, tile.spec, tile.need_bytes))
+            costs.append(dev.costs[key])
+        run_end = dev.run_end_ns
+        ready = max(self._now_ns, run_end if run_end is not None else 0) + dev.flight_ns
+        return make_queue(dev.id, ready, planned, costs)
+
+    def _choose_steal(self) -> tuple[str, Steal] | None:
+        """``(thief, steal)``: the first thief in (fastest, earliest free, id) order that has a
+        steal, taking from the latest victim it could take from; one try per device class
+        (a class's earliest-free thief is the one most likely to gain)."""
+        index = self._index
+        if not index.victims:
+            return None
+        queues: dict[str, Queue] = {}
+        for _, ready, thief_id, cls in index.thief_heads(self._now_ns):
+            thief = Thief(cls.info, cls.speed, ready)
+            found: Steal | None = None
+            with index.victims_for(cls.info.memory_bytes, self._now_ns) as walk:
+                for _, victim_id in walk:
+                    queue = queues.get(victim_id)
+                    if queue is None:
+                        queue = queues[victim_id] = self._queue(self._devices[victim_id])
+                    if out_of_reach(thief, queue):
+                        break
+                    found = steal_from(thief, queue)
+                    if found is not None:
+                        break
+            if found is not None:
+                return thief_id, found
+        return None
 
     def _steal_once(self) -> bool:
         """Let one idle device take one planned tile, if that helps."""
-        alive = [d for d in self._devices.values() if d.alive]
-        thieves = sorted(
-            (
-                d
-                for d in alive
-                if not d.planned and len(d.in_flight) < self.max_in_flight_per_device
-            ),
-            key=lambda d: (-d.info.gflops / d.speed, d.id),
+        chosen = self._choose_steal()
+        if chosen is None:
+            return False
+        thief_id, steal = chosen
+        thief, victim = self._devices[thief_id], self._devices[steal.victim]
+        tile = self._tile(steal.key)
+        victim.unplan(tile)
+        thief.plan(tile, self._cost(thief, tile))
+        tile.device = thief.id
+        self._touch(victim)
+        self._touch(thief)
+        thief.steals += 1
+        victim.stolen_from += 1
+        self.steals += 1
+        self._log.note(
+            self.now, steal.key, "planned", "planned", thief.id, f"stolen from {victim.id}"
         )
-        if not thieves:
-            return False
-        victims = [
-            Victim(self._candidate(d, with_planned=False), self._planned_tiles(d))
-            for d in sorted(alive, key=lambda d: d.id)
-            if d.planned
-        ]
-        if not victims:
-            return False
-        for thief in thieves:
-            steal = choose_steal(self._candidate(thief), victims)
-            if steal is None:
-                continue
-            victim = self._devices[steal.victim]
-            tile = self._tile(steal.key)
-            victim.unplan(steal.key)
-            thief.plan(tile.priority, steal.key)
-            tile.device = thief.id
-            thief.steals += 1
-            victim.stolen_from += 1
-            self.steals += 1
-            self._log.note(
-                self.now, steal.key, "planned", "planned", thief.id, f"stolen from {victim.id}"
-            )
-            return True
-        return False
+        return True

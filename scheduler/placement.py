@@ -10,8 +10,14 @@ working when a device is slowed or already busy.
 
 Every choice goes through :func:`objective`, a tuple, so ties break the same
 way on every run: earlier finish, then the faster device, then the smaller id.
-Finish times are rounded to the nanosecond in that tuple so float noise from
-summation order cannot flip a tie between identical devices.
+
+Times inside decisions are whole nanoseconds (ints, :func:`to_ns`): a device's
+estimated ready time is an integer sum of per-tile costs each rounded once
+(:func:`cost_ns`), so it can be kept incrementally in an index
+(:mod:`scheduler.index`) and recomputed from scratch by ``validate()`` to the
+exact same number, whatever the summation order.  Earlier versions rounded the
+float sum ``ready + cost`` instead; the two differ by at most 1-2 ns, which
+changes a decision only between finishes that close.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from scheduler.model import DeviceInfo, FrameSpec, TileSpec
 
 K = TypeVar("K")
 
-_TIE_DIGITS = 9
+NS = 10**9
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,29 @@ def tail_cost_s(frame: FrameSpec, info: DeviceInfo, speed: float = 1.0) -> float
     )
 
 
+def to_ns(seconds: float) -> int:
+    """Seconds as whole nanoseconds: the unit every comparison in a decision uses."""
+    return round(seconds * NS)
+
+
+def cost_ns(tile: TileSpec, info: DeviceInfo, speed: float = 1.0) -> int:
+    """:func:`tile_cost_s` in whole nanoseconds (rounded once, then only added)."""
+    return round(
+        (
+            tile.in_bytes / info.link_bps
+            + info.latency_s
+            + tile.flops * speed / (info.gflops * 1e9)
+            + info.tile_overhead_s
+        )
+        * NS
+    )
+
+
+def tail_ns(frame: FrameSpec, info: DeviceInfo, speed: float = 1.0) -> int:
+    """:func:`tail_cost_s` in whole nanoseconds."""
+    return round(tail_cost_s(frame, info, speed) * NS)
+
+
 def effective_gflops(info: DeviceInfo, speed: float = 1.0) -> float:
     """The rate the device delivers now, given its slowdown factor."""
     return info.gflops / speed
@@ -78,9 +107,32 @@ def finish_time(tile: TileSpec, cand: Candidate) -> float:
     return cand.ready_at + tile_cost_s(tile, cand.info, cand.speed)
 
 
-def objective(finish: float, cand: Candidate) -> tuple[float, float, str]:
-    """Sort key for placement: earliest finish, fastest device, smallest id."""
-    return (round(finish, _TIE_DIGITS), -effective_gflops(cand.info, cand.speed), cand.info.id)
+Objective = tuple[int, float, str]
+"""``(finish in ns, -effective GFLOP/s, device id)``: smaller is better."""
+
+
+def objective(finish: float, cand: Candidate) -> Objective:
+    """Sort key for placement: earliest finish (whole ns), fastest device, smallest id."""
+    return (to_ns(finish), -effective_gflops(cand.info, cand.speed), cand.info.id)
+
+
+def best_device_ns(
+    tile: TileSpec, need_bytes: int, candidates: Iterable[tuple[DeviceInfo, float, int]]
+) -> tuple[Objective, DeviceInfo] | None:
+    """Brute-force EFT over ``(info, speed, ready_ns)``: the best objective among
+    devices whose memory could ever hold the tile, or ``None``.
+
+    The scheduler answers the same question from its index in O(classes); this
+    scan is the reference the index is tested against.
+    """
+    best: tuple[Objective, DeviceInfo] | None = None
+    for info, speed, ready in candidates:
+        if not fits(info, need_bytes):
+            continue
+        key = (ready + cost_ns(tile, info, speed), -effective_gflops(info, speed), info.id)
+        if best is None or key < best[0]:
+            best = (key, info)
+    return best
 
 
 def best_device(
@@ -88,15 +140,14 @@ def best_device(
 ) -> tuple[Candidate, float] | None:
     """The candidate with the best objective among those whose memory could
     ever hold the tile, with its finish time; ``None`` when none can."""
-    best: tuple[tuple[float, float, str], Candidate, float] | None = None
-    for cand in candidates:
-        if not fits(cand.info, need_bytes):
-            continue
-        finish = finish_time(tile, cand)
-        key = objective(finish, cand)
-        if best is None or key < best[0]:
-            best = (key, cand, finish)
-    return None if best is None else (best[1], best[2])
+    by_id = {c.info.id: c for c in candidates}
+    found = best_device_ns(
+        tile, need_bytes, ((c.info, c.speed, to_ns(c.ready_at)) for c in by_id.values())
+    )
+    if found is None:
+        return None
+    cand = by_id[found[1].id]
+    return cand, finish_time(tile, cand)
 
 
 def plan_greedy(

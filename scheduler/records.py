@@ -94,6 +94,22 @@ class DeviceRecord:
     running_since: float = 0.0
     planned: list[tuple[Priority, TileKey]] = field(default_factory=list)
     tails: dict[int, int] = field(default_factory=dict)
+    # Estimated time, in whole ns, kept by the queue methods below (see scheduler.index):
+    # costs of tiles in flight or planned and of running tails at the current speed, when the
+    # running tile should end, the work behind it (in flight and tails), and the planned work.
+    costs: dict[TileKey, int] = field(default_factory=dict)
+    tail_costs: dict[int, int] = field(default_factory=dict)
+    tail_bytes: int = 0  # sum(tails.values()), kept so memory checks stay O(1)
+    run_end_ns: int | None = None
+    flight_ns: int = 0
+    planned_ns: int = 0
+    needs: dict[int, int] = field(default_factory=dict)  # need_bytes of planned tiles -> count
+    results: dict[int, int] = field(default_factory=dict)  # frame -> accepted results held here
+    # where scheduler.index has filed the device
+    klass: tuple[float, float, float, float, int, bool, float] | None = None
+    victim_bucket: int | None = None
+    expiry_ns: int | None = None
+    indexed_planned: int = 0
     weight_refs: dict[WeightKey, list[int]] = field(default_factory=dict)
     peak_bytes: int = 0
     peak_high_water: int = 0  # most tile peak bytes ever in flight at once (memory reports)
@@ -116,15 +132,91 @@ class DeviceRecord:
 
     # ----------------------------------------------------------- planned queue
 
-    def plan(self, priority: Priority, key: TileKey) -> None:
-        bisect.insort(self.planned, (priority, key))
+    def plan(self, tile: TileRecord, cost_ns: int) -> None:
+        bisect.insort(self.planned, (tile.priority, tile.key))
+        self.costs[tile.key] = cost_ns
+        self.planned_ns += cost_ns
+        need = tile.need_bytes
+        self.needs[need] = self.needs.get(need, 0) + 1
 
-    def unplan(self, key: TileKey) -> None:
-        for i, (_, k) in enumerate(self.planned):
-            if k == key:
-                del self.planned[i]
-                return
-        raise KeyError(key)
+    def unplan(self, tile: TileRecord) -> None:
+        entry = (tile.priority, tile.key)
+        i = bisect.bisect_left(self.planned, entry)
+        if i == len(self.planned) or self.planned[i] != entry:
+            raise KeyError(tile.key)
+        del self.planned[i]
+        self._forget_planned(tile)
+
+    def _forget_planned(self, tile: TileRecord) -> None:
+        self.planned_ns -= self.costs.pop(tile.key)
+        need = tile.need_bytes
+        left = self.needs[need] - 1
+        if left:
+            self.needs[need] = left
+        else:
+            del self.needs[need]
+
+    def dispatch_head(self, tile: TileRecord, now: float, now_ns: int) -> None:
+        """Move the head of the planned queue (``tile``) in flight and reserve its memory."""
+        self.planned.pop(0)
+        cost = self.costs[tile.key]
+        self._forget_planned(tile)
+        self.costs[tile.key] = cost
+        if not self.in_flight:
+            self.running_since = now
+            self.run_end_ns = now_ns + cost
+        else:
+            self.flight_ns += cost
+        self.in_flight.append(tile.key)
+        self.reserve(tile)
+
+    def take_flight(self, tile: TileRecord, now: float, now_ns: int) -> bool:
+        """Remove ``tile`` from the in-flight list and free its memory; True if it was the
+        running one (the next in flight then starts now)."""
+        key = tile.key
+        was_running = self.in_flight[0] == key
+        self.in_flight.remove(key)
+        self.release(tile)
+        cost = self.costs.pop(key)
+        if not was_running:
+            self.flight_ns -= cost
+            return False
+        self.running_since = now
+        if self.in_flight:
+            nxt = self.costs[self.in_flight[0]]
+            self.flight_ns -= nxt
+            self.run_end_ns = now_ns + nxt
+        else:
+            self.run_end_ns = None
+        return True
+
+    def add_tail(self, frame_id: int, need: int, cost_ns: int) -> None:
+        self.tails[frame_id] = need
+        self.tail_bytes += need
+        self.tail_costs[frame_id] = cost_ns
+        self.flight_ns += cost_ns
+
+    def remove_tail(self, frame_id: int) -> None:
+        self.tail_bytes -= self.tails.pop(frame_id)
+        self.flight_ns -= self.tail_costs.pop(frame_id)
+
+    def clear(self) -> None:
+        """Drop all work and memory (the device is gone)."""
+        self.in_flight.clear()
+        self.planned.clear()
+        self.tails.clear()
+        self.tail_bytes = 0
+        self.weight_refs.clear()
+        self.peak_bytes = 0
+        self.costs.clear()
+        self.tail_costs.clear()
+        self.needs.clear()
+        self.run_end_ns, self.flight_ns, self.planned_ns = None, 0, 0
+
+    def retime(self, costs: dict[TileKey, int], tail_costs: dict[int, int]) -> None:
+        """New costs for everything held (the speed changed); sums recomputed."""
+        self.costs, self.tail_costs = costs, tail_costs
+        self.run_end_ns, self.flight_ns, self.planned_ns = timing(self)
 
     def planned_keys(self) -> list[TileKey]:
         return [k for _, k in self.planned]
@@ -137,7 +229,7 @@ class DeviceRecord:
     def memory_in_use(self) -> int:
         """Weights of every stage with a tile in flight (once each), plus the
         peaks of the tiles in flight, plus running tails' reservations."""
-        return self.weights_in_use() + self.peak_bytes + sum(self.tails.values())
+        return self.weights_in_use() + self.peak_bytes + self.tail_bytes
 
     def extra_bytes_for(self, tile: TileRecord) -> int:
         """How much ``memory_in_use`` would grow if ``tile`` were dispatched."""
@@ -162,6 +254,16 @@ class DeviceRecord:
 
     def free_bytes(self) -> int:
         return self.info.memory_bytes - self.memory_in_use()
+
+
+def timing(dev: DeviceRecord) -> tuple[int | None, int, int]:
+    """``(run_end_ns, flight_ns, planned_ns)`` from scratch, from ``dev.costs``."""
+    run_end = None
+    if dev.in_flight:
+        run_end = round(dev.running_since * 1e9) + dev.costs[dev.in_flight[0]]
+    flight = sum(dev.costs[k] for k in dev.in_flight[1:]) + sum(dev.tail_costs.values())
+    planned = sum(dev.costs[k] for _, k in dev.planned)
+    return run_end, flight, planned
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,11 +45,17 @@ from scheduler.events import (
     TileDone,
     TileFailed,
 )
-from scheduler.invariants import check_invariants
+from scheduler.invariants import check_index, check_invariants
 from scheduler.log import LogEntry, Subject, Transition
 from scheduler.model import FrameSpec, TileKey, TileRef, frame_problems, tile_key
-from scheduler.placement import compute_s
-from scheduler.records import DeviceRecord, DeviceStats, FrameRecord, FrameStatus, TileRecord
+from scheduler.placement import compute_s, to_ns
+from scheduler.records import (
+    DeviceRecord,
+    DeviceStats,
+    FrameRecord,
+    FrameStatus,
+    TileRecord,
+)
 
 
 class Scheduler(SchedulerCore):
@@ -80,6 +86,7 @@ class Scheduler(SchedulerCore):
         for event in events:
             produced: list[Instruction] = []
             self._advance_clock(event.t)
+            self._index.expire(self._now_ns, self._devices)
             self._apply(event, produced)
             self._settle(produced)
             self._log.record(self.now, event, produced)
@@ -89,6 +96,7 @@ class Scheduler(SchedulerCore):
     def validate(self) -> None:
         """Check every invariant; raise AssertionError saying which broke."""
         check_invariants(self._devices, self._frames, self._finished, self.max_in_flight_per_device)
+        check_index(self)
 
     def story(self, subject: Subject) -> list[LogEntry]:
         """Log entries about a tile key, a frame id or a device id."""
@@ -166,6 +174,7 @@ class Scheduler(SchedulerCore):
         # clock never goes backwards, and a NaN timestamp is simply ignored.
         if math.isfinite(t) and t > self.now:
             self.now = t
+            self._now_ns = to_ns(t)
 
     def _apply(self, event: Event, out: list[Instruction]) -> None:
         if isinstance(event, FrameSubmitted):
@@ -219,7 +228,7 @@ class Scheduler(SchedulerCore):
             self._fail_frame(frame, reason, out)
             return
         if not frame.tiles:
-            frame.tail = "pending"
+            self._set_pending_tail(frame)
         self._plan([t for t in frame.tiles.values() if not t.missing], out, why="ready")
 
     def _on_tile_done(self, ev: TileDone, out: list[Instruction]) -> None:
@@ -234,6 +243,7 @@ class Scheduler(SchedulerCore):
             return
         dev = self._devices[ev.device]
         tile.state, tile.device = "done", ev.device
+        dev.results[frame.frame_id] = dev.results.get(frame.frame_id, 0) + 1
         dev.tiles_done += 1
         dev.busy_s += max(0.0, ev.compute_s)
         dev.bytes_in += ev.bytes_in
@@ -253,8 +263,8 @@ class Scheduler(SchedulerCore):
             if not nxt.missing and nxt.state == "waiting":
                 ready.append(nxt)
         self._plan(ready, out, why="deps done")
-        if frame.status == "active" and all(t.state == "done" for t in frame.tiles.values()):
-            frame.tail = "pending"
+        if frame.status == "active" and not any(frame.left_in_stage.values()):
+            self._set_pending_tail(frame)  # every tile is done
 
     def _on_tile_failed(self, ev: TileFailed, out: list[Instruction]) -> None:
         taken = self._take_back(ev.key, ev.device)
@@ -309,7 +319,7 @@ class Scheduler(SchedulerCore):
         if frame.status != "active":
             self._maybe_retire(frame)
             return
-        frame.tail, frame.tail_device = "pending", None
+        self._set_pending_tail(frame)
         if not ev.retryable:
             self._fail_frame(
                 frame,
@@ -334,21 +344,25 @@ class Scheduler(SchedulerCore):
         if dev is not None and dev.alive:
             return  # a duplicate announcement; the profile in use stays
         if dev is None:
-            self._devices[ev.device.id] = DeviceRecord(
+            dev = self._devices[ev.device.id] = DeviceRecord(
                 info=ev.device, running_since=self.now, speed_since=self.now
             )
         else:
             # Back after a loss: fresh profile and speed, counters kept.
             dev.info, dev.alive, dev.speed, dev.running_since = ev.device, True, 1.0, self.now
             dev.observed, dev.speed_since = 0, self.now
+        self._index.freed.add(dev.id)  # room for a waiting tail
+        self._touch(dev)
         # Work reaches it through stealing in _settle.
 
     def _on_device_lost(self, ev: DeviceLost, out: list[Instruction]) -> None:
         dev = self._devices.get(ev.device_id)
         if dev is None or not dev.alive:
             return
+        largest_before = self._index.largest_memory()
         dev.alive = False
         moved: list[TileRecord] = []
+        touched = {key[0] for key in dev.in_flight} | set(dev.tails)
         for key in dev.in_flight + dev.planned_keys():
             frame = self._frames[key[0]]
             tile = frame.tiles[(key[1], key[2])]
@@ -358,18 +372,24 @@ class Scheduler(SchedulerCore):
             else:
                 tile.state, tile.device = "dropped", None
         if ev.results_lost:
+            touched |= set(dev.results)
             moved += self._rerun_lost_results(ev.device_id, out)
         dev.requeued += len(moved)
-        dev.in_flight.clear()
-        dev.planned.clear()
-        dev.weight_refs.clear()
-        dev.peak_bytes = 0
         for fid in list(dev.tails):
             frame = self._frames[fid]
             if frame.status == "active":
-                frame.tail, frame.tail_device = "pending", None
-        dev.tails.clear()
-        for frame in list(self._frames.values()):
+                self._set_pending_tail(frame)
+        dev.clear()
+        self._touch(dev)
+        # Only a smaller largest budget can make a frame infeasible that was not; otherwise
+        # only the frames whose work was here can have changed.
+        if self._index.largest_memory() < largest_before:
+            frames = list(self._frames.values())
+        else:
+            frames = sorted(
+                (self._frames[f] for f in touched if f in self._frames), key=lambda f: f.seq
+            )
+        for frame in frames:
             if frame.status == "active":
                 reason = self._infeasible(frame)
                 if reason is not None:
@@ -388,29 +408,22 @@ class Scheduler(SchedulerCore):
 
         Needed: a dependent is not done (or is itself re-run), or the tile belongs to the last
         stage and the tail is not done. Dependents already dispatched are cancelled (their inputs
-        are gone) and wait again; a tail already running waits for the re-run tiles.
+        are gone) and wait again; a tail already running waits for the re-run tiles.  Only the
+        frames holding results there are looked at (``DeviceRecord.results``).
         """
         requeued: list[TileRecord] = []
-        for frame in self._frames.values():
+        held = self._devices[device_id].results
+        frames = sorted((self._frames[f] for f in held if f in self._frames), key=lambda f: f.seq)
+        for frame in frames:
             if frame.status != "active" or not frame.tiles:
                 continue
-            last = max(t.spec.stage for t in frame.tiles.values())
-            rerun: set[TileRef] = set()
-            grew = True
-            while grew:  # a re-run tile needs its own inputs again, so needs can chain back
-                grew = False
-                for t in frame.tiles.values():
-                    if t.state != "done" or t.device != device_id or t.spec.ref in rerun:
-                        continue
-                    if (t.spec.stage == last and frame.tail != "done") or any(
-                            frame.tiles[d].state != "done" or d in rerun for d in t.dependents):
-                        rerun.add(t.spec.ref)
-                        grew = True
+            rerun = self._needed_again(frame, device_id)
             if not rerun:
                 continue
             for ref in sorted(rerun):
                 t = frame.tiles[ref]
                 t.state, t.device = "waiting", None
+                self._forget_result(device_id, frame.frame_id)
                 frame.left_in_stage[t.spec.stage] += 1
                 if t.spec.stage in frame.stitched:
                     frame.stitched.remove(t.spec.stage)
@@ -423,7 +436,7 @@ class Scheduler(SchedulerCore):
                 if undone == t.missing:
                     continue
                 if t.state == "planned" and t.device is not None:
-                    self._devices[t.device].unplan(t.key)
+                    self._unplan(self._devices[t.device], t)
                 elif t.state == "in_flight" and t.device is not None and t.device != device_id:
                     self._take_back(t.key, t.device)
                     out.append(Cancel(t.key, t.device))
@@ -433,6 +446,23 @@ class Scheduler(SchedulerCore):
                 self._release_tail(frame.frame_id, frame.tail_device)  # its late result is ignored
             frame.tail, frame.tail_device = "blocked", None
         return requeued
+
+    @staticmethod
+    def _needed_again(frame: FrameRecord, device_id: str) -> set[TileRef]:
+        """Tiles of ``frame`` done on ``device_id`` whose output someone still needs."""
+        last = max(t.spec.stage for t in frame.tiles.values())
+        rerun: set[TileRef] = set()
+        grew = True
+        while grew:  # a re-run tile needs its own inputs again, so needs can chain back
+            grew = False
+            for t in frame.tiles.values():
+                if t.state != "done" or t.device != device_id or t.spec.ref in rerun:
+                    continue
+                if (t.spec.stage == last and frame.tail != "done") or any(
+                        frame.tiles[d].state != "done" or d in rerun for d in t.dependents):
+                    rerun.add(t.spec.ref)
+                    grew = True
+        return rerun
 
     def _on_device_slow(self, ev: DeviceSlow, out: list[Instruction]) -> None:
         dev = self._devices.get(ev.device_id)
@@ -444,7 +474,7 @@ class Scheduler(SchedulerCore):
         if ev.factor > dev.speed:
             self._slow_down(dev, ev.factor, out, why=f"{dev.id} slowed x{ev.factor:g}")
         else:
-            dev.speed = ev.factor  # faster again: it wins work back by stealing when idle
+            self._set_speed(dev, ev.factor)  # faster again: it wins work back by stealing
 
     def _learn_speed(
         self, dev: DeviceRecord, tile: TileRecord, measured_s: float, out: list[Instruction]
@@ -471,27 +501,26 @@ class Scheduler(SchedulerCore):
         if new > dev.speed * self.SLOWDOWN_TRIGGER:
             self._slow_down(dev, new, out, why=f"{dev.id} measured x{new:.3g}")
         else:
-            dev.speed = new
+            self._set_speed(dev, new)
 
     def _slow_down(
         self, dev: DeviceRecord, factor: float, out: list[Instruction], *, why: str
     ) -> None:
         """The device got slower: keep its running tile, cancel the tiles
         queued at it and re-place those and its planned tiles elsewhere."""
-        dev.speed = factor
-        others = [d for d in self._devices.values() if d.alive and d is not dev]
+        self._set_speed(dev, factor)
+        elsewhere = self._index.largest_memory(without=dev)  # -1: no other alive device
         moved: list[TileRecord] = []
         for key in dev.in_flight[1:] + dev.planned_keys():
             tile = self._tile(key)
-            if not any(o.info.memory_bytes >= tile.need_bytes for o in others):
+            if tile.need_bytes > elsewhere:
                 continue  # nowhere else could hold it: leave it here
             if tile.state == "in_flight":
-                dev.in_flight.remove(key)
-                dev.release(tile)
+                self._remove_in_flight(dev, tile)
                 dev.cancelled += 1
                 out.append(Cancel(key, dev.id))
             else:
-                dev.unplan(key)
+                self._unplan(dev, tile)
             tile.state, tile.device = "waiting", None
             moved.append(tile)
         dev.requeued += len(moved)
