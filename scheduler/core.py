@@ -71,6 +71,7 @@ class SchedulerCore:
         self._finished: OrderedDict[int, FrameRecord] = OrderedDict()
         self._seq = 0
         self._log = EventLog(log_size)
+        self._checked: dict[tuple[object, ...], tuple[object, tuple[str, ...]]] = {}  # see Scheduler._problems
         self._index = FleetIndex(max_in_flight_per_device)
         self._tails_new: set[int] = set()  # frames whose tail became pending: search everywhere
         self._tails_waiting: set[int] = set()  # pending tails that found no room: retry on freed

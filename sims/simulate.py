@@ -162,8 +162,9 @@ def _apply(ev: ScenarioEvent, transport: SimTransport) -> None:
 
 
 class _Counting:
-    """Counts the events the driver passes to ``Scheduler.handle`` and the CPU time of each report's
-    handling (driver and scheduler together; the transport's own work and the heap are excluded)."""
+    """Counts the events the driver passes to ``Scheduler.handle`` and the CPU time of the driver's and
+    scheduler's handling of each report and submission; the transport's own work (the device model,
+    called from inside the driver) and the event heap are excluded."""
 
     def __init__(self, driver: Any) -> None:
         self.driver = driver
@@ -179,14 +180,16 @@ class _Counting:
 
         sched.handle = counted  # type: ignore[method-assign]
         for name in ("on_report", "on_tail_report", "on_device_lost"):
-            setattr(drv, name, _timed(getattr(drv, name), cpu))
+            setattr(drv, name, _timed(getattr(drv, name), cpu, +1))
+        for name in ("dispatch", "run_tail"):  # the world's side: subtracted
+            setattr(drv.transport, name, _timed(getattr(drv.transport, name), cpu, -1))
 
 
-def _timed(fn: Callable[..., Any], cpu: list[float]) -> Callable[..., Any]:
+def _timed(fn: Callable[..., Any], cpu: list[float], sign: int) -> Callable[..., Any]:
     def wrapper(*a: Any, **kw: Any) -> Any:
         t0 = time.process_time()
         try:
             return fn(*a, **kw)
         finally:
-            cpu[0] += time.process_time() - t0
+            cpu[0] += sign * (time.process_time() - t0)
     return wrapper
