@@ -53,6 +53,7 @@ MiB: Final = 2**20
 GiB: Final = 2**30
 
 MAX_DEVICES: Final = 64
+MAX_PROFILE_FILE_BYTES: Final = 1 << 20  # a profile file is input: bounded before it is parsed
 """Most devices one spec may name: beyond this an emulated cluster on one machine means nothing."""
 
 SAFETY_MARGIN: Final = 2.0
@@ -471,6 +472,12 @@ def load_profiles(path: str | os.PathLike[str]) -> dict[str, Profile]:
     Errors name the file, the profile and the key.
     """
     p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError:
+        size = 0  # reported below, as the read fails
+    if size > MAX_PROFILE_FILE_BYTES:
+        raise ProfileError(f"{p}: {size} bytes; a profile file is at most {MAX_PROFILE_FILE_BYTES} bytes")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:

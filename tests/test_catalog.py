@@ -357,3 +357,14 @@ def test_catalog_table_lists_everything() -> None:
     assert next(line for line in lines if line.startswith("pi3-24m")).split()[3:5] == ["24", "0"]
     assert "host (real)" in text
     assert "phone" in catalog_table({"phone": _profile(name="phone")})
+
+
+def test_load_profiles_refuses_oversized_and_junk_files(tmp_path: Path) -> None:
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * 200_000)
+    with pytest.raises(ProfileError, match="at most"):
+        load_profiles(big)
+    junk = tmp_path / "junk.toml"
+    junk.write_bytes(b"\xff\xfe\x00[[[")
+    with pytest.raises(ProfileError, match="UTF-8|TOML"):
+        load_profiles(junk)

@@ -90,8 +90,11 @@ def test_node_death_and_join_mid_stream(ray_cluster: object) -> None:
                 c.remove_node(victim, allow_graceful=False)  # type: ignore[attr-defined]
             if i == 12:
                 newcomer = c.add_node(num_cpus=1, labels={"tilefleet/class": "pi4", "tilefleet/name": "late"})
-            if i == 20:
-                time.sleep(2.0)  # give the newcomer time to start and load
+            if i == 20:  # wait until the newcomer is a device (worker up, weights loaded), then go on
+                deadline = time.monotonic() + 90
+                while not any(d["id"].startswith("late") and d["state"] == "alive" for d in cl.devices()):
+                    assert time.monotonic() < deadline, cl.devices()
+                    time.sleep(0.2)
         assert newcomer is not None and len(outs) == len(frames)
         assert max(tiling.rel_error(y, r) for y, r in zip(outs, refs)) <= 1e-4
         states = {d["id"].split("-")[0]: d["state"] for d in cl.devices()}

@@ -348,3 +348,20 @@ def test_serve_refuses_a_lan_bind_before_connecting(capsys: pytest.CaptureFixtur
     assert "ROWSxCOLS" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["loadtest", "http://127.0.0.1:1", "--model", "m"])  # needs --rate or --concurrency
+
+
+def test_model_files_are_served_under_their_stem(tmp_path: Path) -> None:
+    """An ONNX file (or any kind tiling.load_model reads) is a model source; its input size comes from the file."""
+    import torch
+
+    from fleet.serving.models import build_model
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    path = tmp_path / "edge.onnx"
+    torch.onnx.export(net, torch.randn(1, 3, 20, 24), str(path), dynamo=False, opset_version=13)
+    cfg = R.single(str(path))
+    assert cfg.name == "edge"
+    model, example = build_model(cfg)
+    assert tuple(example.shape) == (1, 3, 20, 24)
+    with torch.no_grad():
+        assert torch.allclose(model(example), net(example), atol=1e-5)

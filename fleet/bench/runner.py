@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import tiling
+from tiling.sources.files import model_input_shape
 from sims.catalog import Profile, parse_spec, profiles
 from sims.metrics import throughput_depth
 
@@ -69,25 +70,13 @@ def load_workload(model: str | None = None, cfg: str | None = None, size: int | 
 def _file_workload(path: str, size: int | None, weights: str | None, trust: bool, preprocess: str | None) -> Workload:
     shape = (3, size, size) if size else None
     m = tiling.load_model(path, weights=weights, trust=trust, input_shape=shape)
-    found = getattr(m, "input_shape", None) or _onnx_input_shape(path)  # ONNX and Darknet know their input
+    found = model_input_shape(path, m)  # ONNX and Darknet files say their input size
     if found is None and shape is None:
         raise ValueError(f"{path} does not say its input size: pass --size (frames are 3 x SIZE x SIZE)")
     c, h, w = tuple(found)[-3:] if found is not None else shape  # type: ignore[misc]
     if size:
         h = w = size
     return _with_example(Path(path).name, m, (c, h, w), preprocess)
-
-
-def _onnx_input_shape(path: str) -> tuple[int, ...] | None:
-    if not path.lower().endswith(".onnx"):
-        return None
-    import onnx
-
-    graph = onnx.load(path, load_external_data=False).graph
-    init = {i.name for i in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in init]
-    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
-    return tuple(dims) if len(dims) == 4 and all(v > 0 for v in dims[1:]) else None
 
 
 def _with_example(name: str, model: nn.Module, chw: tuple[int, ...], preprocess: str | None) -> Workload:

@@ -37,7 +37,8 @@ def add_commands(sub: Any) -> None:
                                    "Prometheus metrics at /metrics.",
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a zoo model name (tilefleet models) or a Darknet .cfg file (served under its stem)")
+    src.add_argument("--model", help="a zoo model name (tilefleet models) or a model file: Darknet .cfg, .onnx, "
+                                     "TorchScript .pt (served under its stem)")
     src.add_argument("--repository", help="a folder with one sub-folder (and config.toml) per model")
     s.add_argument("--size", type=int, help="with --model: input height and width (default: the model's own)")
     s.add_argument("--grid", default="auto", help="with --model: ROWSxCOLS, or auto")

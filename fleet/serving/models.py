@@ -18,6 +18,8 @@ from torch import nn
 
 from .errors import invalid
 from .protocol import ModelMetadata, TensorSpec, datatype_of
+from tiling.sources.files import MODEL_KINDS, model_input_shape
+
 from .repository import ConfigError, ModelConfig
 
 MIB = 2**20
@@ -49,12 +51,16 @@ def build_model(cfg: ModelConfig) -> tuple[nn.Module, torch.Tensor]:
     import tiling
     from tiling import zoo
 
-    if Path(cfg.source).is_absolute() or cfg.source.endswith(".cfg"):
-        try:
-            model = tiling.load_darknet(cfg.source)
+    if Path(cfg.source).is_absolute() or Path(cfg.source).suffix.lower() in MODEL_KINDS:
+        try:  # a Darknet cfg, an ONNX file, a TorchScript file (tiling.load_model's kinds)
+            model = tiling.load_model(cfg.source, input_shape=cfg.input_shape)
+            found = model_input_shape(cfg.source, model)
         except (OSError, ValueError) as e:
             raise ConfigError(f"model '{cfg.name}': cannot load {cfg.source}: {e}") from None
-        shape = tuple(int(v) for v in model.input_shape)
+        if found is None and cfg.input_shape is None:
+            raise ConfigError(f"model '{cfg.name}': {cfg.source} does not say its input size; give "
+                              "[input] shape = [C, H, W]")
+        shape = found if found is not None else cfg.input_shape
     else:
         size = cfg.input_shape[1:] if cfg.input_shape else None
         try:

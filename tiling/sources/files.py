@@ -122,3 +122,20 @@ def _load_state_dict(model: nn.Module, p: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ModelFileError(f"weights file {str(p)!r} does not fit the model: {e}") from e
+
+
+def model_input_shape(path: str | os.PathLike[str], model: nn.Module | None = None) -> tuple[int, int, int] | None:
+    """(C, H, W) a model file says its input is: a Darknet model's ``[net]`` size, an ONNX graph's
+    static input shape; None when the file does not say (TorchScript, pickles)."""
+    found = getattr(model, "input_shape", None)
+    if found is not None:
+        return tuple(int(v) for v in found)[-3:]  # type: ignore[return-value]
+    if not str(path).lower().endswith(".onnx"):
+        return None
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    init = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init]
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    return tuple(dims[1:]) if len(dims) == 4 and all(v > 0 for v in dims[1:]) else None  # type: ignore[return-value]
