@@ -206,3 +206,25 @@ def test_uint8_frames_cross_as_bytes_and_are_normalised_on_the_devices(
     finally:
         dep8.close()
         dep32.close()
+
+
+def test_a_slowed_device_stays_exact_and_is_stolen_from(cluster: fleet.Cluster,
+                                                        yolo: tuple[nn.Module, torch.Tensor]) -> None:
+    """cluster.slow makes an emulated device slower mid-run, as heat would; frames stay exact and the
+    slow device ends up with less of the work than it would get at its profile's speed."""
+    model, x = yolo
+    dep = cluster.deploy(model, x, grid=(3, 3))
+    try:
+        dep(x)
+        dep.reset_stats()
+        cluster.slow("pi4-0", 20.0)
+        frames = [torch.randn_like(x) for _ in range(4)]
+        outs = list(dep.stream(frames, in_flight=2))
+        assert max(tiling.rel_error(y, model(f)) for y, f in zip(outs, frames)) <= 1e-4
+        tiles = {d: s["tiles"] for d, s in dep.stats()["devices"].items()}
+        assert tiles["pi4-0"] < tiles["pi4-1"], tiles
+        with pytest.raises(KeyError):
+            cluster.slow("nosuch-0", 2.0)
+    finally:
+        cluster.slow("pi4-0", 1.0)
+        dep.close()

@@ -49,6 +49,8 @@ class Timeline(Protocol):
 class Emulated(Protocol):
     """A device emulation (see :class:`sims.emulation.Emulation`): admits work, says when it is done."""
 
+    slow_factor: float
+
     def admit(self, now: float, bytes_in: int, flops: int, bytes_out: int) -> Timeline: ...
 
 
@@ -78,6 +80,17 @@ class TileWorker:
         # one tile at a time, as on the device
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"compute-{device_id}")
         self._admit = threading.Lock()
+
+    def slow(self, factor: float) -> float:
+        """An emulated device computes ``factor`` times slower from now on (1.0 restores it): what
+        heat or a co-located job does to a real one. Returns the factor now in force."""
+        if self.emulation is None:
+            raise ValueError(f"{self.device_id} is not emulated: only emulated devices can be slowed")
+        if not factor > 0:
+            raise ValueError(f"slow factor must be > 0, got {factor!r}")
+        with self._admit:
+            self.emulation.slow_factor = float(factor)
+        return float(factor)
 
     def pid(self) -> int:
         return os.getpid()

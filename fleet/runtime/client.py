@@ -235,6 +235,18 @@ class Cluster:
             os.kill(pid, signal.SIGKILL)
         return time.monotonic()
 
+    def slow(self, device_id: str, factor: float) -> None:
+        """Make an emulated device ``factor`` times slower from now on (``1`` restores it), as heat or
+        another job would; the scheduler is not told (it sees the device's results come late)."""
+        self._check()
+        actor = self.driver.call(lambda: self.driver.core.devices[device_id].actor
+                                 if device_id in self.driver.core.devices else None)
+        if actor is None:
+            raise KeyError(f"no device '{device_id}'")
+        import ray
+
+        ray.get(actor.slow.remote(factor), timeout=30)
+
     def detection_times(self) -> dict[str, float | None]:
         """Per killed device: seconds from ``fail`` until the driver noticed (None: not yet)."""
         return self.driver.call(self.driver.core.detection_times)
