@@ -98,6 +98,10 @@ class Timeline:
                 <= self.compute_end <= self.tx_start <= self.tx_end <= self.done):
             raise ValueError(f"timeline out of order: {self!r}")
 
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats by field name: what crosses a process boundary in a worker's report."""
+        return {f: float(getattr(self, f)) for f in _TIMELINE_FIELDS}
+
     @property
     def rx_s(self) -> float:
         """Seconds the input occupied the rx link."""
@@ -132,6 +136,10 @@ class Timeline:
     def total_s(self) -> float:
         """From the first input byte leaving the client to the result delivered."""
         return self.done - self.arrive
+
+
+_TIMELINE_FIELDS = ("arrive", "rx_start", "rx_end", "compute_start", "compute_end", "tx_start", "tx_end", "done",
+                    "ready")
 
 
 @dataclass(frozen=True)

@@ -43,4 +43,4 @@ class TimelineView:
         return float(self.timeline.done)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in dataclasses.asdict(self.timeline).items()}
+        return self.timeline.as_dict()

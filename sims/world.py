@@ -106,7 +106,7 @@ class SimTransport:
         tl = self.clocks[device].admit(self.clock.now() + self.dispatch_s, c.in_bytes + work.reuse_in_bytes, c.flops,
                                        c.out_bytes, slow_factor=self.slow_factor[device])
         report = Report(device, True, tl.arrive, tl.done, bytes_in=c.in_bytes + work.reuse_in_bytes,
-                        bytes_out=c.out_bytes, timeline=_timeline(tl))
+                        bytes_out=c.out_bytes, timeline=tl.as_dict())
         if work.key[1] > 0 and self._roll(self.faults.input_lost):
             report = Report(device, False, tl.arrive, tl.done, error="InputLost", message="simulated", retryable=True)
         self._deliver(device, tl.done, lambda r: self._driver().on_report(work.key, device, r, ("tile", work.key)),
@@ -121,7 +121,7 @@ class SimTransport:
         else:
             tl = self.clocks[device].admit(self.clock.now() + self.dispatch_s, c.in_bytes, c.flops, c.out_bytes,
                                            slow_factor=self.slow_factor[device])
-            done, tl_dict = tl.done, _timeline(tl)
+            done, tl_dict = tl.done, tl.as_dict()
         report = Report(device, True, self.clock.now(), done, bytes_in=c.in_bytes, bytes_out=c.out_bytes,
                         timeline=tl_dict)
         self._deliver(device, done, lambda r: self._driver().on_tail_report(work.frame_id, device, r, ("tail",)),
@@ -187,7 +187,3 @@ class SimTransport:
 
             self.clock.call_at(at + delay, fire)
 
-
-def _timeline(tl: Any) -> dict[str, float]:
-    return {"rx_start": tl.rx_start, "rx_end": tl.rx_end, "compute_start": tl.compute_start,
-            "compute_end": tl.compute_end, "tx_start": tl.tx_start, "tx_end": tl.tx_end, "done": tl.done}

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +187,16 @@ def run_client(lan: Lan, host: Host, frames: int, timeout: float = 300) -> dict[
     text = host.log(proc)
     assert proc.returncode == 0, text[-4000:]
     return json.loads([line for line in text.splitlines() if line.startswith('{"frames"')][-1])
+
+
+def lan_of(n: int) -> Iterator[Lan]:
+    """A module's LAN of ``n`` hosts (skipped, with the reason, where namespaces are unavailable)."""
+    import pytest
+
+    from netns import make_lan, netns_unavailable
+
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with make_lan(n) as net:
+        yield net

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from lanops import (TILEFLEET, alive_ips, copy_token, devices, global_pid, namespace_init, power_cut, raylets,
+from lanops import (TILEFLEET, lan_of, alive_ips, copy_token, devices, global_pid, namespace_init, power_cut, raylets,
                     run_beside, run_client, state, wait_for, wait_state)
-from netns import Lan, make_lan, netns_unavailable
+from netns import Lan
 
 pytestmark = pytest.mark.netns
 
@@ -32,11 +32,7 @@ REJOIN_BOUND_S = 60.0
 
 @pytest.fixture(scope="module")
 def lan() -> Iterator[Lan]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with make_lan(4) as net:
-        yield net
+    yield from lan_of(4)
 
 
 @pytest.fixture(scope="module")

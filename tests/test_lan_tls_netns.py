@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from fleet.lan import tls
-from lanops import TILEFLEET, alive_ips, copy_token, devices, run_client, wait_state
-from netns import Host, Lan, make_lan, netns_unavailable
+from lanops import TILEFLEET, alive_ips, copy_token, devices, lan_of, run_client, wait_state
+from netns import Host, Lan
 
 pytestmark = pytest.mark.netns
 
@@ -29,11 +29,7 @@ FRAMES = 8
 
 @pytest.fixture(scope="module")
 def lan() -> Iterator[Lan]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    with make_lan(4) as net:
-        yield net
+    yield from lan_of(4)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import tiling
-from tiling.sources.files import model_input_shape
+from tiling.sources.files import MODEL_KINDS, model_input_shape
 from sims.catalog import Profile, parse_spec, profiles
 from sims.metrics import throughput_depth
 
@@ -44,39 +44,25 @@ class Workload:
         return self.model(x)
 
 
-MODEL_FILE_SUFFIXES = (".onnx", ".cfg", ".pt", ".pth", ".ts", ".jit", ".torchscript", ".pkl")
-
-
 def load_workload(model: str | None = None, cfg: str | None = None, size: int | None = None, *,
                   weights: str | None = None, trust: bool = False, preprocess: str | None = None) -> Workload:
     """A zoo model by name, or a model file (ONNX, Darknet cfg, TorchScript, a trusted pickle), with a
     seeded example at the model's own input size (``size`` overrides height and width)."""
     from tiling import zoo
 
-    if model and (model.lower().endswith(MODEL_FILE_SUFFIXES) or "/" in model):
-        cfg = model if model.lower().endswith(".cfg") else None
-        if cfg is None:
-            return _file_workload(model, size, weights, trust, preprocess)
-    if cfg:
-        m = tiling.load_darknet(cfg, weights)
-        c, h, w = m.input_shape
-        if size:
-            h = w = size
-        return _with_example(cfg, m, (c, h, w), preprocess)
-    zm = zoo.get(model or "yolov2-16", input_size=size)
-    return _with_example(zm.name, zm.model, tuple(zoo.example(zm).shape[1:]), preprocess)
-
-
-def _file_workload(path: str, size: int | None, weights: str | None, trust: bool, preprocess: str | None) -> Workload:
+    path = cfg or (model if model and (Path(model).suffix.lower() in MODEL_KINDS or "/" in model) else None)
+    if path is None:
+        zm = zoo.get(model or "yolov2-16", input_size=size)
+        return _with_example(zm.name, zm.model, tuple(zoo.example(zm).shape[1:]), preprocess)
     shape = (3, size, size) if size else None
     m = tiling.load_model(path, weights=weights, trust=trust, input_shape=shape)
     found = model_input_shape(path, m)  # ONNX and Darknet files say their input size
     if found is None and shape is None:
         raise ValueError(f"{path} does not say its input size: pass --size (frames are 3 x SIZE x SIZE)")
-    c, h, w = tuple(found)[-3:] if found is not None else shape  # type: ignore[misc]
+    c, h, w = found if found is not None else shape  # type: ignore[misc]
     if size:
         h = w = size
-    return _with_example(Path(path).name, m, (c, h, w), preprocess)
+    return _with_example(path, m, (c, h, w), preprocess)
 
 
 def _with_example(name: str, model: nn.Module, chw: tuple[int, ...], preprocess: str | None) -> Workload:

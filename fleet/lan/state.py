@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,3 +111,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+class NotARegularFile(OSError):
+    """A path that should be a file is a directory, a device or a FIFO (never read from those)."""
+
+
+def read_bounded(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
+    """At most ``limit + 1`` bytes of a regular file and its stat (the caller checks the length, so a
+    file over the limit is refused without reading it all). Raises ``OSError``s, including
+    :class:`NotARegularFile`, for the caller to word."""
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise NotARegularFile(f"{path} is not a regular file")
+    with open(path, "rb") as f:
+        return f.read(limit + 1), st

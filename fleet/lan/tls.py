@@ -23,13 +23,12 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .state import LanError, atomic_write
+from .state import LanError, NotARegularFile, atomic_write, read_bounded
 
 PEM_MAX: Final = 16 * 1024
 """Largest PEM (key, certificate, CSR) read from disk or the network: ours are under 1 KiB."""
@@ -276,11 +275,9 @@ def days_left(cert_pem: bytes) -> float:
 def read_pem(path: Path, what: str) -> bytes:
     """A PEM file, at most :data:`PEM_MAX` bytes, regular and not readable by others if it is a key."""
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise TlsError(f"{what} {path} is not a regular file")
-        with open(path, "rb") as f:
-            data = f.read(PEM_MAX + 1)
+        data, st = read_bounded(path, PEM_MAX)
+    except NotARegularFile:
+        raise TlsError(f"{what} {path} is not a regular file") from None
     except FileNotFoundError:
         raise TlsError(f"{what} {path} does not exist") from None
     except OSError as e:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -17,7 +16,7 @@ from typing import Final
 
 import hmac
 
-from .state import LanError, atomic_write, default_token_path
+from .state import LanError, NotARegularFile, atomic_write, default_token_path, read_bounded
 
 
 TOKEN_MIN: Final = 16
@@ -49,11 +48,9 @@ def load_token(path: Path) -> Token:
     """
     path = Path(path).expanduser()
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise LanError(f"token file {path} is not a regular file; give the file copied from the head")
-        with open(path, "rb") as f:
-            raw = f.read(TOKEN_MAX + 1)
+        raw, st = read_bounded(path, TOKEN_MAX)
+    except NotARegularFile:
+        raise LanError(f"token file {path} is not a regular file; give the file copied from the head") from None
     except FileNotFoundError:
         raise LanError(f"token file {path} does not exist; copy the head's token file to this device "
                        "(`tilefleet head` prints where it is) or pass --token-file") from None

@@ -214,26 +214,30 @@ def collect_devices(*, address: str | None, cluster: str | None, token_file: str
             raise LanError(f"--address: {e}") from None
     else:
         targets = [(a.host, a.agent_port, a) for a in _browse(timeout)]
-    heads = []
-    for host, port, advert in targets:
-        entry: dict[str, Any] = {"agent": f"{host}:{port}", "advert": None, "devices": None, "error": None}
-        try:
-            with AgentClient(host, port, timeout=timeout) as client:
-                advert = advert or client.info()
-                entry["advert"] = dataclasses.asdict(advert)
-                if cluster and advert.cluster_name.casefold() != cluster.casefold():
-                    continue
-                heads.append(entry)
-                if token is None and not insecure:
-                    entry["error"] = token_error
-                    continue
-                problem = trust_problem(advert, token, versions=False)
-                if problem:
-                    entry["error"] = problem if "without a token" in problem else f"not your cluster: {problem}"
-                    continue
-                entry["devices"] = client.devices(token.value if token else None, insecure=token is None)
-        except (AgentError, LanError) as e:
-            if entry not in heads:
-                heads.append(entry)
-            entry["error"] = str(e)
-    return heads
+    heads = [_list_head(host, port, advert, cluster, token, token_error, insecure, timeout)
+             for host, port, advert in targets]
+    return [h for h in heads if h is not None]
+
+
+def _list_head(host: str, port: int, advert: HeadAdvert | None, cluster: str | None, token: Token | None,
+               token_error: str | None, insecure: bool, timeout: float) -> dict[str, Any] | None:
+    """One head's entry for ``tilefleet devices``; None when it runs another cluster than asked."""
+    entry: dict[str, Any] = {"agent": f"{host}:{port}", "advert": None, "devices": None, "error": None}
+    try:
+        with AgentClient(host, port, timeout=timeout) as client:
+            advert = advert or client.info()
+            entry["advert"] = dataclasses.asdict(advert)
+            if cluster and advert.cluster_name.casefold() != cluster.casefold():
+                return None
+            if token is None and not insecure:
+                entry["error"] = token_error
+                return entry
+            problem = trust_problem(advert, token, versions=False)
+            if problem:
+                tokenless = token is not None and advert.token_fingerprint == INSECURE_FINGERPRINT
+                entry["error"] = problem if tokenless else f"not your cluster: {problem}"
+                return entry
+            entry["devices"] = client.devices(token.value if token else None, insecure=token is None)
+    except (AgentError, LanError) as e:
+        entry["error"] = str(e)
+    return entry

@@ -254,9 +254,11 @@ class Driver(Shell):
             self.execute(self.sched.handle(TailDone(fid, device, self.clock.now())))
             return
         parts, shapes = self._last_parts(ctx)
-        remote = sum(dep.wiring.channels[name] * box.area * dep.wiring.itemsize(name)
-                     for name, ps in parts.items() for (box, _, _), ref in zip(ps, self._last_refs(ctx, name))
-                     if ctx.placed.get(ref) != device)
+        remote = 0  # bytes of the last stage's outputs that lie on other devices
+        for name in parts:
+            st = dep.plan.stages[dep.wiring.producers[name]]
+            remote += sum(dep.wiring.channels[name] * t.out_boxes[name].area * dep.wiring.itemsize(name)
+                          for t in st.tiles if ctx.placed.get((st.index, t.index)) != device)
         reads_frame = dep.plan.input_name in dep.plan.tail.inputs
         cost = Cost(dep.plan.tail.flops, remote, dep.plan.tail.out_bytes)
         self.transport.run_tail(device, TailWork(dep.id, fid, parts, shapes, ctx.x if reads_frame else None,
@@ -285,10 +287,6 @@ class Driver(Shell):
             ctx.future.set_exception(FrameFailed(ins.reason))
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _last_refs(self, ctx: FrameCtx, name: str) -> list[TileRef]:
-        st = ctx.deployment.plan.stages[ctx.deployment.wiring.producers[name]]
-        return [(st.index, t.index) for t in st.tiles]
-
     def _last_parts(self, ctx: FrameCtx) -> tuple[dict[str, list[Part]], dict[str, tuple[int, ...]]]:
         """The last stage's outputs by tile (what the tail or the final stitch reads)."""
         dep = ctx.deployment
