@@ -8,6 +8,7 @@ table-driven tests.
 
 from __future__ import annotations
 
+from scheduler.core import SPECULATE_AFTER, SPECULATION_SHARE
 from scheduler.events import (
     Cancel,
     Complete,
@@ -35,6 +36,8 @@ from scheduler.sim import SimResult, simulate
 from scheduler.state import Scheduler
 
 __all__ = [
+    "SPECULATE_AFTER",
+    "SPECULATION_SHARE",
     "Cancel",
     "Candidate",
     "Complete",

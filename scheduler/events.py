@@ -148,7 +148,8 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
-    """Drop tile ``key`` that was dispatched to ``device`` but has not started."""
+    """Drop tile ``key`` that was dispatched to ``device``: best effort, since a copy that already
+    runs may still finish (a speculative race's loser); whatever it reports is ignored."""
 
     key: TileKey
     device: str

@@ -157,10 +157,13 @@ class FleetIndex:
             del self.victims[dev.victim_bucket]
         dev.victim_bucket = None
 
-    def hide(self, dev: DeviceRecord) -> None:
-        """Keep ``dev`` out of placement until its next ``update``."""
+    def hide(self, dev: DeviceRecord, *, thieves: bool = False) -> None:
+        """Keep ``dev`` out of placement (and, with ``thieves``, out of the idle devices) until its
+        next ``update``."""
         if dev.klass is not None:
             self.classes[dev.klass].ready.discard(dev.id)
+            if thieves:
+                self.classes[dev.klass].thieves.discard(dev.id)
 
     def expire(self, now: int, devices: dict[str, DeviceRecord]) -> None:
         """Devices whose running tile is now overdue start moving with the clock."""

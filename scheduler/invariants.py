@@ -47,8 +47,8 @@ def _check_device(dev: DeviceRecord, frames: Mapping[int, FrameRecord], max_in_f
             _fail(f"device {d}: in-flight tile {key} of unknown or retired frame")
             continue
         tile = frame.tiles[(key[1], key[2])]
-        if tile.state != "in_flight" or tile.device != d:
-            _fail(f"device {d}: in-flight tile {key} is {tile.state} on {tile.device}")
+        if tile.state != "in_flight" or d not in (tile.device, tile.backup):
+            _fail(f"device {d}: in-flight tile {key} is {tile.state} on {tile.device} (copy: {tile.backup})")
         weights[tile.weight_key] = max(weights.get(tile.weight_key, 0), tile.weights)
         peak += tile.spec.peak_bytes
     for key in keys:
@@ -78,6 +78,11 @@ def _check_device(dev: DeviceRecord, frames: Mapping[int, FrameRecord], max_in_f
 
 def _check_tile(tile: TileRecord, frame: FrameRecord, devices: Mapping[str, DeviceRecord]) -> None:
     k = tile.key
+    if tile.backup is not None:
+        copy = devices.get(tile.backup)
+        if tile.state != "in_flight" or tile.backup == tile.device or copy is None or k not in copy.in_flight:
+            _fail(f"tile {k} ({tile.state} on {tile.device}) has a speculative copy on {tile.backup} that "
+                  "does not hold it")
     if tile.state == "in_flight":
         dev = devices.get(tile.device or "")
         if dev is None or k not in dev.in_flight:
@@ -316,6 +321,12 @@ def check_index(core: SchedulerCore) -> None:
         _fail(f"memory sizes {dict(index.memory)} != alive devices'")
     if index.planned_total != sum(len(d.planned) for d in core._devices.values()):
         _fail(f"planned total {index.planned_total} drifted")
+    flying = sum(len(d.in_flight) for d in core._devices.values())
+    if core._flying != flying:
+        _fail(f"tiles in flight counted {core._flying} != {flying} on the devices")
+    copies = sum(t.backup is not None for f in core._frames.values() for t in f.tiles.values())
+    if core._speculative != copies:
+        _fail(f"speculative tiles counted {core._speculative} != {copies} with a copy")
     if sum(len(c.members) for c in index.classes.values()) != len(alive):
         _fail("a class lists a device that is not alive, or an alive device has no class")
     if any(not heap for heap in index.victims.values()):

@@ -87,6 +87,12 @@ def cost_ns(tile: TileSpec, info: DeviceInfo, speed: float = 1.0) -> int:
     )
 
 
+def duration_ns(tile: TileSpec, info: DeviceInfo, speed: float = 1.0) -> int:
+    """From a tile's start on the device until its report is back: :func:`cost_ns` plus sending
+    the output (what a running tile is compared with to call it overdue)."""
+    return cost_ns(tile, info, speed) + round((tile.out_bytes / info.link_bps + info.latency_s) * NS)
+
+
 def tail_ns(frame: FrameSpec, info: DeviceInfo, speed: float = 1.0) -> int:
     """:func:`tail_cost_s` in whole nanoseconds."""
     return round(tail_cost_s(frame, info, speed) * NS)

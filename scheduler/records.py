@@ -46,6 +46,7 @@ class TileRecord:
     state: TileState = "waiting"
     device: str | None = None
     retries: int = 0
+    backup: str | None = None  # a second copy runs here (speculation); the first result wins
 
     @property
     def need_bytes(self) -> int:
@@ -125,6 +126,8 @@ class DeviceRecord:
     failures: int = 0
     cancelled: int = 0
     requeued: int = 0
+    speculated: int = 0  # speculative copies run here
+    speculation_wins: int = 0  # ... whose result came first
 
     @property
     def id(self) -> str:
@@ -161,6 +164,17 @@ class DeviceRecord:
         self.planned.pop(0)
         cost = self.costs[tile.key]
         self._forget_planned(tile)
+        self.costs[tile.key] = cost
+        if not self.in_flight:
+            self.running_since = now
+            self.run_end_ns = now_ns + cost
+        else:
+            self.flight_ns += cost
+        self.in_flight.append(tile.key)
+        self.reserve(tile)
+
+    def dispatch_copy(self, tile: TileRecord, cost: int, now: float, now_ns: int) -> None:
+        """Run a speculative copy of a tile that is in flight elsewhere (it was never planned here)."""
         self.costs[tile.key] = cost
         if not self.in_flight:
             self.running_since = now
@@ -275,7 +289,8 @@ class DeviceStats:
     tiles others took from it; ``retries`` counts failures here that were
     re-run, ``failures`` all failures reported here; ``requeued`` counts
     tiles moved away when it was lost or slowed; ``cancelled`` counts Cancel
-    instructions sent to it.
+    instructions sent to it; ``speculated`` counts speculative copies of slow tiles run here and
+    ``speculation_wins`` those that finished first.
     """
 
     device_id: str
@@ -296,6 +311,8 @@ class DeviceStats:
     planned: int
     memory_in_use: int
     peak_high_water: int = 0
+    speculated: int = 0
+    speculation_wins: int = 0
 
     @classmethod
     def of(cls, dev: DeviceRecord) -> DeviceStats:
@@ -318,4 +335,6 @@ class DeviceStats:
             planned=len(dev.planned),
             memory_in_use=dev.memory_in_use(),
             peak_high_water=dev.peak_high_water,
+            speculated=dev.speculated,
+            speculation_wins=dev.speculation_wins,
         )

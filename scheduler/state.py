@@ -251,6 +251,20 @@ class Scheduler(SchedulerCore):
             return
         tile, started = taken
         frame = self._frames[ev.key[0]]
+        if tile.backup is not None:  # speculated: this copy came first, the other is cancelled
+            loser = tile.backup if ev.device == tile.device else tile.device
+            won = ev.device == tile.backup
+            assert loser is not None
+            if won:  # the original is still running (a device cannot drop a tile it computes)
+                slow = self._devices[loser]
+                factor = self._overdue_factor(slow, ev.key) if slow.in_flight[0] == ev.key else slow.speed
+            self._drop_copy(tile, loser, out)
+            if won:
+                self.speculation_wins += 1
+                self._devices[ev.device].speculation_wins += 1
+                if factor > slow.speed:  # it is at least this slow: its queue goes elsewhere
+                    self._slow_down(slow, factor, out, why=f"{loser} lost a speculative race, x{factor:.3g}")
+                    self._learned_slow(slow)
         if frame.status != "active":
             tile.state, tile.device = "dropped", None
             self._maybe_retire(frame)
@@ -288,6 +302,9 @@ class Scheduler(SchedulerCore):
         frame = self._frames[ev.key[0]]
         dev = self._devices[ev.device]
         dev.failures += 1
+        if tile.backup is not None:  # the other copy still runs: it is the tile now
+            self._drop_copy(tile, ev.device, None)
+            return
         if frame.status != "active":
             tile.state, tile.device = "dropped", None
             self._maybe_retire(frame)
@@ -377,9 +394,13 @@ class Scheduler(SchedulerCore):
         dev.alive = False
         moved: list[TileRecord] = []
         touched = {key[0] for key in dev.in_flight} | set(dev.tails)
+        self._flying -= len(dev.in_flight)
         for key in dev.in_flight + dev.planned_keys():
             frame = self._frames[key[0]]
             tile = frame.tiles[(key[1], key[2])]
+            if tile.backup is not None:  # its other copy runs on: that one is the tile now
+                self._drop_copy(tile, dev.id, None)
+                continue
             if frame.status == "active":
                 tile.state, tile.device = "waiting", None
                 moved.append(tile)
@@ -452,6 +473,8 @@ class Scheduler(SchedulerCore):
                 if t.state == "planned" and t.device is not None:
                     self._unplan(self._devices[t.device], t)
                 elif t.state == "in_flight" and t.device is not None and t.device != device_id:
+                    if t.backup is not None:
+                        self._drop_copy(t, t.backup, out)
                     self._take_back(t.key, t.device)
                     out.append(Cancel(t.key, t.device))
                     requeued.append(t)
@@ -505,7 +528,8 @@ class Scheduler(SchedulerCore):
         expected = compute_s(tile.spec.flops, dev.info)
         if not (self.learn_speed and expected > 0 and measured_s > 0 and math.isfinite(measured_s)):
             return
-        ratio = measured_s / expected
+        # the reported time includes the per-tile overhead, which the speed factor does not scale
+        ratio = max(0.05, (measured_s - dev.info.tile_overhead_s) / expected)
         new = (
             ratio
             if dev.observed == 0
@@ -516,26 +540,4 @@ class Scheduler(SchedulerCore):
             self._slow_down(dev, new, out, why=f"{dev.id} measured x{new:.3g}")
         else:
             self._set_speed(dev, new)
-
-    def _slow_down(
-        self, dev: DeviceRecord, factor: float, out: list[Instruction], *, why: str
-    ) -> None:
-        """The device got slower: keep its running tile, cancel the tiles
-        queued at it and re-place those and its planned tiles elsewhere."""
-        self._set_speed(dev, factor)
-        elsewhere = self._index.largest_memory(without=dev)  # -1: no other alive device
-        moved: list[TileRecord] = []
-        for key in dev.in_flight[1:] + dev.planned_keys():
-            tile = self._tile(key)
-            if tile.need_bytes > elsewhere:
-                continue  # nowhere else could hold it: leave it here
-            if tile.state == "in_flight":
-                self._remove_in_flight(dev, tile)
-                dev.cancelled += 1
-                out.append(Cancel(key, dev.id))
-            else:
-                self._unplan(dev, tile)
-            tile.state, tile.device = "waiting", None
-            moved.append(tile)
-        dev.requeued += len(moved)
-        self._plan(moved, out, why=why, exclude=dev.id)
+        self._learned_slow(dev)

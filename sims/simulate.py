@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import tiling
+from scheduler import SPECULATE_AFTER
 
 from .catalog import DeviceSpec
 from .metrics import steady_fps
@@ -76,7 +77,8 @@ def simulate(plan: tiling.Plan, devices: Sequence[DeviceSpec], *, frames: int, i
              rate: float | None = None, poisson: bool = False, streams: int = 1, scale: float = 1.0,
              max_in_flight_per_device: int = 2, dispatch_s: float = DISPATCH_S, scenario: Scenario | None = None,
              faults: Faults | None = None, seed: int = 0, trace: bool = False, frame_itemsize: int = 4,
-             max_retries: int = 3, on_progress: Callable[[int], None] | None = None) -> SimRun:
+             max_retries: int = 3, on_progress: Callable[[int], None] | None = None,
+             speculate_after: float | None = SPECULATE_AFTER) -> SimRun:
     """Submit ``frames`` frames and run until every one has ended (completed or failed)."""
     from fleet.runtime.deployment import DeploymentState
     from fleet.runtime.driver import Device, Driver
@@ -84,7 +86,8 @@ def simulate(plan: tiling.Plan, devices: Sequence[DeviceSpec], *, frames: int, i
     clock = SimClock()
     transport = SimTransport(list(devices), clock, scale=scale, dispatch_s=dispatch_s, faults=faults, seed=seed)
     fleet = {d.id: Device(d.info(), None, profile=d.profile, scale=scale) for d in devices}
-    driver = Driver(fleet, transport, clock, max_in_flight=max_in_flight_per_device, max_retries=max_retries)
+    driver = Driver(fleet, transport, clock, max_in_flight=max_in_flight_per_device, max_retries=max_retries,
+                    speculate_after=speculate_after)
     driver.record_trace = trace
     transport.driver = driver
     state = DeploymentState.build("sim", plan, frame_itemsize)
@@ -115,13 +118,13 @@ def simulate(plan: tiling.Plan, devices: Sequence[DeviceSpec], *, frames: int, i
         if rate is None:
             clock.call_later(0.0, submit)  # closed loop: the next frame as soon as one ends
 
+    for ev in (scenario.events if scenario else []):  # before the frames: an event at t applies to a frame at t
+        clock.call_at(ev.at_s, lambda ev=ev: _apply(ev, transport))
     if rate is None:
         for _ in range(max(1, in_flight)):
             clock.call_at(0.0, submit)
     else:
         _open_loop(clock, submit, frames, rate, poisson, streams, random.Random(seed + 1))
-    for ev in (scenario.events if scenario else []):
-        clock.call_at(ev.at_s, lambda ev=ev: _apply(ev, transport))
     counter.install(cpu)
     start = time.perf_counter()
     clock.run(stop=lambda: len(run.ended) >= frames)
@@ -179,7 +182,7 @@ class _Counting:
             return handle(*events)
 
         sched.handle = counted  # type: ignore[method-assign]
-        for name in ("on_report", "on_tail_report", "on_device_lost"):
+        for name in ("on_report", "on_tail_report", "on_device_lost", "_tick"):
             setattr(drv, name, _timed(getattr(drv, name), cpu, +1))
         for name in ("dispatch", "run_tail"):  # the world's side: subtracted
             setattr(drv.transport, name, _timed(getattr(drv.transport, name), cpu, -1))

@@ -35,6 +35,7 @@ from scheduler import (
     TailDone,
     TailFailed,
     TileDone,
+    Tick,
     TileFailed,
     TileKey,
     TileRef,
@@ -183,7 +184,9 @@ def test_any_history_keeps_the_invariants(
     max_retries: int,
     data: st.DataObject,
 ) -> None:
-    sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries, log_size=50)
+    speculate = data.draw(st.sampled_from([None, 1.5, 3.0]), label="speculate_after")
+    sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries, log_size=50,
+                      speculate_after=speculate)
     shell = Shell(sched, {f.frame_id: f for f in specs})
     lost: dict[str, DeviceInfo] = {}
     for info in fleet:
@@ -207,6 +210,8 @@ def test_any_history_keeps_the_invariants(
             actions += ["tail"] * 3
         if to_submit:
             actions += ["submit"] * 3
+        if speculate is not None:
+            actions += ["tick"] * 3
         if mishaps > 0:
             actions += (
                 ["join"] + ["lose", "slow"] * bool(shell.alive) + ["stale"] * bool(shell.stale)
@@ -217,6 +222,8 @@ def test_any_history_keeps_the_invariants(
             mishaps -= 1
         if action == "submit":
             shell.send(FrameSubmitted(to_submit.pop(0), shell.now))
+        elif action == "tick":
+            shell.send(Tick(shell.now))
         elif action in ("tile", "fail", "fatal") and shell.tiles:
             key, dev = shell.tiles.pop(
                 data.draw(st.integers(0, len(shell.tiles) - 1), label="which")
@@ -284,3 +291,4 @@ def test_any_history_keeps_the_invariants(
     event(f"cancels: {any(x.cancelled for x in stats)}")
     event(f"requeued: {any(x.requeued for x in stats)}")
     event(f"retries: {sched.retries > 0}")
+    event(f"speculated: {sched.speculations > 0}, a copy won: {sched.speculation_wins > 0}")

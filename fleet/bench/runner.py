@@ -206,6 +206,7 @@ def _report(w: Workload, devices: str, mode: str, frames: int, m: _Measured) -> 
         "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in devs)),
         "steals": int(sum(d["steals"] for d in devs)),
         "retries": int(sum(d["retries"] for d in devs)),
+        "speculated": int(sum(d["speculated"] for d in devs)),
         "host_too_slow": int(sum(d["host_too_slow"] for d in devs)),
         "max_late_ms": float(max((d["max_late_s"] for d in devs), default=0.0) * 1e3),
         "per_device": stats["devices"], "device_list": m.devs,

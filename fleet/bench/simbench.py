@@ -105,6 +105,7 @@ def _report(w: Workload, o: SimOptions, plan: tiling.Plan, run: SimRun, warm: in
         "bytes_moved": int(sum(d["bytes_in"] + d["bytes_out"] for d in devs.values())),
         "steals": int(sum(d["steals"] for d in devs.values())),
         "retries": int(sum(d["retries"] for d in devs.values())),
+        "speculated": int(sum(d["speculated"] for d in devs.values())),
         "failed": len(run.failed), "failures": sorted(set(run.failed.values()))[:5],
         "per_device": devs, "done_s": done,
         "latency_over_time": [(run.submitted[f], run.ended[f] - run.submitted[f]) for f in sorted(timed)],

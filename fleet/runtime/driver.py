@@ -11,6 +11,7 @@ with a reason, and the deployment keeps serving.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -26,9 +27,12 @@ from scheduler import (
     FailFrame,
     FrameSubmitted,
     RunTail,
+    SPECULATE_AFTER,
+    SPECULATION_SHARE,
     Scheduler,
     TailDone,
     TailFailed,
+    Tick,
     TileDone,
     TileFailed,
     TileKey,
@@ -64,6 +68,18 @@ class Device:
     profile: Profile | None = None
     scale: float = 1.0
 
+    @property
+    def clock_info(self) -> DeviceInfo:
+        """The profile in the clock's seconds, as the scheduler must see it: an emulated device runs
+        ``scale`` times slower than its profile (so the host keeps ahead of it), and its learned speed,
+        overdue tiles and placement are all judged against what it really does."""
+        s = self.scale
+        if s == 1.0 or self.profile is None or not self.profile.emulated:
+            return self.info
+        i = self.info
+        return dataclasses.replace(i, gflops=i.gflops / s, tile_overhead_s=i.tile_overhead_s * s,
+                                   link_bps=i.link_bps / s, latency_s=i.latency_s * s)
+
 
 @dataclass
 class FrameCtx:
@@ -82,19 +98,22 @@ class Driver(Shell):
     """Runs frames of any number of deployments on one set of devices."""
 
     def __init__(self, devices: dict[str, Device], transport: Transport, clock: Clock, *, max_in_flight: int = 2,
-                 max_retries: int = 3, learn_speed: bool = False) -> None:
+                 max_retries: int = 3, learn_speed: bool = True,
+                 speculate_after: float | None = SPECULATE_AFTER) -> None:
         self.devices = devices
         self.transport = transport
         self.clock = clock
         self.sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries,
-                               learn_speed=learn_speed)
+                               learn_speed=learn_speed, speculate_after=speculate_after,
+                               speculation_share=SPECULATION_SHARE)
+        self._armed: float | None = None  # when the speculation timer fires next
         self.frames: dict[int, FrameCtx] = {}
         self.deployments: dict[str, DeploymentState] = {}
         self.next_frame = 0
         self.trace: list[TraceEvent] = []
         self.record_trace = True
         self._sent: dict[tuple[TileKey, str], float] = {}  # when each tile copy was dispatched
-        self.execute(self.sched.handle(*(DeviceJoined(d.info, clock.now()) for d in devices.values())))
+        self.execute(self.sched.handle(*(DeviceJoined(d.clock_info, clock.now()) for d in devices.values())))
 
     # --- frames in -----------------------------------------------------------------------------------
     def submit(self, state: DeploymentState, x: Any) -> Future:
@@ -130,6 +149,7 @@ class Driver(Shell):
             self._record_trace(device, f"f{fid} s{stage} t{idx}", report)
         if ctx is not None and self.sched.expects(key, device):
             ctx.results[(stage, idx)] = handle
+            ctx.placed[(stage, idx)] = device  # with a speculative copy, the first result's device
             stats = ctx.deployment.stats
             stats.device(device).record(report)
             if sent is not None and report.timeline is None:
@@ -174,7 +194,7 @@ class Driver(Shell):
         if old is not None and old.alive:
             self.on_device_lost(device_id, "it rejoined: its earlier instance's work is gone", results_lost=True)
         self.devices[device_id] = dev
-        self.execute(self.sched.handle(DeviceJoined(dev.info, self.clock.now())))
+        self.execute(self.sched.handle(DeviceJoined(dev.clock_info, self.clock.now())))
 
     # --- deployments and reports out -----------------------------------------------------------------
     def load(self, state: DeploymentState) -> None:
@@ -218,6 +238,17 @@ class Driver(Shell):
         return {d: dev.detected_after_s for d, dev in self.devices.items() if dev.killed_at is not None}
 
     # --- instructions (the shell contract: scheduler/shell.py) ---------------------------------------
+    def execute(self, instructions: Any) -> None:
+        super().execute(instructions)
+        due = self.sched.next_deadline()  # a running tile becomes overdue then: look again at that time
+        if due is not None and (self._armed is None or due < self._armed):
+            self._armed = due
+            self.clock.call_later(max(0.0, due - self.clock.now()), self._tick)
+
+    def _tick(self) -> None:
+        self._armed = None
+        self.execute(self.sched.handle(Tick(self.clock.now())))
+
     def dispatch(self, ins: Dispatch) -> None:
         key, device = ins.key, ins.device
         fid, stage_i, idx = key

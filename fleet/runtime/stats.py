@@ -96,6 +96,7 @@ class DeploymentStats:
             c = asdict(self.counters.get(did, Counters()))
             s = sched.get(did)
             out[did] = {**c, "alive": alive, "steals": s.steals if s else 0, "retries": s.retries if s else 0,
+                        "speculated": s.speculated if s else 0, "speculation_wins": s.speculation_wins if s else 0,
                         # weights held from deploy on + the most tile memory ever in flight at once
                         "peak_bytes": (weight_bytes + s.peak_high_water) if (c["tiles"] and s) else 0}
         frames: dict[str, Any] = {"count": self.frames_done}

@@ -1,0 +1,143 @@
+"""Slow devices: learned speed moves work away, speculation re-runs a tile stuck on a straggler.
+
+The seeded simulator runs the real driver and scheduler (many cases, milliseconds each); one
+emulated Ray cluster shows the speculation-only case with real processes and exact outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fleet
+import tiling
+from sims.catalog import parse_spec, profiles
+from sims.simulate import Scenario, ScenarioEvent, SimRun, simulate
+
+TABLE = profiles()
+SIZE = 128
+
+
+def conv_net() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    c = 3
+    for o in (16, 32, 32, 32):
+        layers += [nn.Conv2d(c, o, 3, padding=1), nn.ReLU()]
+        c = o
+    return nn.Sequential(*layers).eval()
+
+
+def plan_of(grid: tuple[int, int]) -> tiling.Plan:
+    return tiling.partition(conv_net(), torch.randn(1, 3, SIZE, SIZE), grid=grid)
+
+
+def slowed(device: str, factor: float, at_s: float = 0.0) -> Scenario:
+    return Scenario([ScenarioEvent(at_s, "slow", device, factor=factor)])
+
+
+def speculated(run: SimRun) -> int:
+    return sum(d["speculated"] for d in run.stats["devices"].values())
+
+
+# --- a case only speculation fixes -------------------------------------------------------------------
+
+@pytest.mark.sim
+@pytest.mark.parametrize("grid", [(3, 3), (4, 4)])
+@pytest.mark.parametrize("device", ["pi3-0", "pi3-1", "pi3-3"])
+def test_a_tile_stuck_on_a_100x_straggler_is_rerun_and_the_frame_stays_within_2x(grid, device) -> None:  # type: ignore[no-untyped-def]
+    """The device slows 100x with no notice, after the scheduler committed a tile to it: stealing
+    cannot move a dispatched tile, and no result has shown the new speed yet. Only a copy helps."""
+    plan, devs = plan_of(grid), parse_spec("pi3*4", TABLE, max_devices=None)
+    normal = simulate(plan, devs, frames=1).latency_s[0]
+    on = simulate(plan, devs, frames=1, scenario=slowed(device, 100))
+    off = simulate(plan, devs, frames=1, scenario=slowed(device, 100), speculate_after=None)
+    assert on.completed == [0] and off.completed == [0]
+    assert speculated(on) > 0 and speculated(off) == 0
+    assert on.latency_s[0] <= 2 * normal, (on.latency_s, normal)
+    assert off.latency_s[0] > 2 * normal, (off.latency_s, normal)
+
+
+@pytest.mark.sim
+def test_speculation_is_bounded_and_waits_for_the_threshold() -> None:
+    """Nothing is copied while tiles run as expected; with every device slowed, copies are capped."""
+    plan, devs = plan_of((4, 4)), parse_spec("pi3*4", TABLE, max_devices=None)
+    assert speculated(simulate(plan, devs, frames=20, in_flight=2)) == 0
+    factor = 1.5  # under the 2x threshold: late, but not a straggler
+    run = simulate(plan, devs, frames=5, scenario=slowed("pi3-2", factor))
+    assert speculated(run) == 0
+
+
+# --- recovery: learned speed -------------------------------------------------------------------------
+
+def slow_phase(run: SimRun, after_s: float) -> tuple[float, float]:
+    """(fps, p99 latency) of the frames that ended after ``after_s``."""
+    ends = sorted(run.ended[f] for f in run.completed if run.ended[f] > after_s)
+    fps = (len(ends) - 1) / (ends[-1] - ends[0])
+    lat = [run.ended[f] - run.submitted[f] for f in run.completed if run.submitted[f] > after_s]
+    return fps, float(np.percentile(lat, 99))
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("speculate_after", [2.0, None])
+def test_a_device_slowed_10x_gets_work_in_proportion_and_throughput_recovers(grid, speculate_after) -> None:  # type: ignore[no-untyped-def]
+    """Remaining capacity = the devices' standalone fps, the slowed one counted at a tenth."""
+    plan, devs = plan_of(grid), parse_spec("pi3*4", TABLE, max_devices=None)
+    alone = simulate(plan, devs[:1], frames=30, in_flight=2).fps
+    run = simulate(plan, devs, frames=400, in_flight=8, scenario=slowed("pi3-1", 10, at_s=5.0),
+                   speculate_after=speculate_after)
+    assert len(run.completed) == 400 and not run.failed
+    fps, _ = slow_phase(run, after_s=10.0)  # a few seconds to learn the new speed
+    assert fps >= 0.8 * (3 + 0.1) * alone, (fps, alone)
+    tiles = {d: v["tiles"] for d, v in run.stats["devices"].items()}
+    assert tiles["pi3-1"] < min(t for d, t in tiles.items() if d != "pi3-1") / 2, tiles
+
+
+# --- on an emulated Ray cluster ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[fleet.Cluster]:
+    with fleet.connect(emulate="pi3*4", max_in_flight=2) as c:
+        yield c
+
+
+@pytest.mark.ray
+def test_speculation_on_ray_rescues_a_frame_from_a_100x_straggler(cluster: fleet.Cluster) -> None:
+    model, x = conv_net(), torch.randn(1, 3, SIZE, SIZE)
+    dep = cluster.deploy(model, x, grid=(4, 4))
+    try:
+        with torch.no_grad():
+            want = model(x)
+        for _ in range(3):  # warm: every device has shown its speed
+            dep(x)
+        dep.reset_stats()
+        normal = float(np.median([_timed(dep, x, want) for _ in range(3)]))
+        cluster.slow("pi3-1", 100)
+        try:
+            late = _timed(dep, x, want)
+        finally:
+            cluster.slow("pi3-1", 1)
+        devs = dep.stats()["devices"]
+        assert sum(d["speculated"] for d in devs.values()) > 0, devs
+        assert late <= 2 * normal, (late, normal)
+        # the loser's late result is dropped, and the next frames stay exact
+        for _ in range(2):
+            _timed(dep, x, want)
+    finally:
+        dep.close()
+
+
+def _timed(dep: fleet.Deployment, x: torch.Tensor, want: torch.Tensor) -> float:
+    import time
+
+    t0 = time.monotonic()
+    got = dep(x, timeout=120)
+    dt = time.monotonic() - t0
+    err = float((got - want).norm() / want.norm())
+    assert err <= 1e-4, err
+    return dt
