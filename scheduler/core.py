@@ -212,6 +212,7 @@ class SchedulerCore:
         self, frame: FrameRecord, status: FrameStatus, reason: str, out: list[Instruction]
     ) -> None:
         frame.status, frame.reason, frame.ended_t = status, reason, self.now
+        self._release_held(frame)
         out.append(
             Complete(frame.frame_id) if status == "completed" else FailFrame(frame.frame_id, reason)
         )
@@ -301,6 +302,13 @@ class SchedulerCore:
             frame = self._frames[tile.key[0]]
             if frame.status != "active":
                 continue
+            holder = self._holder(frame, tile)
+            if holder is not None:  # it continues on maps held there: no choice to make
+                tile.state, tile.device = "planned", holder.id
+                holder.plan(tile, self._cost(holder, tile))
+                self._touch(holder)
+                self._log.note(self.now, tile.key, "waiting", "planned", holder.id, why + " (pinned)")
+                continue
             found = self._index.best(tile.spec, tile.need_bytes, self._now_ns)
             if found is None:
                 if not fail:
@@ -315,6 +323,34 @@ class SchedulerCore:
             self._touch(dev)
             self._log.note(self.now, tile.key, "waiting", "planned", dev.id, why)
         return leftovers
+
+    def _holder(self, frame: FrameRecord, tile: TileRecord) -> DeviceRecord | None:
+        """The alive device holding the maps ``tile`` is pinned to, if any (else it goes anywhere:
+        the maps' device is gone and they were made again, or will be fetched)."""
+        pin = tile.spec.pin
+        if pin is None:
+            return None
+        src = frame.tiles[pin]
+        dev = self._devices.get(src.device or "") if src.state == "done" else None
+        return dev if dev is not None and dev.alive else None
+
+    def _release_held(self, frame: FrameRecord, done: TileRecord | None = None) -> None:
+        """Free the maps held for pinned tiles: those ``done`` was the last to need, or (None)
+        every hold of the frame (it ended)."""
+        if done is not None:
+            pins = [] if done.spec.pin is None else [frame.tiles[done.spec.pin]]
+        else:
+            pins = [t for t in frame.tiles.values() if t.spec.held_bytes and t.state == "done"]
+        for src in pins:
+            if src.device is None or src.key not in self._devices[src.device].held:
+                continue
+            if done is not None and any(frame.tiles[r].spec.pin == src.spec.ref and frame.tiles[r].state != "done"
+                                        for r in src.dependents):
+                continue  # another tile still continues on these maps
+            dev = self._devices[src.device]
+            dev.unhold(src.key)
+            self._index.freed.add(dev.id)
+            self._touch(dev)
 
     # ================================================================= settling
 
@@ -350,6 +386,8 @@ class SchedulerCore:
             if tile.backup is not None:
                 self._drop_copy(tile, dev.id, out)  # a copy elsewhere runs on
                 continue
+            if tile.spec.pin is not None and self._holder(self._frames[key[0]], tile) is dev:
+                continue  # it continues on maps held here
             if tile.need_bytes > elsewhere:
                 continue  # nowhere else could hold it: leave it here
             if tile.state == "in_flight":
@@ -481,6 +519,8 @@ class SchedulerCore:
             out.append(Dispatch(key, thief.id))
 
     def _copy_target(self, tile: TileRecord, primary: DeviceRecord) -> DeviceRecord | None:
+        if tile.spec.pin is not None:
+            return None  # its maps are on the primary only
         ran_ns = self._now_ns - to_ns(primary.running_since)  # the copy must finish before this much again
         self._index.hide(primary, thieves=True)
         try:

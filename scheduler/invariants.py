@@ -50,7 +50,7 @@ def _check_device(dev: DeviceRecord, frames: Mapping[int, FrameRecord], max_in_f
         if tile.state != "in_flight" or d not in (tile.device, tile.backup):
             _fail(f"device {d}: in-flight tile {key} is {tile.state} on {tile.device} (copy: {tile.backup})")
         weights[tile.weight_key] = max(weights.get(tile.weight_key, 0), tile.weights)
-        peak += tile.spec.peak_bytes
+        peak += tile.spec.peak_bytes + tile.spec.held_bytes
     for key in keys:
         frame = frames.get(key[0])
         if frame is None or frame.status != "active":
@@ -69,7 +69,17 @@ def _check_device(dev: DeviceRecord, frames: Mapping[int, FrameRecord], max_in_f
         tails += need
     if tails != dev.tail_bytes:
         _fail(f"device {d}: tail bytes {dev.tail_bytes} != recomputed {tails}")
-    expected = sum(weights.values()) + peak + tails
+    held = {}
+    for frame in frames.values():
+        if frame.status != "active":
+            continue
+        for t in frame.tiles.values():
+            if t.spec.held_bytes and t.state == "done" and t.device == d and any(
+                    frame.tiles[r].spec.pin == t.spec.ref and frame.tiles[r].state != "done" for r in t.dependents):
+                held[t.key] = t.spec.held_bytes
+    if held != dev.held or sum(held.values()) != dev.held_bytes:
+        _fail(f"device {d}: held maps {dev.held} ({dev.held_bytes} B) != recomputed {held}")
+    expected = sum(weights.values()) + peak + tails + sum(held.values())
     if expected != dev.memory_in_use():
         _fail(f"device {d}: memory bookkeeping {dev.memory_in_use()} != recomputed {expected}")
     if expected > dev.info.memory_bytes:
@@ -108,6 +118,12 @@ def _check_tile(tile: TileRecord, frame: FrameRecord, devices: Mapping[str, Devi
         _fail(f"tile {k} is ready but was never planned")
     if tile.state == "done" and tile.device is None:
         _fail(f"tile {k} is done but no device's result was accepted")
+    pin = tile.spec.pin
+    if pin is not None and tile.state in ("planned", "in_flight") and tile.backup is None:
+        src = frame.tiles[pin]
+        holder = devices.get(src.device or "") if src.state == "done" else None
+        if holder is not None and holder.alive and tile.device != holder.id:
+            _fail(f"tile {k} is pinned to {pin} on {holder.id} but {tile.state} on {tile.device}")
 
 
 def _check_frame(frame: FrameRecord, devices: Mapping[str, DeviceRecord], retired: bool) -> None:

@@ -66,6 +66,11 @@ class TileSpec:
     region, or same-stage neighbours when the partitioner reuses their halo
     (DeepThings' data reuse).  ``peak_bytes`` is the activation memory the
     tile needs while running, on top of the stage weights.
+
+    Across a reduce point a stage continues tile by tile on maps that stay where they were made:
+    ``pin`` names the dep whose device must run this tile (it is never stolen), and that dep's
+    ``held_bytes`` stay reserved on its device until every tile pinned to it is done, so the
+    scheduler never parks more maps at a barrier than a device can hold.
     """
 
     stage: int
@@ -75,6 +80,8 @@ class TileSpec:
     out_bytes: int
     peak_bytes: int
     deps: tuple[TileRef, ...] = ()
+    pin: TileRef | None = None  # run where this tile (a dep) ran: it continues on the maps kept there
+    held_bytes: int = 0  # of this tile's output, kept on its device until the tiles pinned to it are done
 
     @property
     def ref(self) -> TileRef:

@@ -50,8 +50,8 @@ class TileRecord:
 
     @property
     def need_bytes(self) -> int:
-        """Memory on an otherwise idle device: stage weights + peak."""
-        return self.weights + self.spec.peak_bytes
+        """Memory on an otherwise idle device: stage weights + peak (+ the maps it will hold)."""
+        return self.weights + self.spec.peak_bytes + self.spec.held_bytes
 
 
 @dataclass(slots=True)
@@ -114,6 +114,8 @@ class DeviceRecord:
     weight_refs: dict[WeightKey, list[int]] = field(default_factory=dict)
     peak_bytes: int = 0
     peak_high_water: int = 0  # most tile peak bytes ever in flight at once (memory reports)
+    held: dict[TileKey, int] = field(default_factory=dict)  # done tiles' maps kept for pinned tiles
+    held_bytes: int = 0
     # counters for DeviceStats
     tiles_done: int = 0
     tails_done: int = 0
@@ -222,6 +224,8 @@ class DeviceRecord:
         self.tail_bytes = 0
         self.weight_refs.clear()
         self.peak_bytes = 0
+        self.held.clear()
+        self.held_bytes = 0
         self.costs.clear()
         self.tail_costs.clear()
         self.needs.clear()
@@ -242,21 +246,22 @@ class DeviceRecord:
 
     def memory_in_use(self) -> int:
         """Weights of every stage with a tile in flight (once each), plus the
-        peaks of the tiles in flight, plus running tails' reservations."""
-        return self.weights_in_use() + self.peak_bytes + self.tail_bytes
+        peaks of the tiles in flight (and the maps they will hold), plus running
+        tails' reservations, plus maps held for pinned tiles."""
+        return self.weights_in_use() + self.peak_bytes + self.tail_bytes + self.held_bytes
 
     def extra_bytes_for(self, tile: TileRecord) -> int:
         """How much ``memory_in_use`` would grow if ``tile`` were dispatched."""
         refs = self.weight_refs.get(tile.weight_key)
         held = max(refs) if refs else 0
-        return tile.spec.peak_bytes + max(0, tile.weights - held)
+        return tile.spec.peak_bytes + tile.spec.held_bytes + max(0, tile.weights - held)
 
     def has_room_for(self, tile: TileRecord) -> bool:
         return self.memory_in_use() + self.extra_bytes_for(tile) <= self.info.memory_bytes
 
     def reserve(self, tile: TileRecord) -> None:
         self.weight_refs.setdefault(tile.weight_key, []).append(tile.weights)
-        self.peak_bytes += tile.spec.peak_bytes
+        self.peak_bytes += tile.spec.peak_bytes + tile.spec.held_bytes
         self.peak_high_water = max(self.peak_high_water, self.peak_bytes)
 
     def release(self, tile: TileRecord) -> None:
@@ -264,7 +269,14 @@ class DeviceRecord:
         refs.remove(tile.weights)
         if not refs:
             del self.weight_refs[tile.weight_key]
-        self.peak_bytes -= tile.spec.peak_bytes
+        self.peak_bytes -= tile.spec.peak_bytes + tile.spec.held_bytes
+
+    def hold(self, key: TileKey, nbytes: int) -> None:
+        self.held[key] = nbytes
+        self.held_bytes += nbytes
+
+    def unhold(self, key: TileKey) -> None:
+        self.held_bytes -= self.held.pop(key, 0)
 
     def free_bytes(self) -> int:
         return self.info.memory_bytes - self.memory_in_use()

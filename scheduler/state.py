@@ -271,6 +271,9 @@ class Scheduler(SchedulerCore):
             return
         dev = self._devices[ev.device]
         tile.state, tile.device = "done", ev.device
+        if tile.spec.held_bytes:  # its maps stay here for the tiles pinned to it
+            dev.hold(tile.key, tile.spec.held_bytes)
+        self._release_held(frame, tile)
         dev.results[frame.frame_id] = dev.results.get(frame.frame_id, 0) + 1
         dev.tiles_done += 1
         dev.busy_s += max(0.0, ev.compute_s)

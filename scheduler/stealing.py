@@ -180,8 +180,8 @@ def steal_from(thief: Thief, queue: Queue) -> Steal | None:
     start = bisect.bisect_right(queue.finishes, earliest)
     for position in range(start, len(queue.planned)):
         p, end = queue.planned[position], queue.finishes[position]
-        if not fits(info, p.need_bytes):
-            continue
+        if p.tile.pin is not None or not fits(info, p.need_bytes):
+            continue  # a pinned tile continues on maps held by its device: never stolen
         on_thief = thief.ready_ns + cost_ns(p.tile, info, speed)
         if on_thief >= end:
             continue

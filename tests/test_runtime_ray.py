@@ -177,6 +177,11 @@ def test_real_architectures_with_reduce_points_run_distributed(cluster: fleet.Cl
         assert tiling.rel_error(dep(x), model(x)) <= 1e-4
         batch = torch.cat([x, torch.randn_like(x)])
         assert tiling.rel_error(dep(batch), model(batch)) <= 1e-4
+        red = dep.stats()["frames"]["reduce"]
+        if dep.plan.reduce_points:
+            # continuations run where their maps are: no map crosses, only partials (a few KB a tile)
+            assert red["continued_tiles"] > 0 and red["map_bytes_moved"] == 0, red
+            assert 0 < red["max_partial_bytes_per_tile"] <= 16 * 1024, red
     finally:
         dep.close()
 

@@ -10,6 +10,8 @@ when every tile was accepted exactly once.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import Counter
 
 import pytest
@@ -74,10 +76,14 @@ def frames(draw: st.DrawFn, frame_id: int) -> FrameSpec:
                 prev = [(s - 1, j) for j in range(widths[-1])]
                 deps = tuple(draw(st.lists(st.sampled_from(prev), max_size=3, unique=True)))
             peak = draw(st.sampled_from([0, 100, 300]))
+            pin = deps[0] if deps and draw(st.booleans()) else None  # continues on maps held there
             tiles.append(
-                TileSpec(s, i, draw(st.sampled_from([GB // 10, GB])), 1_000, 100, peak, deps)
+                TileSpec(s, i, draw(st.sampled_from([GB // 10, GB])), 1_000, 100, peak, deps, pin=pin)
             )
         widths.append(width)
+    held = draw(st.sampled_from([0, 50, 200]))
+    pinned = {t.pin for t in tiles if t.pin is not None}
+    tiles = [dataclasses.replace(t, held_bytes=held) if t.ref in pinned else t for t in tiles]
     weights = tuple(draw(st.sampled_from([0, 200, 500])) for _ in range(stages))
     model = draw(st.sampled_from(["", "other"]))
     return FrameSpec(
@@ -292,3 +298,4 @@ def test_any_history_keeps_the_invariants(
     event(f"requeued: {any(x.requeued for x in stats)}")
     event(f"retries: {sched.retries > 0}")
     event(f"speculated: {sched.speculations > 0}, a copy won: {sched.speculation_wins > 0}")
+    event(f"maps held for pinned tiles: {any(x.peak_high_water for x in stats) and any(t.held_bytes for f in specs for t in f.tiles)}")

@@ -269,6 +269,13 @@ class Driver(Shell):
         cost = Cost(tile.flops, in_bytes, tile.out_bytes + tile.reuse_out_bytes)
         self._sent[(key, device)] = self.clock.now()
         reduced = {node: (point, [ctx.results[r] for r in refs]) for node, (point, refs) in wiring.reduced.items()}
+        if wiring.pinned_to is not None or wiring.reduced:  # what crosses the reduce point to this tile
+            maps = sum(dep.wiring.channels[src.name] * src.overlap.area * dep.wiring.itemsize(src.name)
+                       for srcs in wiring.sources.values() for src in srcs
+                       if src.tile == wiring.pinned_to and ctx.placed.get(src.tile) != device)
+            partials = sum(point.partial_bytes * sum(ctx.placed.get(r) != device for r in refs)
+                           for point, refs in wiring.reduced.values())
+            dep.stats.record_continuation(maps, partials)
         self.transport.dispatch(device, TileWork(dep.id, key, ctx.x if frame_boxes else None, frame_boxes, sources,
                                                  pieces, cost, tile.reuse_in_bytes, reduced))
 

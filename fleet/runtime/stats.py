@@ -65,6 +65,16 @@ class DeploymentStats:
     latencies: OrderedDict[int, float] = field(default_factory=OrderedDict)
     overheads: list[float] = field(default_factory=list)  # dispatch overhead per tile (round trip - compute)
     frames_done: int = 0
+    # tiles that continue after a reduce point: how many, the bytes of maps they took from another
+    # device (0 while pinning holds), and the most partial bytes one of them fetched from others
+    continued: int = 0
+    continued_map_bytes: int = 0
+    continued_partial_bytes_max: int = 0
+
+    def record_continuation(self, map_bytes: int, partial_bytes: int) -> None:
+        self.continued += 1
+        self.continued_map_bytes += map_bytes
+        self.continued_partial_bytes_max = max(self.continued_partial_bytes_max, partial_bytes)
 
     def record_latency(self, frame: int, seconds: float) -> None:
         self.latencies[frame] = seconds
@@ -84,6 +94,7 @@ class DeploymentStats:
         self.latencies.clear()
         self.overheads.clear()
         self.frames_done = 0
+        self.continued = self.continued_map_bytes = self.continued_partial_bytes_max = 0
 
     def snapshot(self, devices: dict[str, bool], sched: dict[str, Any], weight_bytes: int,
                  detail: bool = True) -> dict[str, Any]:
@@ -102,6 +113,8 @@ class DeploymentStats:
         frames: dict[str, Any] = {"count": self.frames_done}
         if not detail:
             return {"devices": out, "frames": frames}
+        frames["reduce"] = {"continued_tiles": self.continued, "map_bytes_moved": self.continued_map_bytes,
+                            "max_partial_bytes_per_tile": self.continued_partial_bytes_max}
         lat = list(self.latencies.values())
         if lat:
             frames.update(p50_ms=percentile(lat, 50) * 1e3, p95_ms=percentile(lat, 95) * 1e3,

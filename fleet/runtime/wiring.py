@@ -7,6 +7,8 @@ the driver) or the outputs of earlier tiles (later stages, fetched worker to wor
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 
 
@@ -68,7 +70,15 @@ def wire(plan: Plan) -> Wiring:
             specs.append(TileSpec(stage=s.index, index=t.index, flops=t.flops,
                                   in_bytes=t.in_bytes + t.reuse_in_bytes + w.reduced_bytes(),
                                   out_bytes=t.out_bytes + t.reuse_out_bytes, peak_bytes=t.peak_bytes + t.reuse_in_bytes,
-                                  deps=tuple(sorted(deps))))
+                                  deps=tuple(sorted(deps)), pin=w.pinned_to))
+    # a tile others continue on keeps those maps on its device until they are done: count them there
+    held: dict[TileRef, int] = {}
+    for (si, ti), w in tiles.items():
+        if w.pinned_to is not None:
+            maps = sum(channels[src.name] * src.box.area * plan.itemsizes.get(src.name, 4)
+                       for srcs in w.sources.values() for src in srcs if src.tile == w.pinned_to)
+            held[w.pinned_to] = held.get(w.pinned_to, 0) + maps
+    specs = [dataclasses.replace(t, held_bytes=held[t.ref]) if t.ref in held else t for t in specs]
     last = [n for n in plan.tail.inputs if n != plan.input_name]
     # a worker holds every stage's weights of a deployment from deploy on, so each stage's tiles are
     # charged the whole deployment's weights (conservative when two stages are in flight at once)
