@@ -262,13 +262,11 @@ def check_frame(x: Any, plan: tiling.Plan, preprocess: tiling.Preprocess | None 
             "preprocess='imagenet' | 'darknet' | 'none,scale=1/255,...') ships them as bytes and "
             "normalises them on the devices (see docs/models.md); or send float frames")
     elif x.dtype not in FLOAT_DTYPES:
-        what = "complex" if x.is_complex() else "bool" if x.dtype == torch.bool else "integer"
-        raise tiling.InputMismatch(
-            f"frames must have a floating-point dtype (float16, bfloat16, float32, float64: converted to "
-            f"{plan.dtype}); got "
-            f"{x.dtype}" + (": camera frames are uint8, with preprocess= at deploy" if what == "integer" else
-                                   ": convert it with x.float() if that is what you mean" if what == "bool" else
-                                   ": send its real part (x.real) or magnitude (x.abs())"))
+        hint = ("send its real part (x.real) or magnitude (x.abs())" if x.is_complex() else
+                "convert it with x.float() if that is what you mean" if x.dtype == torch.bool else
+                "camera frames are uint8, with preprocess= at deploy")
+        raise tiling.InputMismatch(f"frames must have a floating-point dtype (float16, bfloat16, float32, float64: "
+                                   f"converted to {plan.dtype}); got {x.dtype}: {hint}")
     if x.shape[0] == 0:
         raise tiling.InputMismatch(f"the batch is empty (shape {tuple(x.shape)}); send at least one frame: {accepted}")
     if tuple(x.shape[1:]) != plan.input_shape:
