@@ -24,6 +24,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -65,6 +66,28 @@ COMPARABLE_SCALE: Final = 4.0
 # A profile name ends up in device ids (``pi3-0``), spec strings and TOML table names, so it must not
 # contain the spec's separators (``*`` and ``,``) or whitespace.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+# Upper bounds on a profile's figures, far above any device: (field, limit, unit).
+_LIMITS: Final = (
+    ("gflops", 1e9, "GFLOP/s (an exaflop)"),
+    ("link_mbps", 1e9, "Mbit/s"),
+    ("tile_overhead_s", 3600.0, "s"),
+    ("latency_s", 3600.0, "s"),
+    ("memory_bytes", float(1 << 50), "bytes (1 PiB)"),
+)
+LINK_MBPS_MIN: Final = 1e-3
+MAX_SPEC_CHARS: Final = 4096
+SPEC_DEVICES_MAX: Final = 1_000_000
+"""Devices a spec may name at all (the simulator's cap; emulation has :data:`MAX_DEVICES`)."""
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def _show(v: float) -> str:
+    return f"{v:.3g}" if isinstance(v, float) or abs(v) < 10**15 else f"a {len(str(abs(v)))}-digit number"
 
 
 class ProfileError(ValueError):
@@ -116,6 +139,13 @@ class Profile:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ProfileError(f"profile {self.name!r}: {key} must be an integer >= 0, got {v!r}")
+        for key, top, what in _LIMITS:  # a typo of a few digits would otherwise pass as a device
+            v = getattr(self, key)
+            if v > top:
+                raise ProfileError(f"profile {self.name!r}: {key} = {_show(v)} is absurd; accepted: at most {top:g} {what}")
+        if self.link_mbps < LINK_MBPS_MIN:
+            raise ProfileError(f"profile {self.name!r}: link_mbps = {self.link_mbps!r} is absurd; accepted: at least "
+                               f"{LINK_MBPS_MIN:g} Mbit/s")
         if self.runtime_overhead_bytes > self.memory_bytes:
             raise ProfileError(
                 f"profile {self.name!r}: runtime_overhead_bytes ({self.runtime_overhead_bytes}) exceeds "
@@ -371,7 +401,7 @@ def _lookup(name: str, table: Mapping[str, Profile], where: str) -> Profile:
     folded = [k for k in table if k.lower() == name.lower()]
     if len(folded) == 1:
         return table[folded[0]]
-    raise ProfileError(f"unknown device profile {name!r} in {where}{_suggest(name, table)}")
+    raise ProfileError(f"unknown device profile {_clip(name)} in {where}{_suggest(name, table)}")
 
 
 def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None, *,
@@ -386,6 +416,10 @@ def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None, *,
     """
     if not isinstance(spec, str):
         raise ProfileError(f"cluster spec must be a string such as 'pi3*4,jetson-nano', got {spec!r}")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ProfileError(f"cluster spec of {len(spec)} characters ({spec[:40]!r}...); a spec is at most "
+                           f"{MAX_SPEC_CHARS} characters: write counts as profile*count")
+    limit = SPEC_DEVICES_MAX if max_devices is None else max_devices
     table: dict[str, Profile] = dict(BUILTIN)
     if extra:
         table.update(extra)
@@ -397,27 +431,32 @@ def parse_spec(spec: str, extra: Mapping[str, Profile] | None = None, *,
     total = 0
     for pos, raw in enumerate(spec.split(","), start=1):
         item = raw.strip()
-        where = f"entry {pos} ({item!r}) of spec {spec!r}"
+        where = f"entry {pos} ({_clip(item)}) of spec {_clip(spec)}"
         if not item:
-            raise ProfileError(f"empty entry {pos} in cluster spec {spec!r}; entries are profile[*count]")
+            raise ProfileError(f"empty entry {pos} in cluster spec {_clip(spec)}; entries are profile[*count]")
         name, star, count_s = item.partition("*")
         name, count_s = name.strip(), count_s.strip()
         if star:
-            if not re.fullmatch(r"[0-9]+", count_s) or int(count_s) < 1:
+            digits = count_s.lstrip("0")
+            if not re.fullmatch(r"[0-9]+", count_s) or not digits:
                 raise ProfileError(
-                    f"bad count {count_s!r} in {where}: the count after '*' must be a whole number >= 1"
+                    f"bad count {_clip(count_s)} in {where}: the count after '*' must be a whole number >= 1"
                 )
-            count = int(count_s)
+            # int() of thousands of digits is slow (and refused by Python): any such count is over the limit
+            count = int(digits) if len(digits) <= 12 else 10**12
         else:
             count = 1
         if not name:
             raise ProfileError(f"missing profile name in {where}")
         profile = _lookup(name, table, where)
         total += count
-        if max_devices is not None and total > max_devices:
+        if total > limit:
+            if max_devices is None:
+                raise ProfileError(f"cluster spec {_clip(spec)} names more than {limit} devices; the simulator "
+                                   f"takes at most {limit}")
             raise ProfileError(
-                f"cluster spec {spec!r} names more than {max_devices} devices; one machine cannot emulate a "
-                "cluster that large meaningfully (`tilefleet sim` simulates any number)"
+                f"cluster spec {_clip(spec)} names more than {max_devices} devices; one machine cannot emulate a "
+                f"cluster that large meaningfully (`tilefleet sim` simulates up to {SPEC_DEVICES_MAX})"
             )
         entries.append((profile, count))
     seen: dict[str, int] = {}
@@ -473,17 +512,21 @@ def load_profiles(path: str | os.PathLike[str]) -> dict[str, Profile]:
     """
     p = Path(path)
     try:
-        size = p.stat().st_size
-    except OSError:
-        size = 0  # reported below, as the read fails
-    if size > MAX_PROFILE_FILE_BYTES:
-        raise ProfileError(f"{p}: {size} bytes; a profile file is at most {MAX_PROFILE_FILE_BYTES} bytes")
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        st = p.stat()
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, /dev/zero never end it
+            raise ProfileError(f"{p}: not a regular file (a directory, device or pipe); expected a TOML "
+                               "file of [profiles.NAME] tables")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_PROFILE_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ProfileError(f"{p}: profile file not found") from None
     except OSError as e:
         raise ProfileError(f"{p}: cannot read profile file: {e}") from None
+    if len(raw) > MAX_PROFILE_FILE_BYTES:
+        raise ProfileError(f"{p}: {max(st.st_size, len(raw))} bytes; a profile file is at most "
+                           f"{MAX_PROFILE_FILE_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ProfileError(f"{p}: not UTF-8 text: {e}") from None
     except tomllib.TOMLDecodeError as e:

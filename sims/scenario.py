@@ -24,6 +24,7 @@ Every error names the file, the event and what is accepted; sizes are bounded (t
 
 from __future__ import annotations
 
+import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,11 +45,15 @@ class ScenarioError(ValueError):
 def load_scenario(path: str | Path, devices: Sequence[DeviceSpec], table: Mapping[str, Profile]) -> Scenario:
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        if not stat.S_ISREG(p.stat().st_mode):  # a FIFO would block the read, /dev/zero never end it
+            raise ScenarioError(f"{p}: not a regular file (a directory, device or pipe); expected a TOML file "
+                                "of [[event]] tables")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as e:
         raise ScenarioError(f"{p}: cannot read the scenario: {e.strerror or e}") from None
     if len(raw) > MAX_BYTES:
-        raise ScenarioError(f"{p}: {len(raw)} bytes; a scenario is at most {MAX_BYTES} bytes")
+        raise ScenarioError(f"{p}: more than {MAX_BYTES} bytes; a scenario is at most {MAX_BYTES} bytes")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:

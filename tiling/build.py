@@ -8,6 +8,8 @@ tile's partial covers exactly the box of the reduced map it owns (the grid's cut
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -71,6 +73,14 @@ def axis_cuts(size: int, spec: Mapping[str, Any], axis: int) -> list[int]:
         if isinstance(parts, bool) or not isinstance(parts, int):
             raise GridError(f"grid entries must be positive integers, got {grid!r}")
     if weights is not None:
+        key = ("row_weights", "col_weights")[axis]
+        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__len__"):
+            raise GridError(f"{key} must be a list of positive finite numbers, one per {name}, got {weights!r:.80}")
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, numbers.Real)
+               or not math.isfinite(w) or w <= 0]
+        if bad:
+            raise GridError(f"{key} must be positive finite numbers (a device's relative speed), got {bad[0]!r:.40} "
+                            f"in {list(weights)!r:.120}")
         if len(weights) != parts:
             raise GridError(f"{len(weights)} {name} weights for a grid of {parts} {name}s")
         return weighted_cuts(size, list(weights))
@@ -86,9 +96,14 @@ def parts_of(spec: Mapping[str, Any]) -> tuple[int, int] | None:
         return (len(c[0]) - 1, len(c[1]) - 1) if isinstance(c, (tuple, list)) and len(c) == 2 else None
     g = spec.get("grid")
     rw, cw = spec.get("row_weights"), spec.get("col_weights")
-    r = len(rw) if rw is not None else (g[0] if isinstance(g, (tuple, list)) and len(g) == 2 else 1)
-    c = len(cw) if cw is not None else (g[1] if isinstance(g, (tuple, list)) and len(g) == 2 else 1)
+    r = _count(rw) if rw is not None else (g[0] if isinstance(g, (tuple, list)) and len(g) == 2 else 1)
+    c = _count(cw) if cw is not None else (g[1] if isinstance(g, (tuple, list)) and len(g) == 2 else 1)
     return (r, c) if isinstance(r, int) and isinstance(c, int) else None
+
+
+def _count(weights: Any) -> int | None:
+    """How many parts a weights argument asks for; None when it is not a list (refused later)."""
+    return len(weights) if hasattr(weights, "__len__") and not isinstance(weights, (str, bytes, Mapping)) else None
 
 
 def reference(outputs: Sequence[str], shapes: Mapping[str, tuple[int, int, int]]) -> str:

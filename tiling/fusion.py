@@ -211,14 +211,39 @@ def _layer_index(fusion: Fusion, at: int | str, what: str) -> int:
         raise NotTileable(f"{what} must be a layer index or a node/module name, got {at!r}")
     if isinstance(at, int):
         if not 0 <= at <= n:
-            raise NotTileable(f"{what}={at} is outside the {n} fusible layers (0..{n})")
+            end = f"; fusion ends at {fusion.stops[0]}" if at > n and fusion.stops else ""
+            raise NotTileable(f"{what}={at} is outside the {n} fusible layers: accepted 0..{n}{end}")
         return at
     hits = [fusion.layer_of[nm] for nm in fusion.specs
             if nm == at or _module_path(fusion, nm) == at or _module_path(fusion, nm).startswith(at + ".")]
     if not hits:
         known = ", ".join(f"{layer.index}:{layer.anchor}" for layer in fusion.layers[:12])
+        blocker = _blocking_stop(fusion, at)
+        if blocker is not None:
+            raise NotTileable(f"{what}='{at}' lies beyond where fusion must end: {blocker}; accepted: a layer "
+                              f"before it (fusible layers: {known}{' ...' if n > 12 else ''})")
         raise NotTileable(f"{what}='{at}' names no fusible node or module; fusible layers: {known} ...")
     return max(hits) + 1
+
+
+def _blocking_stop(fusion: Fusion, at: str) -> Stop | None:
+    """The first stop on the way from the input to the node or module ``at`` (None when ``at`` names
+    nothing in the graph, or nothing stops on its way)."""
+    nodes = list(fusion.gm.graph.nodes)
+    target = next((nd for nd in nodes if nd.name == at or (nd.op == "call_module" and (
+        str(nd.target) == at or str(nd.target).startswith(at + ".")))), None)
+    if target is None:
+        return None
+    seen: set[str] = set()
+    todo = [target]
+    while todo:  # everything ``at`` depends on, itself included
+        nd = todo.pop()
+        if nd.name not in seen:
+            seen.add(nd.name)
+            todo.extend(nd.all_input_nodes)
+    order = {nd.name: i for i, nd in enumerate(nodes)}
+    on_path = [st for st in fusion.stops if st.node in seen]
+    return min(on_path, key=lambda st: order.get(st.node, len(order)), default=None)
 
 
 def _module_path(fusion: Fusion, name: str) -> str:

@@ -9,6 +9,8 @@ never pads, only a true image border does.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -182,7 +184,7 @@ def weighted_cuts(size: int, weights: Sequence[float]) -> list[int]:
     parts = len(weights)
     _check_parts(size, parts)
     for w in weights:
-        if not (isinstance(w, (int, float)) and w > 0 and w == w and w != float("inf")):
+        if not (isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) and w > 0):
             raise GridError(f"weights must be positive finite numbers, got {list(weights)}")
     total = float(sum(weights))
     quotas = [w / total * size for w in weights]

@@ -9,6 +9,7 @@ honours reduce points as :mod:`tiling.reduce` describes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from .build import GridLike, build_group, grid_spec, shapes_of
-from .errors import GridError, InputMismatch
+from .errors import GridError, InputMismatch, TrainingModeWarning
 from .fit import fit_grid
 from .flops import node_flops
 from .fusion import Fusion, Layer, analyze, split
@@ -219,6 +220,15 @@ class Partitioner:
                                 f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
         if not (example.is_floating_point() or example.dtype == torch.uint8):
             raise InputMismatch(f"example must be a floating-point or uint8 (raw frame) tensor, got {example.dtype}")
+        training = _training_dependent(model)
+        if training:
+            warnings.warn(
+                f"the model is in training mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''} "
+                "behave differently in eval mode): "
+                "tilefleet tiles an eval-mode copy (BatchNorm with its running statistics, dropout off), since "
+                "training-mode BatchNorm normalises with statistics of the whole batch and map and cannot be "
+                "tiled exactly; results equal model.eval()(x). Call model.eval() first to silence this.",
+                TrainingModeWarning, stacklevel=3)
         self.example = example
         self.gm, self.leaves = trace(eval_copy(model), example, leaf_modules)
         self._fusions: dict[bool, Fusion] = {}
@@ -281,6 +291,24 @@ class Partitioner:
         total = sum(flops.values())
         return Plan(built, tail, fusion.input_name, tuple(self.example.shape[1:]), self.example.dtype,  # type: ignore[arg-type]
                     fusion.layers, fusion.stops, self.leaves, total, dict(self.itemsizes))
+
+
+_TRAINING_TYPES = (nn.modules.dropout._DropoutNd, nn.RReLU)
+
+
+def _training_dependent(model: nn.Module) -> list[str]:
+    """Submodules in training mode whose output depends on it: batch norm, dropout, RReLU, and
+    modules of the user's own whose ``forward`` reads ``self.training``."""
+    out = []
+    for name, m in model.named_modules():
+        if not m.training:
+            continue
+        forward = getattr(type(m), "forward", None)
+        reads = "training" in getattr(getattr(forward, "__code__", None), "co_names", ())
+        norm = isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        if norm or isinstance(m, _TRAINING_TYPES) or (reads and not type(m).__module__.startswith("torch.")):
+            out.append(f"{name or 'the root'} ({type(m).__name__})")
+    return out
 
 
 def _itemsizes(gm: fx.GraphModule, example: torch.Tensor) -> dict[str, int]:

@@ -53,7 +53,8 @@ MAX_REPLY: Final = 4 * MiB
 """Largest reply a client reads (a device list of a big cluster is larger than a request)."""
 MAX_PROBE_BYTES: Final = 16 * MiB
 IO_TIMEOUT_S: Final = 10.0
-"""Per-read and per-write timeout of a connection at the agent: an idle client is dropped."""
+"""Time a request may take to arrive in full, and per-write timeout, at the agent: an idle or
+trickling client is dropped."""
 MAX_CONNECTIONS: Final = 16
 _CHUNK: Final = 64 * 1024
 _ZEROS: Final = bytes(_CHUNK)
@@ -110,9 +111,14 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:  # a whole message in time, not just each byte: no trickling peer holds on
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete message within the time limit ({len(buf)} of {n} bytes)")
+            sock.settimeout(left)
         chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             if not buf:
@@ -122,13 +128,26 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def read_frame(sock: socket.socket, max_size: int) -> dict[str, Any]:
-    """One message; :class:`_FrameError` if it is too big, not msgpack, or not a map of text keys."""
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+def read_frame(sock: socket.socket, max_size: int, deadline: float | None = None) -> dict[str, Any]:
+    """One message; :class:`_FrameError` if it is too big, not msgpack, or not a map of text keys;
+    ``TimeoutError`` if it is not complete by ``deadline`` (``time.monotonic()``)."""
+    if deadline is not None:
+        timeout = sock.gettimeout()
+        try:
+            return _read_frame(sock, max_size, deadline)
+        finally:
+            sock.settimeout(timeout)  # the socket's own timeout again, for what follows the read
+    return _read_frame(sock, max_size, None)
+
+
+def _read_frame(sock: socket.socket, max_size: int, deadline: float | None) -> dict[str, Any]:
+    header = _recv_exact(sock, _HEADER.size, deadline)
+    (size,) = _HEADER.unpack(header)
     if size > max_size:
-        raise _FrameError(f"message of {size} bytes is larger than the {max_size}-byte limit")
+        raise _FrameError(f"message of {size} bytes is larger than the {max_size}-byte limit "
+                          f"(it starts {header!r})")
     try:
-        body = _recv_exact(sock, size) if size else b""
+        body = _recv_exact(sock, size, deadline) if size else b""
     except _Closed:
         raise _FrameError(f"connection closed before a {size}-byte message") from None
     try:
@@ -242,7 +261,7 @@ class Agent:
             session: dict[str, Any] = {"nonce2": None, "proven": self._token is None}
             while not self._stop.is_set():
                 try:
-                    msg = read_frame(conn, MAX_FRAME)
+                    msg = read_frame(conn, MAX_FRAME, deadline=time.monotonic() + IO_TIMEOUT_S)
                 except _Closed:
                     return
                 except _FrameError as e:
@@ -403,7 +422,9 @@ class AgentClient:
         except (_Closed, _FrameError) as e:
             self.close()
             what = "closed the connection" if isinstance(e, _Closed) else f"sent a bad message ({e})"
-            raise AgentProtocolError(f"the agent at {self.where} {what}") from None
+            raise AgentProtocolError(f"the peer at {self.where} {what}: expected a tilefleet agent (the port "
+                                     "`tilefleet head` prints as its agent port); is something else listening "
+                                     "there?") from None
         except (TimeoutError, socket.timeout):
             self.close()
             raise AgentUnreachable(f"the agent at {self.where} stopped answering "
@@ -416,7 +437,7 @@ class AgentClient:
         """Send one request and return its reply; :class:`AgentRefused` if the reply is ``ok: false``."""
         def exchange(sock: socket.socket) -> dict[str, Any]:
             sock.sendall(encode_frame({"op": op, **fields}))
-            return read_frame(sock, MAX_REPLY)
+            return read_frame(sock, MAX_REPLY, deadline=time.monotonic() + self.timeout)
 
         reply = self._io(exchange)
         if reply.get("ok") is not True:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgpack
 from sims.speed import conv_gflops, median_seconds
 
-from .state import atomic_write
+from .state import NotARegularFile, atomic_write, read_bounded
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from sims.catalog import Profile
@@ -288,10 +288,11 @@ def load(path: Path | None = None) -> DeviceProfile | None:
     """The cached profile, or None if there is none; raises :class:`ProfileCacheError` if it is bad."""
     path = Path(path) if path is not None else cache_path()
     try:
-        with open(path, "rb") as f:
-            data = f.read(CACHE_MAX_BYTES + 1)
+        data, _ = read_bounded(path, CACHE_MAX_BYTES)  # a regular file only: a FIFO would block the read
     except FileNotFoundError:
         return None
+    except NotARegularFile:
+        raise _cache_error(path, "is not a regular file (a directory, device or pipe)") from None
     except OSError as e:
         raise _cache_error(path, f"cannot be read ({e.strerror or e})") from None
     if len(data) > CACHE_MAX_BYTES:

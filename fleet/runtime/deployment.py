@@ -114,33 +114,9 @@ class Deployment:
 
     # --- frames --------------------------------------------------------------------------------------
     def _as_batch(self, x: Any) -> tuple[np.ndarray, bool]:
-        """One frame or a batch as the plan's NCHW array; refuses what the deployment cannot take."""
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(x))
-        if not isinstance(x, torch.Tensor):
-            raise tiling.InputMismatch(f"frames must be torch tensors (or numpy arrays), got {type(x).__name__}")
-        single = x.dim() == 3
-        if self.preprocess is not None:
-            if x.dtype != torch.uint8:
-                raise tiling.InputMismatch(
-                    f"this deployment takes raw uint8 frames ({self.preprocess.layout.upper()}, 0-255) and "
-                    f"preprocesses them on the devices ({self.preprocess.name}); got {x.dtype}")
-            x = self.preprocess.to_nchw(x)  # a uint8 permute when frames arrive HWC
-        else:
-            if x.dtype == torch.uint8:
-                raise tiling.InputMismatch(
-                    "uint8 frames need a declared preprocessing: cluster.deploy(model, example_uint8, "
-                    "preprocess='imagenet' | 'darknet' | 'none,scale=1/255,...') ships them as bytes and "
-                    "normalises them on the devices (see docs/models.md); or send float frames")
-            if x.is_floating_point() and x.dtype != self.plan.dtype:
-                x = x.to(self.plan.dtype)  # float16 / float64 / bfloat16 frames are converted
-            if single:
-                x = x.unsqueeze(0)
-        self.plan.check_input(x)
-        arr = x.detach().cpu().contiguous().numpy()
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # numpy's check: ~15x faster than torch's here
-            raise tiling.InputMismatch("the frame contains NaN or Inf; clean it (torch.nan_to_num) before sending")
-        return arr, single
+        """One frame or a batch as the plan's NCHW array; refuses what the deployment cannot take,
+        saying what was wrong and what is accepted (:func:`check_frame`)."""
+        return check_frame(x, self.plan, self.preprocess)
 
     def submit(self, x: torch.Tensor) -> Future:
         """Send a frame; returns a future of the result (``.result(timeout=...)``)."""
@@ -165,15 +141,38 @@ class Deployment:
 
     def stream(self, frames: Iterable[torch.Tensor], in_flight: int | None = None,
                timeout: float | None = 300) -> Iterator[Any]:
-        """Results in submission order, keeping ``in_flight`` frames in the cluster at once."""
+        """Results in submission order, keeping ``in_flight`` frames in the cluster at once.
+
+        When ``frames`` raises, or a frame is refused (:class:`tiling.InputMismatch`), the results
+        of every frame sent before it are yielded first, then the error is raised; nothing after it
+        is sent, and the deployment serves on.
+        """
+        if isinstance(frames, (torch.Tensor, np.ndarray)) and frames.ndim == 3:
+            raise tiling.InputMismatch(f"stream() takes an iterable of frames; got one {tuple(frames.shape)} frame: "
+                                       "call the deployment with it, or pass [frame]")
+        try:
+            it = iter(frames)
+        except TypeError:
+            raise tiling.InputMismatch(f"stream() takes an iterable of frames (a list, a generator, an (N, C, H, W) "
+                                       f"batch), got {type(frames).__name__}") from None
         depth = in_flight or max(2, self._alive_devices())
         window: deque[Future] = deque()
-        for x in frames:
-            window.append(self.submit(x))
+        failure: BaseException | None = None
+        while True:
+            try:
+                x = next(it)
+                window.append(self.submit(x))
+            except StopIteration:
+                break
+            except Exception as e:  # the source or a refused frame: what was sent is delivered first
+                failure = e
+                break
             if len(window) >= depth:
                 yield window.popleft().result(timeout=timeout)
         while window:
             yield window.popleft().result(timeout=timeout)
+        if failure is not None:
+            raise failure
 
     # --- reports -------------------------------------------------------------------------------------
     def stats(self, detail: bool = True) -> dict[str, Any]:
@@ -220,3 +219,87 @@ def map_tensors(x: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(map_tensors(v, fn) for v in x)
     return x
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_frame(x: Any, plan: tiling.Plan, preprocess: tiling.Preprocess | None = None) -> tuple[np.ndarray, bool]:
+    """A frame (C, H, W) or batch (N, C, H, W) as the plan's contiguous NCHW array, and whether it
+    was one frame. Accepted: torch tensors and numpy arrays, of any strides or memory format; float16,
+    bfloat16 and float64 frames are converted to the plan's float dtype; raw uint8 frames only where
+    the deployment declares ``preprocess=``. Everything else is a :class:`tiling.InputMismatch` that
+    says what was wrong and what is accepted; NaN and Inf are refused (they would spread through
+    every overlapping tile and make every result of the frame meaningless)."""
+    shape = ", ".join(map(str, plan.input_shape))
+    accepted = f"frames are ({shape}) or (N, {shape}) torch tensors or numpy arrays"
+    if isinstance(x, np.ndarray):
+        x = _from_numpy(x, accepted)
+    if not isinstance(x, torch.Tensor):
+        hint = ("; stack a list of frames with torch.stack(frames), or send them through dep.stream(frames)"
+                if isinstance(x, (list, tuple)) else "")
+        raise tiling.InputMismatch(f"{accepted}; got {type(x).__name__}{hint}")
+    if x.is_nested or x.layout != torch.strided:
+        raise tiling.InputMismatch(f"{accepted}, dense; got a nested tensor: send its frames with "
+                                   "dep.stream(x.unbind())" if x.is_nested else
+                                   f"{accepted}, dense; got a {x.layout} tensor: convert it with x.to_dense()")
+    if x.device.type == "meta":
+        raise tiling.InputMismatch(f"{accepted}; got a tensor on the meta device, which holds no values")
+    if x.dim() not in (3, 4):
+        raise tiling.InputMismatch(f"{accepted}; got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    single = x.dim() == 3
+    if single and preprocess is None:
+        x = x.unsqueeze(0)
+    if preprocess is not None:
+        if x.dtype != torch.uint8:
+            raise tiling.InputMismatch(
+                f"this deployment takes raw uint8 frames ({preprocess.layout.upper()}, 0-255) and "
+                f"preprocesses them on the devices ({preprocess.name}); got {x.dtype}")
+        x = preprocess.to_nchw(x)  # a uint8 permute when frames arrive HWC
+    elif x.dtype == torch.uint8:
+        raise tiling.InputMismatch(
+            "uint8 frames need a declared preprocessing: cluster.deploy(model, example_uint8, "
+            "preprocess='imagenet' | 'darknet' | 'none,scale=1/255,...') ships them as bytes and "
+            "normalises them on the devices (see docs/models.md); or send float frames")
+    elif x.dtype not in FLOAT_DTYPES:
+        hint = ("send its real part (x.real) or magnitude (x.abs())" if x.is_complex() else
+                "convert it with x.float() if that is what you mean" if x.dtype == torch.bool else
+                "camera frames are uint8, with preprocess= at deploy")
+        raise tiling.InputMismatch(f"frames must have a floating-point dtype (float16, bfloat16, float32, float64: "
+                                   f"converted to {plan.dtype}); got {x.dtype}: {hint}")
+    if x.shape[0] == 0:
+        raise tiling.InputMismatch(f"the batch is empty (shape {tuple(x.shape)}); send at least one frame: {accepted}")
+    if tuple(x.shape[1:]) != plan.input_shape:
+        empty = " (an empty frame)" if 0 in x.shape[1:] else ""
+        raise tiling.InputMismatch(f"this deployment is fixed to (C, H, W) = {plan.input_shape}, got "
+                                   f"{tuple(x.shape[1:])}{empty}; for frames of another size, partition again: "
+                                   "cluster.deploy(model, an_example_of_that_size)")
+    if x.is_floating_point() and x.dtype != plan.dtype:
+        before = x
+        x = x.to(plan.dtype)  # float16 / float64 / bfloat16 frames are converted
+        if not bool(torch.isfinite(x).all()) and bool(torch.isfinite(before).all()):
+            big = float(before.abs().max())
+            raise tiling.InputMismatch(f"the {before.dtype} frame holds values up to {big:.3g}, beyond {plan.dtype}'s "
+                                       f"range (max {torch.finfo(plan.dtype).max:.3g}); scale it before sending")
+    plan.check_input(x)
+    arr = x.detach().cpu().contiguous().numpy()
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():  # numpy's check: ~15x faster than torch's here
+        per_frame = ~np.isfinite(arr.reshape(arr.shape[0], -1))
+        bad = np.flatnonzero(per_frame.any(axis=1))
+        nans = int(np.isnan(arr).sum())
+        raise tiling.InputMismatch(
+            f"frame {int(bad[0])}{' of the batch' if arr.shape[0] > 1 else ''} holds {nans} NaN and "
+            f"{int(per_frame.sum()) - nans} Inf values; frames must be finite (a NaN or Inf would spread through "
+            "every overlapping tile): clean it with torch.nan_to_num(x) before sending")
+    return arr, single
+
+
+def _from_numpy(a: np.ndarray, accepted: str) -> torch.Tensor:
+    """A numpy frame as a tensor: any strides or byte order; numbers only."""
+    if a.dtype.kind not in "biufc":
+        raise tiling.InputMismatch(f"{accepted}; got a numpy array of dtype {a.dtype} (not numbers)")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))  # big-endian data, e.g. from a file: native order, same values
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        a = np.array(a, order="C")  # a copy: torch shares memory with writable arrays only
+    return torch.from_numpy(a)

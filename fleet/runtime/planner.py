@@ -10,10 +10,12 @@ closed-form formula would each approximate separately.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +24,8 @@ from sims.catalog import DeviceSpec
 from sims.metrics import throughput_depth
 from sims.predict import Prediction, predict
 from tiling.report import table
+
+from .wiring import frame_spec, wire
 
 
 NEAR_TIE = 0.02  # predictions this close are a tie for the cost model (its error is a few percent)
@@ -143,8 +147,30 @@ def choose_plan(model: nn.Module, example: torch.Tensor, devices: Sequence[Devic
         if best_i != min(range(len(cands)), key=lambda i: (cands[i].score(mode), i)):
             cands[best_i].note = f"fewest tiles within {NEAR_TIE:.0%}"
     best = cands[best_i]
-    if best_i not in plans:
-        raise tiling.NotTileable("no candidate plan fits these devices: " +
-                                 "; ".join(sorted({c.error or (c.prediction.failed[0] if c.prediction and c.prediction.failed else "?")
-                                                   for c in cands}))[:500])
+    if best_i not in plans or not math.isfinite(best.score(mode)):
+        reasons = "; ".join(sorted({c.error or (c.prediction.failed[0] if c.prediction and c.prediction.failed else "?")
+                                    for c in cands}))[:500]
+        budget = max((d.profile.usable_bytes for d in devices), default=0)
+        needs = {i: memory_need(p, example.element_size()) for i, p in plans.items()}
+        if needs and min(needs.values()) > budget:
+            i = min(needs, key=lambda k: (needs[k], k))
+            weights = sum(st.weight_bytes for st in plans[i].stages)
+            fix = (f"stop fusion earlier with upto= (the fused weights alone are {weights / 2**20:.1f} MiB)" if weights > budget
+                   else "try a finer grid= by hand or a smaller input")
+            raise tiling.NoPlanFits(
+                f"no candidate plan fits these devices' memory: the smallest ({cands[i].label}) needs {needs[i]} bytes "
+                f"({needs[i] / 2**20:.1f} MiB) on one device, and the largest budget here is {budget} bytes "
+                f"({budget / 2**20:.1f} MiB); add a device with at least {needs[i] / 2**20:.1f} MiB usable, or {fix} "
+                f"({reasons[:300]})", needs[i], budget)
+        raise tiling.NotTileable("no candidate plan fits these devices: " + reasons)
     return plans[best_i], Choice(mode, best, cands, scale)
+
+
+def memory_need(plan: tiling.Plan, frame_itemsize: int = 4) -> int:
+    """The memory budget one device needs to run ``plan`` at all: its largest tile with the
+    deployment's weights, or its tail (what the scheduler checks a frame against)."""
+    w = wire(plan)
+    tail_weights = sum(p.numel() * p.element_size() for p in plan.tail.gm.parameters())
+    spec = frame_spec(w, 0, "need", plan.tail.flops, int(np.prod(plan.input_shape)) * frame_itemsize,
+                      plan.tail.out_bytes, tail_weights)
+    return max([spec.tile_need_bytes(t) for t in spec.tiles] + [spec.tail_memory_bytes])

@@ -14,6 +14,7 @@ them; a warning keeps truncated-cfg mistakes visible without refusing files Dark
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Sequence
@@ -62,7 +63,7 @@ def _calibration_size(sections: Sequence[CfgSection], shape: Shape) -> tuple[int
 
 
 def load_darknet(
-    cfg: str | os.PathLike[str],
+    cfg: str | bytes | os.PathLike[str],
     weights: str | os.PathLike[str] | bytes | None = None,
     *,
     seed: int = 0,
@@ -146,13 +147,26 @@ def load_darknet_weights(model: nn.Module, weights: str | os.PathLike[str] | byt
     with ``(x - mean) / (sqrt(var) + 1e-6)``; the BN is loaded with ``eps=0`` and
     ``running_var = (sqrt(var) + 1e-6)²`` (computed in float64) to reproduce it.
     """
+    blocks = _conv_blocks(model)
+    need = sum(_conv_float_count(b) for b in blocks)
     if isinstance(weights, (bytes, bytearray, memoryview)):
         data, name = bytes(weights), "<bytes>"
+        size = len(data)
     else:
+        # read what the cfg needs and no more (a file is input: /dev/zero or a 40 GB file is refused
+        # or warned about from its size, never read whole); only regular files are read
+        name = str(weights)
         try:
-            data, name = Path(weights).read_bytes(), str(weights)
+            p = Path(weights)
+            st = p.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise DarknetError(f"cannot read weights file {name!r}: not a regular file (a directory, device "
+                                   "or pipe); expected a Darknet .weights file")
+            size = st.st_size
+            with open(p, "rb") as f:
+                data = f.read(20 + 4 * need)
         except OSError as e:
-            raise DarknetError(f"cannot read weights file {str(weights)!r}: {e.strerror or e}") from e
+            raise DarknetError(f"cannot read weights file {name!r}: {e.strerror or e}") from e
     if len(data) < 16:
         raise DarknetError(f"weights {name}: {len(data)} bytes is too short for a header (12 + 4 or 8 bytes)")
     major, minor, revision = struct.unpack_from("<3i", data, 0)
@@ -160,17 +174,15 @@ def load_darknet_weights(model: nn.Module, weights: str | os.PathLike[str] | byt
         (seen,), offset = struct.unpack_from("<q", data, 12), 20
     else:
         (seen,), offset = struct.unpack_from("<i", data, 12), 16
-    blocks = _conv_blocks(model)
-    need = sum(_conv_float_count(b) for b in blocks)
-    have = (len(data) - offset) // 4
+    have = (size - offset) // 4
     if len(data) < offset + 4 * need:
         raise DarknetError(
             f"weights {name}: expected {offset + 4 * need} bytes ({offset}-byte header + {need} float32 for "
             f"{len(blocks)} convolutional layers) but found {len(data)}; is this the cfg these weights belong to?"
         )
-    if len(data) > offset + 4 * need:
+    if size > offset + 4 * need:
         warnings.warn(
-            f"weights {name}: {len(data) - offset - 4 * need} trailing bytes after the {need} float32 the cfg "
+            f"weights {name}: {size - offset - 4 * need} trailing bytes after the {need} float32 the cfg "
             f"needs ({have} present); they were ignored, as Darknet does",
             DarknetWeightsWarning,
             stacklevel=2,

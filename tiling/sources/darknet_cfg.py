@@ -10,7 +10,9 @@ inputs, output shape and module builder; :mod:`tiling.sources.darknet` builds th
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,16 @@ Shape = tuple[int, int, int]  # (C, H, W)
 
 class DarknetError(TilingError):
     """A cfg or weights file the importer cannot reproduce faithfully (a ``ValueError``)."""
+
+
+# A cfg is input: bounded before it is parsed, and so is what it asks to build (Darknet's own cfgs
+# are a few KiB with a few hundred layers; YOLOv4's largest map is 32x608x608 = 11.8 M values).
+MAX_CFG_BYTES = 1 << 20
+MAX_LAYERS = 10_000
+MAX_MAP_VALUES = 1 << 30
+"""Values (C*H*W) of one layer's output for one frame: 4 GiB of float32, beyond any edge device."""
+MAX_LAYER_PARAMS = 1 << 28
+MAX_TOTAL_PARAMS = 1 << 30
 
 
 _ALIASES = {
@@ -122,15 +134,18 @@ class CfgSection:
         try:
             return int(self.options[key])
         except ValueError:
-            raise self.fail(f"'{key}={self.options[key]}' is not an integer", key) from None
+            raise self.fail(f"'{key}={_shown(self.options[key])}' is not an integer", key) from None
 
     def get_float(self, key: str, default: float) -> float:
         if key not in self.options:
             return default
         try:
-            return float(self.options[key])
+            v = float(self.options[key])
         except ValueError:
             raise self.fail(f"'{key}={self.options[key]}' is not a number", key) from None
+        if not math.isfinite(v):
+            raise self.fail(f"'{key}={self.options[key]}' is not a finite number", key)
+        return v
 
     def get_ints(self, key: str, default: Sequence[int] | None = None) -> list[int]:
         if key not in self.options:
@@ -146,9 +161,16 @@ class CfgSection:
         if key not in self.options:
             return []
         try:
-            return [float(v) for v in self.options[key].split(",") if v.strip()]
+            vs = [float(v) for v in self.options[key].split(",") if v.strip()]
         except ValueError:
             raise self.fail(f"'{key}={self.options[key]}' is not a comma-separated number list", key) from None
+        if not all(math.isfinite(v) for v in vs):
+            raise self.fail(f"'{key}={self.options[key]:.80}' holds a value that is not a finite number", key)
+        return vs
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 def parse_cfg(text: str) -> list[CfgSection]:
@@ -451,6 +473,10 @@ def plan_layers(sections: Sequence[CfgSection], net_shape: Shape) -> list[_Plann
     def shape_of(i: int) -> Shape:
         return net_shape if i < 0 else plan[i].shape
 
+    if len(sections) - 1 > MAX_LAYERS:
+        raise DarknetError(f"the cfg has {len(sections) - 1} layers; the importer takes at most {MAX_LAYERS}")
+    _check_map(sections[0], net_shape, "the [net] input")
+    params = 0
     for sec in sections[1:]:
         assert sec.index is not None
         handler = _HANDLERS.get(sec.name)
@@ -461,19 +487,62 @@ def plan_layers(sections: Sequence[CfgSection], net_shape: Shape) -> list[_Plann
         layer = handler(sec, _At(sec.index, shape_of(sec.index - 1), shape_of))
         if min(layer.shape) <= 0:
             raise sec.fail(f"output shape {layer.shape} from input {shape_of(sec.index - 1)} is empty")
+        _check_map(sec, layer.shape, "its output")
+        if sec.name == "convolutional":
+            params += _check_params(sec, shape_of(sec.index - 1), layer.shape, params)
         plan.append(layer)
     if not plan:
         raise DarknetError("the cfg has a [net] section but no layers")
     return plan
 
 
-def read_cfg_text(cfg: str | os.PathLike[str]) -> str:
+def _check_map(sec: CfgSection, shape: Shape, what: str) -> None:
+    values = shape[0] * shape[1] * shape[2]
+    if values > MAX_MAP_VALUES:
+        raise sec.fail(f"{what} {shape} holds {values} values per frame; the importer takes maps of at most "
+                       f"{MAX_MAP_VALUES} values (C*H*W): is a size in the cfg mistyped?")
+
+
+def _check_params(sec: CfgSection, shape_in: Shape, shape_out: Shape, so_far: int) -> int:
+    """Weights of a ``[convolutional]`` layer, refused before anything is allocated when absurd."""
+    size, groups = sec.get_int("size"), sec.get_int("groups", 1)
+    n = shape_out[0] * (shape_in[0] // groups) * size * size + 4 * shape_out[0]
+    if n > MAX_LAYER_PARAMS:
+        raise sec.fail(f"{shape_out[0]} filters of {shape_in[0] // groups}x{size}x{size} are {n} weights; the "
+                       f"importer takes at most {MAX_LAYER_PARAMS} per layer: is a size in the cfg mistyped?")
+    if so_far + n > MAX_TOTAL_PARAMS:
+        raise sec.fail(f"the layers up to this one hold {so_far + n} weights; the importer takes at most "
+                       f"{MAX_TOTAL_PARAMS} in all")
+    return n
+
+
+def read_cfg_text(cfg: str | bytes | os.PathLike[str]) -> str:
+    """Cfg text given as text (a ``str`` with a newline), as bytes, or as a path; files are bounded
+    (:data:`MAX_CFG_BYTES`) and must be UTF-8 text."""
     if isinstance(cfg, str) and "\n" in cfg:
         return cfg
-    path = Path(cfg)
+    if isinstance(cfg, (bytes, bytearray, memoryview)):
+        raw, name = bytes(cfg), "<bytes>"
+    else:
+        if not isinstance(cfg, (str, os.PathLike)):
+            raise DarknetError(f"cfg must be a path, cfg text or bytes, got {type(cfg).__name__}")
+        path = Path(cfg)
+        name = repr(str(path))
+        try:
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):
+                raise DarknetError(f"cannot read cfg file {name}: not a regular file (a directory, device or pipe)")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CFG_BYTES + 1)
+        except OSError as e:
+            raise DarknetError(f"cannot read cfg file {name}: {e.strerror or e}") from e
+        name = f"cfg file {name}"
+    if len(raw) > MAX_CFG_BYTES:
+        raise DarknetError(f"{name} is larger than {MAX_CFG_BYTES} bytes; a Darknet cfg is a few KiB of text")
     try:
-        return path.read_text()
-    except OSError as e:
-        raise DarknetError(f"cannot read cfg file {str(path)!r}: {e.strerror or e}") from e
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DarknetError(f"{name} is not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
+                           "expected a Darknet .cfg: [net] and [layer] sections of key=value lines") from None
 
 
