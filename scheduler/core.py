@@ -28,7 +28,7 @@ from scheduler.events import Cancel, Complete, Dispatch, FailFrame, Instruction,
 from scheduler.index import FleetIndex
 from scheduler.log import EventLog
 from scheduler.model import TileKey
-from scheduler.placement import NS, cost_ns, duration_ns, tail_ns, to_ns
+from scheduler.placement import NS, cost_ns, duration_ns, speed_step, tail_ns, to_ns
 from scheduler.records import DeviceRecord, FrameRecord, FrameStatus, TileRecord
 from scheduler.stealing import (
     PlannedTile,
@@ -372,6 +372,33 @@ class SchedulerCore:
         if speculate and self._overdue:
             self._start_copies(out)
             self._fill(out)  # only re-files the devices it looked at: nothing is planned on them
+        if self._flying == 0 and self._frames:
+            self._break_deadlock(out)
+
+    def _break_deadlock(self, out: list[Instruction]) -> None:
+        """Nothing runs, yet frames wait: maps held at a reduce point fill the devices that must
+        run what continues on them. Fail the youngest frame holding maps (freeing them), so the
+        older ones go on; repeat while that is still the case. Cheap: only when nothing is in flight.
+        """
+        while self._flying == 0:
+            active = [f for f in self._frames.values() if f.status == "active"]
+            if not active or any(f.tail != "blocked" for f in active):
+                return  # a tail is running or about to: that is progress
+            holding = [f for f in active if any(t.state == "done" and t.spec.held_bytes for t in f.tiles.values())]
+            if not holding:
+                return
+            frame = max(holding, key=lambda f: f.seq)
+            held = {t.device: 0 for t in frame.tiles.values() if t.state == "done" and t.spec.held_bytes}
+            for t in frame.tiles.values():
+                if t.state == "done" and t.spec.held_bytes:
+                    held[t.device] += t.spec.held_bytes
+            where = ", ".join(f"{b} B on {d} (budget {self._devices[d].info.memory_bytes} B)"  # type: ignore[index]
+                              for d, b in sorted(held.items()))
+            self._fail_frame(frame, f"frame {frame.frame_id}: the maps held at its reduce point ({where}) leave "
+                                    "no room for the tiles that continue on them; use a finer grid, fewer frames "
+                                    "in flight or devices with more memory", out)
+            self._place_tails(out)
+            self._fill(out)
 
     def _slow_down(
         self, dev: DeviceRecord, factor: float, out: list[Instruction], *, why: str
@@ -403,7 +430,7 @@ class SchedulerCore:
 
     def _learned_slow(self, dev: DeviceRecord) -> None:
         """``dev``'s factor was just learned: let it decay unless results confirm it."""
-        if self.learn_speed and dev.speed > 1:
+        if self.learn_speed and dev.speed >= 1.05:
             heapq.heappush(self._relax, (self._now_ns + to_ns(RELAX_AFTER_S), dev.id, dev.speed))
 
     def _relax_speeds(self) -> None:
@@ -412,8 +439,9 @@ class SchedulerCore:
             dev = self._devices.get(device_id)
             if dev is None or not dev.alive or dev.speed != speed:
                 continue  # gone, or measured again since
-            new = 1 + (speed - 1) / 2
+            new = speed_step(1 + (speed - 1) / 2)
             self._set_speed(dev, new if new >= 1.05 else 1.0)
+            dev.estimate = dev.speed
             self._learned_slow(dev)
 
     # ============================================================== speculation

@@ -22,6 +22,7 @@ changes a decision only between finishes that close.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -96,6 +97,16 @@ def duration_ns(tile: TileSpec, info: DeviceInfo, speed: float = 1.0) -> int:
 def tail_ns(frame: FrameSpec, info: DeviceInfo, speed: float = 1.0) -> int:
     """:func:`tail_cost_s` in whole nanoseconds."""
     return round(tail_cost_s(frame, info, speed) * NS)
+
+
+SPEED_STEP = 1.1
+
+
+def speed_step(factor: float) -> float:
+    """A learned speed factor rounded to a power of 1.1: measurements jitter, and devices whose
+    factors differ by less than a step stay in one class of the fleet index (and keep their
+    queue's costs) instead of each becoming a class of its own."""
+    return SPEED_STEP ** round(math.log(factor) / math.log(SPEED_STEP)) if factor > 0 else 1.0
 
 
 def effective_gflops(info: DeviceInfo, speed: float = 1.0) -> float:

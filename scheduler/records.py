@@ -90,6 +90,7 @@ class DeviceRecord:
     alive: bool = True
     speed: float = 1.0
     observed: int = 0
+    estimate: float = 1.0  # the running average of measured speed factors (``speed`` is it, rounded)
     speed_since: float = 0.0
     in_flight: list[TileKey] = field(default_factory=list)
     running_since: float = 0.0

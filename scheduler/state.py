@@ -48,7 +48,7 @@ from scheduler.events import (
 from scheduler.invariants import check_index, check_invariants
 from scheduler.log import LogEntry, Subject, Transition
 from scheduler.model import FrameSpec, TileKey, TileRef, frame_problems, tile_key
-from scheduler.placement import compute_s, to_ns
+from scheduler.placement import compute_s, speed_step, to_ns
 from scheduler.records import (
     DeviceRecord,
     DeviceStats,
@@ -533,12 +533,15 @@ class Scheduler(SchedulerCore):
             return
         # the reported time includes the per-tile overhead, which the speed factor does not scale
         ratio = max(0.05, (measured_s - dev.info.tile_overhead_s) / expected)
-        new = (
+        dev.estimate = (
             ratio
             if dev.observed == 0
-            else (1 - self.SPEED_ALPHA) * dev.speed + self.SPEED_ALPHA * ratio
+            else (1 - self.SPEED_ALPHA) * dev.estimate + self.SPEED_ALPHA * ratio
         )
         dev.observed += 1
+        new = speed_step(dev.estimate)
+        if new == dev.speed:
+            return  # within the same 10% step: nothing to re-time, and devices stay in few classes
         if new > dev.speed * self.SLOWDOWN_TRIGGER:
             self._slow_down(dev, new, out, why=f"{dev.id} measured x{new:.3g}")
         else:

@@ -48,7 +48,7 @@ def test_stealing_beats_a_static_split_when_a_device_is_secretly_slow() -> None:
     assert Counter(default.assignments.values())["d0"] <= 2
     assert sum(s.steals for s in stealing.stats.values()) > 0
     assert sum(s.steals for s in static.stats.values()) == 0
-    assert default.stats["d0"].speed == pytest.approx(5.0)
+    assert default.stats["d0"].speed == pytest.approx(5.0, rel=0.05)  # learned, in 10% steps
 
 
 def test_announced_slowdown_moves_work_without_waiting() -> None:

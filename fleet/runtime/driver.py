@@ -247,7 +247,11 @@ class Driver(Shell):
 
     def _tick(self) -> None:
         self._armed = None
-        self.execute(self.sched.handle(Tick(self.clock.now())))
+        due, now = self.sched.next_deadline(), self.clock.now()
+        if due is not None and due <= now:
+            self.execute(self.sched.handle(Tick(now)))
+        else:
+            self.execute(())  # what it was armed for has finished: arm for what is next, if anything
 
     def dispatch(self, ins: Dispatch) -> None:
         key, device = ins.key, ins.device
