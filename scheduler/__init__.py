@@ -12,6 +12,7 @@ from scheduler.core import SPECULATE_AFTER, SPECULATION_SHARE
 from scheduler.events import (
     Cancel,
     Complete,
+    DeviceBudget,
     DeviceJoined,
     DeviceLost,
     DeviceSlow,
@@ -41,6 +42,7 @@ __all__ = [
     "Cancel",
     "Candidate",
     "Complete",
+    "DeviceBudget",
     "DeviceInfo",
     "DeviceJoined",
     "DeviceLost",

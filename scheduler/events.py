@@ -116,6 +116,16 @@ class DeviceSlow:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceBudget:
+    """The device's memory budget is now ``memory_bytes`` (memory pressure from another process,
+    or room given back). Tiles that no longer fit go elsewhere; a tile already running stays."""
+
+    device_id: str
+    memory_bytes: int
+    t: float
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed with nothing else happening; lets estimates age and
     stealing reconsider.  Optional for the shell."""
@@ -132,6 +142,7 @@ Event = (
     | DeviceJoined
     | DeviceLost
     | DeviceSlow
+    | DeviceBudget
     | Tick
 )
 
@@ -193,7 +204,7 @@ def event_device(event: Event) -> str | None:
     """The device an event concerns, if any (used by the log's story)."""
     if isinstance(event, (TileDone, TileFailed, TailDone, TailFailed)):
         return event.device
-    if isinstance(event, (DeviceLost, DeviceSlow)):
+    if isinstance(event, (DeviceLost, DeviceSlow, DeviceBudget)):
         return event.device_id
     if isinstance(event, DeviceJoined):
         return event.device.id

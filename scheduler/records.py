@@ -117,6 +117,7 @@ class DeviceRecord:
     peak_high_water: int = 0  # most tile peak bytes ever in flight at once (memory reports)
     held: dict[TileKey, int] = field(default_factory=dict)  # done tiles' maps kept for pinned tiles
     held_bytes: int = 0
+    overcommitted: bool = False  # its budget shrank below what it already holds; nothing new until it fits
     # counters for DeviceStats
     tiles_done: int = 0
     tails_done: int = 0
@@ -215,6 +216,7 @@ class DeviceRecord:
 
     def remove_tail(self, frame_id: int) -> None:
         self.tail_bytes -= self.tails.pop(frame_id)
+        self.refit()
         self.flight_ns -= self.tail_costs.pop(frame_id)
 
     def clear(self) -> None:
@@ -227,6 +229,7 @@ class DeviceRecord:
         self.peak_bytes = 0
         self.held.clear()
         self.held_bytes = 0
+        self.overcommitted = False
         self.costs.clear()
         self.tail_costs.clear()
         self.needs.clear()
@@ -271,6 +274,7 @@ class DeviceRecord:
         if not refs:
             del self.weight_refs[tile.weight_key]
         self.peak_bytes -= tile.spec.peak_bytes + tile.spec.held_bytes
+        self.refit()
 
     def hold(self, key: TileKey, nbytes: int) -> None:
         self.held[key] = nbytes
@@ -278,6 +282,12 @@ class DeviceRecord:
 
     def unhold(self, key: TileKey) -> None:
         self.held_bytes -= self.held.pop(key, 0)
+        self.refit()
+
+    def refit(self) -> None:
+        """After memory was freed: an overcommitted device (its budget shrank) fits again?"""
+        if self.overcommitted and self.memory_in_use() <= self.info.memory_bytes:
+            self.overcommitted = False
 
     def free_bytes(self) -> int:
         return self.info.memory_bytes - self.memory_in_use()

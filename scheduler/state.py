@@ -27,11 +27,13 @@ exactly-once even when the shell delivers duplicates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from scheduler.core import SchedulerCore
 from scheduler.events import (
     Cancel,
+    DeviceBudget,
     DeviceJoined,
     DeviceLost,
     DeviceSlow,
@@ -193,6 +195,8 @@ class Scheduler(SchedulerCore):
             self._on_device_lost(event, out)
         elif isinstance(event, DeviceSlow):
             self._on_device_slow(event, out)
+        elif isinstance(event, DeviceBudget):
+            self._on_device_budget(event, out)
         elif isinstance(event, Tick):
             pass
 
@@ -515,6 +519,44 @@ class Scheduler(SchedulerCore):
             self._slow_down(dev, ev.factor, out, why=f"{dev.id} slowed x{ev.factor:g}")
         else:
             self._set_speed(dev, ev.factor)  # faster again: it wins work back by stealing
+
+    def _on_device_budget(self, ev: DeviceBudget, out: list[Instruction]) -> None:
+        dev = self._devices.get(ev.device_id)
+        budget = ev.memory_bytes
+        if dev is None or not dev.alive or not isinstance(budget, int) or budget < 0 or budget == dev.info.memory_bytes:
+            return
+        largest_before = self._index.largest_memory()
+        memory = self._index.memory
+        memory[dev.info.memory_bytes] -= 1
+        if not memory[dev.info.memory_bytes]:
+            del memory[dev.info.memory_bytes]
+        memory[budget] += 1
+        dev.info = dataclasses.replace(dev.info, memory_bytes=budget)
+        self._touch(dev)
+        # what no longer fits moves: queued tiles (not the running one) and planned ones
+        moved: list[TileRecord] = []
+        for key in dev.in_flight[1:] + dev.planned_keys():
+            tile = self._tile(key)
+            if tile.need_bytes <= budget or tile.backup is not None:
+                continue
+            if tile.state == "in_flight":
+                self._remove_in_flight(dev, tile)
+                dev.cancelled += 1
+                out.append(Cancel(key, dev.id))
+            else:
+                self._unplan(dev, tile)
+            tile.state, tile.device = "waiting", None
+            moved.append(tile)
+        dev.requeued += len(moved)
+        dev.overcommitted = dev.memory_in_use() > budget
+        if self._index.largest_memory() < largest_before:
+            for frame in list(self._frames.values()):
+                if frame.status == "active":
+                    reason = self._infeasible(frame)
+                    if reason is not None:
+                        self._fail_frame(frame, f"{reason} after {dev.id}'s budget shrank to {budget} bytes", out)
+        self._plan([t for t in moved if self._frames[t.key[0]].status == "active"], out,
+                   why=f"{dev.id} budget now {budget} B", exclude=dev.id)
 
     def _learn_speed(
         self, dev: DeviceRecord, tile: TileRecord, measured_s: float, out: list[Instruction]

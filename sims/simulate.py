@@ -28,9 +28,10 @@ from .world import DISPATCH_S, Faults, SimClock, SimTransport
 @dataclass(frozen=True)
 class ScenarioEvent:
     at_s: float
-    action: str  # "kill", "revive", "slow", "join"
+    action: str  # "kill", "revive", "slow", "budget", "join"
     device: str
     factor: float = 1.0  # slow: compute time multiplier
+    memory_bytes: int = 0  # budget: the device's new memory budget
     detect_s: float = 1.5  # kill: how long until the driver hears of it (Ray's health checks here: ~1.5 s)
     spec: DeviceSpec | None = None  # join / revive: the device's profile
 
@@ -156,12 +157,14 @@ def _apply(ev: ScenarioEvent, transport: SimTransport) -> None:
         transport.kill(ev.device, ev.detect_s)
     elif ev.action == "slow":
         transport.slow(ev.device, ev.factor)
+    elif ev.action == "budget":
+        transport.budget(ev.device, ev.memory_bytes)
     elif ev.action in ("revive", "join"):
         if ev.spec is None:
             raise ValueError(f"scenario event {ev.action} of {ev.device} needs the device's profile")
         transport.revive(ev.spec)
     else:
-        raise ValueError(f"unknown scenario action {ev.action!r}; accepted: kill, revive, slow, join")
+        raise ValueError(f"unknown scenario action {ev.action!r}; accepted: kill, revive, slow, budget, join")
 
 
 class _Counting:

@@ -157,6 +157,10 @@ class SimTransport:
         self.epoch[spec.id] = self.epoch.get(spec.id, 0) + 1
         self._driver().add_device(spec.id, Device(spec.info(), None, profile=spec.profile, scale=self.scale))
 
+    def budget(self, device: str, memory_bytes: int) -> None:
+        """Another process takes (or gives back) memory on the device; the driver is told at once."""
+        self._driver().set_budget(device, memory_bytes)
+
     def slow(self, device: str, factor: float) -> None:
         """From now on the device computes ``factor`` times slower (the scheduler is not told)."""
         self.slow_factor[device] = factor

@@ -85,3 +85,34 @@ def test_pinned_tiles_are_never_copied() -> None:
     h(TileDone((1, 0, 0), "a", 1.0), TileDone((1, 0, 1), "b", 1.0))
     assert h(TileDone((1, 1, 1), "b", 2.0)) == []  # b idle, a's continuation still running
     assert h(Tick(10.0)) == []  # overdue, but its maps are only on a
+
+
+# --- memory pressure ---------------------------------------------------------------------------------
+
+def test_a_device_whose_budget_shrinks_gets_no_tile_it_cannot_hold() -> None:
+    from scheduler import DeviceBudget
+    from scheduler.testing import independent_frame
+
+    h = Checked()
+    assert h(DeviceJoined(device("a"), 0.0), DeviceJoined(device("b"), 0.0)) == []
+    frame = independent_frame(1, 6, peak_bytes=1000)
+    assert h(FrameSubmitted(frame, 0.0)) == [
+        Dispatch((1, 0, 0), "a"), Dispatch((1, 0, 2), "a"), Dispatch((1, 0, 1), "b"), Dispatch((1, 0, 3), "b")]
+    # another process takes a's memory: its queued tile is cancelled, its running one stays
+    assert h(DeviceBudget("a", 500, 0.5)) == [Cancel((1, 0, 2), "a")]
+    assert h.s.planned("a") == [] and h.s.in_flight("a") == [(1, 0, 0)]
+    assert h(TileDone((1, 0, 0), "a", 1.0)) == []  # free now, but nothing fits in 500 bytes
+    assert all(k[2] != 0 for k in h.s.planned("b")) and len(h.s.planned("b")) == 3
+    back = h(DeviceBudget("a", 10_000, 1.5))  # room again: a steals back what helps
+    assert back and all(isinstance(i, Dispatch) and i.device == "a" for i in back), back
+
+
+def test_a_budget_too_small_for_any_device_fails_the_frame_with_the_numbers() -> None:
+    from scheduler import DeviceBudget, FailFrame
+    from scheduler.testing import independent_frame
+
+    h = Checked()
+    assert h(DeviceJoined(device("a"), 0.0)) == []
+    h(FrameSubmitted(independent_frame(1, 2, peak_bytes=1000), 0.0))
+    out = h(DeviceBudget("a", 10, 0.1))
+    assert any(isinstance(i, FailFrame) and "budget shrank to 10 bytes" in i.reason for i in out), out

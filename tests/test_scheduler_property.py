@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from scheduler import (
     Cancel,
     Complete,
+    DeviceBudget,
     DeviceInfo,
     DeviceJoined,
     DeviceLost,
@@ -220,11 +221,11 @@ def test_any_history_keeps_the_invariants(
             actions += ["tick"] * 3
         if mishaps > 0:
             actions += (
-                ["join"] + ["lose", "slow"] * bool(shell.alive) + ["stale"] * bool(shell.stale)
+                ["join"] + ["lose", "slow", "budget"] * bool(shell.alive) + ["stale"] * bool(shell.stale)
             )
             actions += ["fail", "fatal"] * bool(shell.tiles) + ["tailfail"] * bool(shell.tails)
         action = data.draw(st.sampled_from(actions), label="action")
-        if action in ("fail", "fatal", "lose", "slow", "join", "stale", "tailfail"):
+        if action in ("fail", "fatal", "lose", "slow", "budget", "join", "stale", "tailfail"):
             mishaps -= 1
         if action == "submit":
             shell.send(FrameSubmitted(to_submit.pop(0), shell.now))
@@ -266,6 +267,9 @@ def test_any_history_keeps_the_invariants(
         elif action == "slow" and shell.alive:
             d = data.draw(st.sampled_from(sorted(shell.alive)), label="slowed")
             shell.send(DeviceSlow(d, data.draw(st.sampled_from([1.0, 2.0, 5.0])), shell.now))
+        elif action == "budget" and shell.alive:
+            d = data.draw(st.sampled_from(sorted(shell.alive)), label="squeezed")
+            shell.send(DeviceBudget(d, data.draw(st.sampled_from([0, 300, 600, 10**6])), shell.now))
         elif action == "join":
             rejoin = data.draw(st.booleans(), label="rejoin") if lost else False
             if rejoin:

@@ -141,3 +141,40 @@ def _timed(dep: fleet.Deployment, x: torch.Tensor, want: torch.Tensor) -> float:
     err = float((got - want).norm() / want.norm())
     assert err <= 1e-4, err
     return dt
+
+
+# --- memory pressure ---------------------------------------------------------------------------------
+
+@pytest.mark.sim
+def test_a_device_whose_budget_shrinks_stops_receiving_tiles_it_cannot_hold() -> None:
+    plan, devs = plan_of((4, 4)), parse_spec("pi3*4", TABLE, max_devices=None)
+    need = min(t.peak_bytes for t in plan.stages[0].tiles)
+    squeeze = ScenarioEvent(1.0, "budget", "pi3-2", memory_bytes=need // 2)
+    run = simulate(plan, devs, frames=30, in_flight=4, scenario=Scenario([squeeze]), trace=True)
+    assert len(run.completed) == 30 and not run.failed
+    after = [e for e in run.trace if e.device == "pi3-2" and e.lane == "compute" and e.start > 1.2]
+    assert after == []  # its running tile finished; nothing was sent after
+    assert run.stats["devices"]["pi3-2"]["tiles"] > 0  # it worked before the squeeze
+
+
+@pytest.mark.ray
+def test_on_ray_a_squeezed_device_gets_no_tiles_and_frames_stay_exact(cluster: fleet.Cluster) -> None:
+    model, x = conv_net(), torch.randn(1, 3, SIZE, SIZE)
+    dep = cluster.deploy(model, x, grid=(4, 4))
+    budget = {d["id"]: d["usable_bytes"] for d in cluster.devices()}["pi3-2"]
+    try:
+        with torch.no_grad():
+            want = model(x)
+        _timed(dep, x, want)
+        cluster.set_budget("pi3-2", 1024)  # another process took nearly all of it
+        _timed(dep, x, want)  # a tile already running there may still finish during this one
+        dep.reset_stats()
+        for _ in range(3):
+            _timed(dep, x, want)
+        tiles = {d: s["tiles"] for d, s in dep.stats()["devices"].items()}
+        assert tiles["pi3-2"] == 0 and sum(tiles.values()) == 3 * 16, tiles
+        with pytest.raises(ValueError, match="whole number of bytes"):
+            cluster.set_budget("pi3-2", -5)
+    finally:
+        cluster.set_budget("pi3-2", budget)
+        dep.close()

@@ -247,6 +247,13 @@ class Cluster:
 
         ray.get(actor.slow.remote(factor), timeout=30)
 
+    def set_budget(self, device_id: str, memory_bytes: int) -> None:
+        """Tell the scheduler a device's memory budget changed, as when another process on it takes
+        memory: tiles that no longer fit go elsewhere (a running one finishes), and frames that fit no
+        device any more fail with the numbers. Giving memory back lets it take work again."""
+        self._check()
+        self.driver.call(lambda: self.driver.core.set_budget(device_id, memory_bytes))
+
     def detection_times(self) -> dict[str, float | None]:
         """Per killed device: seconds from ``fail`` until the driver noticed (None: not yet)."""
         return self.driver.call(self.driver.core.detection_times)

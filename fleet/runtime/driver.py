@@ -20,6 +20,7 @@ from typing import Any
 from scheduler import (
     Cancel,
     Complete,
+    DeviceBudget,
     DeviceInfo,
     DeviceJoined,
     DeviceLost,
@@ -186,6 +187,14 @@ class Driver(Shell):
         log.warning("device %s lost (%s)", device, why)
         self.transport.forget(device)
         self.execute(self.sched.handle(DeviceLost(device, self.clock.now(), results_lost=results_lost)))
+
+    def set_budget(self, device_id: str, memory_bytes: int) -> None:
+        """The device's memory budget changed (another process took memory, or gave it back)."""
+        if device_id not in self.devices:
+            raise KeyError(f"no device '{device_id}'; devices: {', '.join(self.devices)}")
+        if not isinstance(memory_bytes, int) or isinstance(memory_bytes, bool) or memory_bytes < 0:
+            raise ValueError(f"memory_bytes must be a whole number of bytes >= 0, got {memory_bytes!r}")
+        self.execute(self.sched.handle(DeviceBudget(device_id, memory_bytes, self.clock.now())))
 
     def add_device(self, device_id: str, dev: Device) -> None:
         """A device that joined the cluster: it takes work from now on. A device that comes back under
