@@ -122,11 +122,10 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--sweep", action="store_true",
                    help="measure grid='auto' against a sweep of fixed plans on the same cluster and frames")
     b.add_argument("--soak", action="store_true",
-                   help="soak test: --frames small frames (a 3-conv model at --size, default 32) through the emulated "
-                        "cluster (grid 2x2 unless --grid) while its last device fails and comes back every --fail-every frames; "
-                        "reports fps over "
-                        "time, RSS growth of the driver and of the workers that never failed, and frames lost, "
-                        "duplicated or wrong; exits 1 if a target is missed")
+                   help="soak test: --frames small frames (a 3-conv model at --size, default 32; grid 2x2 unless "
+                        "--grid) through the emulated cluster while its last device fails and comes back every "
+                        "--fail-every frames; reports fps over time, RSS growth of the driver and of the workers that "
+                        "never failed, and frames lost, duplicated or wrong; exits 1 if a target is missed")
     b.add_argument("--fail-every", type=int, default=300, metavar="FRAMES",
                    help="with --soak: frames per fail/revive cycle: the device is up half of it from its revival, "
                         "down the other half; a revival still under way half a period later holds frames back")
