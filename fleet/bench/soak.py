@@ -6,11 +6,13 @@ The run:
   model's output for each is computed once, before the run, and every result is compared with it
   (consecutive frames have different inputs, so a result given to the wrong frame is wrong);
 - frames are kept ``in_flight`` deep (the throughput harness's depth) and collected in order;
+  *lost*: a frame whose future failed or timed out; *wrong*: relative error > 1e-4; *duplicated*:
+  frames the driver completed beyond those the client received (each frame is submitted once);
 - the last device (the *victim*) is up for ``period / 2`` frames from its revival (and until it
   has taken a tile since), then :meth:`fleet.Cluster.fail` kills it, and ``period / 2`` frames
   later :meth:`fleet.Cluster.revive` brings it back on a thread while frames keep flowing; a
-  revival still under way ``period / 2`` frames later holds new frames back until it is done (a
-  new worker process takes seconds on a loaded host), so a cycle stays within 1.5 periods;
+  revival still under way ``period`` frames later holds new frames back until it is done (a new
+  worker process takes seconds on a loaded host), so a cycle stays within 2 periods;
 - warm-up runs until the first cycle is complete (at least ``period`` frames); then the RSS of
   this process (the driver) and of every worker that never fails is read, statistics are reset,
   and ``frames`` timed frames run; the RSS is read again at the end.
@@ -66,7 +68,7 @@ class Chaos:
     """When the victim fails and comes back, frame by frame (no Ray, no clock: see :meth:`step`).
 
     ``up`` for ``period // 2`` frames -> ``fail`` -> ``down`` for ``period // 2`` frames -> ``revive``
-    -> ``reviving`` until the revival is done (after ``period // 2`` frames: ``wait`` for it) ->
+    -> ``reviving`` until the revival is done (after ``period`` frames: ``wait`` for it) ->
     ``returning`` until the victim takes a tile -> ``up`` (a cycle is complete; its up time counts
     from the revival).
     """
@@ -81,7 +83,7 @@ class Chaos:
         step again) or None. ``revived``: the revival under way is done; ``took_tile``: the victim
         took a tile since it was revived."""
         half = max(1, self.period // 2)
-        if self.state == "reviving" and not revived and frame - self.since >= half:
+        if self.state == "reviving" and not revived and frame - self.since >= self.period:
             return "wait"
         if self.state == "reviving" and revived:
             self.state, self.since = "returning", frame
@@ -97,13 +99,15 @@ class Chaos:
         return None
 
 
-def fps_windows(done: Sequence[float], n_windows: int = WINDOWS,
-                events: Sequence[Sequence[Any]] = ()) -> list[dict[str, Any]]:
+def fps_windows(done: Sequence[float], n_windows: int = WINDOWS, events: Sequence[Sequence[Any]] = (),
+                cpu: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """Frames per second in ``n_windows`` consecutive windows of completions.
 
     ``done``: completion times (s) of the timed frames in order, from the start of the timed run
     (t = 0). Window ``[a, b)`` lasts from the completion of frame ``a - 1`` (or 0) to that of ``b - 1``.
-    ``events``: (frame, what, ...) tuples, listed in the window holding that frame.
+    ``events``: (frame, what, ...) tuples, listed in the window holding that frame. ``cpu``: this
+    process's CPU seconds at each completion (from the same start): each window's CPU per frame,
+    which a busy host inflates far less than wall time (a driver doing more work per frame shows).
     """
     n = len(done)
     if n == 0:
@@ -117,6 +121,8 @@ def fps_windows(done: Sequence[float], n_windows: int = WINDOWS,
         out.append({"frames": [a, b], "t_start_s": t0, "t_end_s": t1,
                     "fps": (b - a) / (t1 - t0) if t1 > t0 else None,  # None: no measurable time
                     "events": [f"{e[1]}@{e[0]}" for e in events if a <= e[0] < b]})
+        if cpu is not None:
+            out[-1]["cpu_ms_per_frame"] = (cpu[b - 1] - (cpu[a - 1] if a > 0 else 0.0)) / (b - a) * 1e3
     return out
 
 
@@ -277,6 +283,8 @@ def run_soak(devices: str = SOAK_DEVICES, frames: int = SOAK_FRAMES, period: int
         warm_rss = _rss(pids, steady)
         dep.reset_stats()
         run.reset()
+        victim.revive_s.clear()
+        victim.waited_s.clear()
         say(f"warm-up done after {warm_frames} frames; RSS " + ", ".join(f"{k} {v / MB:.0f} MB"
                                                                        for k, v in warm_rss.items()))
         # the timed run
@@ -285,17 +293,19 @@ def run_soak(devices: str = SOAK_DEVICES, frames: int = SOAK_FRAMES, period: int
         samples = [_sample(0, 0.0, warm_rss)]
         every = max(1, frames // 100)
         cycles_before = chaos.cycles
-        t0 = time.monotonic()
+        load = [os.getloadavg()[0]]
+        t0 = run.start_clock()
         for j in range(frames):
             what = _chaos_step(chaos, victim, i + j, say)
             if what:
                 events.append((j, what, time.monotonic() - t0))
-            run.submit(i + j, timed=j, t0=t0)
+            run.submit(i + j, timed=True)
             bar.update(1)
             if j % every == 0 and j:
                 samples.append(_sample(j, time.monotonic() - t0, _rss(pids, steady, quiet=True)))
-        run.drain(t0=t0)
+        run.drain()
         wall = time.monotonic() - t0
+        load.append(os.getloadavg()[0])
         bar.close()
         victim.join()
         since_revival = frames + i - chaos.since if chaos.state == "returning" and not victim.took_tile() else 0
@@ -310,15 +320,18 @@ def run_soak(devices: str = SOAK_DEVICES, frames: int = SOAK_FRAMES, period: int
                                                "frames_since_start": core.next_frame})
         still = {d["id"]: d["pid"] for d in cluster.devices()}
         tiles_per_frame = sum(len(s.tiles) for s in dep.plan.stages)
-        windows_ = fps_windows(run.done, windows, events)
+        windows_ = fps_windows(run.done, windows, events, run.cpu)
         report: dict[str, Any] = {
             "mode": "soak", "model": w.name, "devices": devices, "grid": plan_label(dep.plan),
             "tiles_per_frame": tiles_per_frame, "scale": cluster.scale, "in_flight": depth,
             "frames": frames, "warmup_frames": warm_frames, "fail_every": period,
             "victim": victim.device, "never_failed": steady, "distinct_inputs": DISTINCT,
             "wall_s": wall, "total_s": time.monotonic() - t_start, "fps": frames / wall if wall > 0 else 0.0,
+            "host_load_1min": load, "host_cpus": os.cpu_count(),
             "fps_windows": windows_, "fps_summary": fps_summary(windows_),
-            "lost": run.lost, "duplicated": run.duplicated + max(0, snap["frames"]["count"] - run.delivered),
+            # each frame is submitted once and its future read once: a second completion of a frame would
+            # show in the driver's count of completed frames (or crash the driver, and every frame is lost)
+            "lost": run.lost, "duplicated": max(0, snap["frames"]["count"] - run.delivered),
             "wrong": run.wrong, "max_rel_error": run.max_err, "errors": run.errors[:5],
             "driver_frames_done": snap["frames"]["count"],
             "tiles_accepted": int(sum(d["tiles"] for d in snap["devices"].values())),
@@ -361,26 +374,32 @@ class _Loop:
 
     def __init__(self, dep: Any, xs: list[torch.Tensor], refs: list[Any], depth: int) -> None:
         self.dep, self.xs, self.refs, self.depth = dep, xs, refs, depth
-        self.window: list[tuple[int, int | None, Any]] = []
+        self.window: list[tuple[int, bool, Any]] = []
+        self.t0 = self.c0 = 0.0
         self.reset()
 
     def reset(self) -> None:
-        self.lost = self.wrong = self.duplicated = self.delivered = 0
+        self.lost = self.wrong = self.delivered = 0
         self.max_err = 0.0
         self.errors: list[str] = []
         self.done: list[float] = []
-        self.seen: set[int] = set()
+        self.cpu: list[float] = []
 
-    def submit(self, frame: int, timed: int | None = None, t0: float = 0.0) -> None:
+    def start_clock(self) -> float:
+        """The timed run starts: completion times and CPU seconds count from now."""
+        self.t0, self.c0 = time.monotonic(), time.process_time()
+        return self.t0
+
+    def submit(self, frame: int, timed: bool = False) -> None:
         self.window.append((frame, timed, self.dep.submit(self.xs[frame % DISTINCT])))
         while len(self.window) >= self.depth:
-            self._collect(t0)
+            self._collect()
 
-    def drain(self, t0: float = 0.0) -> None:
+    def drain(self) -> None:
         while self.window:
-            self._collect(t0)
+            self._collect()
 
-    def _collect(self, t0: float) -> None:
+    def _collect(self) -> None:
         frame, timed, fut = self.window.pop(0)
         try:
             y = fut.result(timeout=RESULT_TIMEOUT_S)
@@ -388,13 +407,11 @@ class _Loop:
             self.lost += 1
             self.errors.append(f"frame {frame}: {type(e).__name__}: {e}")
             y = None
-        if timed is not None:
-            self.done.append(time.monotonic() - t0)
+        if timed:
+            self.done.append(time.monotonic() - self.t0)
+            self.cpu.append(time.process_time() - self.c0)
         if y is None:
             return
-        if frame in self.seen:
-            self.duplicated += 1
-        self.seen.add(frame)
         self.delivered += 1
         err = tiling.rel_error(y, self.refs[frame % DISTINCT])
         self.max_err = max(self.max_err, err)

@@ -219,7 +219,8 @@ def soak_table(r: dict[str, Any]) -> str:
     rows = [["model", r["model"]], ["devices", f"{r['devices']} (fails and returns: {r['victim']})"],
             ["plan", f"{r['grid']}, {r['in_flight']} frames in flight, clock scale {r['scale']:g}"],
             ["frames", f"{r['frames']} timed after {r['warmup_frames']} warm-up, {r['distinct_inputs']} distinct inputs"],
-            ["wall", f"{r['wall_s']:.1f} s timed ({r['total_s']:.1f} s in all)"],
+            ["wall", f"{r['wall_s']:.1f} s timed ({r['total_s']:.1f} s in all); host load (1 min) "
+                     + " -> ".join(f"{v:.1f}" for v in r.get("host_load_1min", [])) + f" on {r.get('host_cpus')} CPUs"],
             ["fps", f"{r['fps']:.1f} overall; windows min {fs.get('min', 0):.1f} / median {fs.get('median', 0):.1f} / "
                     f"max {fs.get('max', 0):.1f}; first {fs.get('first', 0):.1f}, last {fs.get('last', 0):.1f}"],
             ["fail/revive cycles", f"{r['cycles']} (every {r['fail_every']} frames + the revival; revival "
@@ -230,9 +231,10 @@ def soak_table(r: dict[str, Any]) -> str:
             ["tiles accepted", f"{r['tiles_accepted']} ({r['tiles_expected']} = frames x tiles per frame); "
                                f"retries {r['retries']}; late on the host {r['host_too_slow']}"]]
     out = [table(["soak", "value"], rows), ""]
-    out.append(table(["frames", "until s", "fps", "events"],
+    out.append(table(["frames", "until s", "fps", "driver CPU ms/frame", "events"],
                      [[f"{w['frames'][0]}-{w['frames'][1] - 1}", f"{w['t_end_s']:.1f}",
-                       f"{w['fps']:.1f}" if w["fps"] is not None else "-", _events(w["events"])]
+                       f"{w['fps']:.1f}" if w["fps"] is not None else "-",
+                       f"{w['cpu_ms_per_frame']:.2f}" if "cpu_ms_per_frame" in w else "-", _events(w["events"])]
                       for w in r["fps_windows"]]))
     out.append("")
     out.append(table(["process", "RSS after warm-up MB", "RSS at end MB", "growth MB"],

@@ -128,7 +128,7 @@ def _add_bench(sub: Any) -> None:
                         "never failed, and frames lost, duplicated or wrong; exits 1 if a target is missed")
     b.add_argument("--fail-every", type=int, default=300, metavar="FRAMES",
                    help="with --soak: frames per fail/revive cycle: the device is up half of it from its revival, "
-                        "down the other half; a revival still under way half a period later holds frames back")
+                        "down the other half; a revival still under way a period later holds frames back")
     b.add_argument("--plot", metavar="PNG", help="with --soak: plot fps and RSS over the run to this PNG (needs matplotlib)")
     b.add_argument("--json", help="write the report as JSON to this file")
     b.add_argument("--standard", action="store_true", help="run the standard set and write JSON files to --out")
