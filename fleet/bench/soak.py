@@ -55,10 +55,11 @@ RESULT_TIMEOUT_S = 120.0
 
 # --- pure parts ----------------------------------------------------------------------------------------
 def soak_model(size: int = SOAK_SIZE) -> Workload:
-    """A small conv model (3 convs, 2 max pools, about 1.3 MFLOP at 32x32), seeded."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-                          nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    """A small conv model (3 convs, 2 max pools, about 4 MFLOP at 32x32), seeded."""
+    with torch.random.fork_rng(devices=[]):  # the same weights every run, the caller's RNG untouched
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
     g = torch.Generator().manual_seed(0)
     return Workload(f"soak-conv3 {size}x{size}", model, torch.randn(1, 3, size, size, generator=g))
 
@@ -263,91 +264,121 @@ def run_soak(devices: str = SOAK_DEVICES, frames: int = SOAK_FRAMES, period: int
             raise ValueError(f"the soak fails one device and needs another to carry on: --devices {devices!r}")
         dep = cluster.deploy(w.model, w.example, grid=grid)
         depth = in_flight or throughput_depth([d["gflops"] for d in cluster.devices()])
-        victim = _Victim(cluster, dep, ids[-1])
-        steady = ids[:-1]  # never fail
-        chaos = Chaos(period)
-        run = _Loop(dep, xs, refs, depth)
-        # warm-up: at least one period, until one whole cycle is done (fail, revive, a tile taken again)
-        warm_bar = _bar(None, progress)  # type: ignore[arg-type]  # (tqdm: no total, a counter)
-        i = 0
-        while not (chaos.cycles >= 1 and chaos.state == "up" and i >= period):
-            _chaos_step(chaos, victim, i, say)
-            run.submit(i)
-            i += 1
-            warm_bar.update(1)
-        run.drain()
-        warm_bar.close()
-        warm_frames = i
-        pids = {d["id"]: d["pid"] for d in cluster.devices()}
-        gc.collect()
-        warm_rss = _rss(pids, steady)
-        dep.reset_stats()
-        run.reset()
-        victim.revive_s.clear()
-        victim.waited_s.clear()
-        say(f"warm-up done after {warm_frames} frames; RSS " + ", ".join(f"{k} {v / MB:.0f} MB"
-                                                                       for k, v in warm_rss.items()))
-        # the timed run
-        bar = _bar(frames, progress)
-        events: list[tuple[int, str, float]] = []  # (timed frame, what, seconds into the timed run)
-        samples = [_sample(0, 0.0, warm_rss)]
-        every = max(1, frames // 100)
-        cycles_before = chaos.cycles
-        load = [os.getloadavg()[0]]
-        t0 = run.start_clock()
-        for j in range(frames):
-            what = _chaos_step(chaos, victim, i + j, say)
-            if what:
-                events.append((j, what, time.monotonic() - t0))
-            run.submit(i + j, timed=True)
-            bar.update(1)
-            if j % every == 0 and j:
-                samples.append(_sample(j, time.monotonic() - t0, _rss(pids, steady, quiet=True)))
-        run.drain()
-        wall = time.monotonic() - t0
-        load.append(os.getloadavg()[0])
-        bar.close()
-        victim.join()
-        since_revival = frames + i - chaos.since if chaos.state == "returning" and not victim.took_tile() else 0
-        gc.collect()
-        end_rss = _rss(pids, steady)
-        samples.append(_sample(frames, wall, end_rss))
-        snap = dep.stats(detail=False)
-        core = cluster.driver.core
-        # what the driver keeps by design, up to a bound, and so grows until full (see the verdict)
-        history = cluster.driver.call(lambda: {"trace_events": len(core.trace), "trace_cap": MAX_TRACE,
-                                               "scheduler_finished_frames_cap": core.sched.log_size,
-                                               "frames_since_start": core.next_frame})
-        still = {d["id"]: d["pid"] for d in cluster.devices()}
-        tiles_per_frame = sum(len(s.tiles) for s in dep.plan.stages)
-        windows_ = fps_windows(run.done, windows, events, run.cpu)
-        report: dict[str, Any] = {
-            "mode": "soak", "model": w.name, "devices": devices, "grid": plan_label(dep.plan),
-            "tiles_per_frame": tiles_per_frame, "scale": cluster.scale, "in_flight": depth,
-            "frames": frames, "warmup_frames": warm_frames, "fail_every": period,
-            "victim": victim.device, "never_failed": steady, "distinct_inputs": DISTINCT,
-            "wall_s": wall, "total_s": time.monotonic() - t_start, "fps": frames / wall if wall > 0 else 0.0,
-            "host_load_1min": load, "host_cpus": os.cpu_count(),
-            "fps_windows": windows_, "fps_summary": fps_summary(windows_),
-            # each frame is submitted once and its future read once: a second completion of a frame would
-            # show in the driver's count of completed frames (or crash the driver, and every frame is lost)
-            "lost": run.lost, "duplicated": max(0, snap["frames"]["count"] - run.delivered),
-            "wrong": run.wrong, "max_rel_error": run.max_err, "errors": run.errors[:5],
-            "driver_frames_done": snap["frames"]["count"],
-            "tiles_accepted": int(sum(d["tiles"] for d in snap["devices"].values())),
-            "tiles_expected": run.delivered * tiles_per_frame,
-            "retries": int(sum(d["retries"] for d in snap["devices"].values())),
-            "host_too_slow": int(sum(d["host_too_slow"] for d in snap["devices"].values())),
-            "cycles": chaos.cycles - cycles_before, "events": [list(e) for e in events],
-            "victim_state": chaos.state, "revived_without_tile_frames": since_revival,
-            "revive_s": victim.revive_s, "revive_errors": victim.errors, "revive_waits_s": victim.waited_s,
-            "never_failed_pids_unchanged": all(still[d] == pids[d] for d in steady),
-            "rss_source": rss_source(), "rss_target_mb": RSS_TARGET_MB,
-            "rss": rss_growth(warm_rss, end_rss), "rss_samples": samples, "driver_history": history,
-        }
+        soak = _Soak(cluster, dep, _Victim(cluster, dep, ids[-1]), ids[:-1], Chaos(period), _Loop(dep, xs, refs, depth),
+                     say, progress)
+        soak.warm_up()
+        soak.timed(frames)
+        report = {"mode": "soak", "model": w.name, "devices": devices, "grid": plan_label(dep.plan),
+                  "tiles_per_frame": sum(len(s.tiles) for s in dep.plan.stages), "scale": cluster.scale,
+                  "in_flight": depth, "frames": frames, "fail_every": period, "distinct_inputs": DISTINCT,
+                  **soak.report(windows), "total_s": time.monotonic() - t_start}
+        report["tiles_expected"] = soak.run.delivered * report["tiles_per_frame"]
         dep.close()
     report["ok"], report["verdict"] = verdict(report)
     return report
+
+
+@dataclass
+class _Soak:
+    """One soak on a connected cluster: warm-up, then the timed frames, then what they showed."""
+
+    cluster: Any
+    dep: Any
+    victim: _Victim
+    steady: list[str]  # the devices that never fail
+    chaos: Chaos
+    run: _Loop
+    say: Callable[[str], None]
+    progress: bool
+    frame: int = 0  # frames submitted so far, warm-up included
+    warm_frames: int = 0
+    pids: dict[str, int] = field(default_factory=dict)
+    warm_rss: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[int, str, float]] = field(default_factory=list)  # (timed frame, what, s into the run)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    cycles_before: int = 0
+    wall: float = 0.0
+    load: list[float] = field(default_factory=list)
+
+    def warm_up(self) -> None:
+        """At least one period, until one whole cycle is done (fail, revive, a tile taken again); then
+        the RSS baseline, and statistics start afresh."""
+        bar = _bar(None, self.progress)  # type: ignore[arg-type]  # (tqdm: no total, a counter)
+        chaos = self.chaos
+        while not (chaos.cycles >= 1 and chaos.state == "up" and self.frame >= chaos.period):
+            _chaos_step(chaos, self.victim, self.frame, self.say)
+            self.run.submit(self.frame)
+            self.frame += 1
+            bar.update(1)
+        self.run.drain()
+        bar.close()
+        self.warm_frames = self.frame
+        self.pids = {d["id"]: d["pid"] for d in self.cluster.devices()}
+        gc.collect()
+        self.warm_rss = _rss(self.pids, self.steady)
+        self.dep.reset_stats()
+        self.run.reset()
+        self.victim.revive_s.clear()
+        self.victim.waited_s.clear()
+        self.cycles_before = chaos.cycles
+        self.say(f"warm-up done after {self.frame} frames; RSS "
+                 + ", ".join(f"{k} {v / MB:.0f} MB" for k, v in self.warm_rss.items()))
+
+    def timed(self, frames: int) -> None:
+        bar = _bar(frames, self.progress)
+        self.samples = [_sample(0, 0.0, self.warm_rss)]
+        every = max(1, frames // 100)
+        self.load = [os.getloadavg()[0]]
+        t0 = self.run.start_clock()
+        for j in range(frames):
+            what = _chaos_step(self.chaos, self.victim, self.frame, self.say)
+            if what:
+                self.events.append((j, what, time.monotonic() - t0))
+            self.run.submit(self.frame, timed=True)
+            self.frame += 1
+            bar.update(1)
+            if j % every == 0 and j:
+                self.samples.append(_sample(j, time.monotonic() - t0, _rss(self.pids, self.steady, quiet=True)))
+        self.run.drain()
+        self.wall = time.monotonic() - t0
+        self.load.append(os.getloadavg()[0])
+        bar.close()
+        self.victim.join()
+
+    def report(self, windows: int) -> dict[str, Any]:
+        """What the timed run showed (after it, with every frame collected)."""
+        chaos, victim, run = self.chaos, self.victim, self.run
+        since = self.frame - chaos.since if chaos.state == "returning" and not victim.took_tile() else 0
+        gc.collect()
+        end_rss = _rss(self.pids, self.steady)
+        self.samples.append(_sample(len(run.done), self.wall, end_rss))
+        snap = self.dep.stats(detail=False)
+        core = self.cluster.driver.core
+        # what the driver keeps by design, up to a bound, and so grows until full (see the verdict)
+        history = self.cluster.driver.call(lambda: {"trace_events": len(core.trace), "trace_cap": MAX_TRACE,
+                                                    "scheduler_finished_frames_cap": core.sched.log_size,
+                                                    "frames_since_start": core.next_frame})
+        still = {d["id"]: d["pid"] for d in self.cluster.devices()}
+        wins = fps_windows(run.done, windows, self.events, run.cpu)
+        devs = snap["devices"].values()
+        return {
+            "warmup_frames": self.warm_frames, "victim": victim.device, "never_failed": self.steady,
+            "wall_s": self.wall, "fps": len(run.done) / self.wall if self.wall > 0 else 0.0,
+            "host_load_1min": self.load, "host_cpus": os.cpu_count(),
+            "fps_windows": wins, "fps_summary": fps_summary(wins),
+            # each frame is submitted once and its future read once: a second completion of a frame would
+            # show in the driver's count of completed frames (or crash the driver, and every frame is lost)
+            "lost": run.lost, "duplicated": max(0, snap["frames"]["count"] - run.delivered), "wrong": run.wrong,
+            "max_rel_error": run.max_err, "errors": run.errors[:5], "driver_frames_done": snap["frames"]["count"],
+            "tiles_accepted": int(sum(d["tiles"] for d in devs)), "retries": int(sum(d["retries"] for d in devs)),
+            "host_too_slow": int(sum(d["host_too_slow"] for d in devs)),
+            "cycles": chaos.cycles - self.cycles_before, "events": [list(e) for e in self.events],
+            "victim_state": chaos.state, "revived_without_tile_frames": since,
+            "revive_s": victim.revive_s, "revive_errors": victim.errors, "revive_waits_s": victim.waited_s,
+            "never_failed_pids_unchanged": all(still[d] == self.pids[d] for d in self.steady),
+            "rss_source": rss_source(), "rss_target_mb": RSS_TARGET_MB, "rss": rss_growth(self.warm_rss, end_rss),
+            "rss_samples": self.samples, "driver_history": history,
+        }
 
 
 def _chaos_step(chaos: Chaos, victim: _Victim, frame: int, say: Callable[[str], None]) -> str | None:
