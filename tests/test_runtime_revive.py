@@ -71,6 +71,14 @@ def test_a_failed_device_comes_back_and_takes_tiles_again(cluster: fleet.Cluster
     else:
         pytest.fail(f"the revived device took no tile in 200 frames: {dep.stats()['devices']}")
     assert dep.stats()["devices"]["pi4-1"]["alive"] is True
+
+    # revived at once, perhaps before the driver noticed the kill: it is lost first, then comes back
+    futs = [dep.submit(frames[i % 4]) for i in range(6)]
+    cluster.fail("pi4-0")
+    cluster.revive("pi4-0")
+    futs += [dep.submit(frames[i % 4]) for i in range(6, 12)]
+    assert max(tiling.rel_error(f.result(timeout=120), refs[i % 4]) for i, f in enumerate(futs)) <= 1e-4
+    assert {s for s, _ in _state(cluster).values()} == {"alive"}
     dep.close()
 
 
