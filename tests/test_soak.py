@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,13 @@ def test_bench_defaults_depend_on_soak_and_bad_combinations_exit_2(capsys: pytes
     assert (given.frames, given.devices) == (50, "pi3*2")
     assert main(["bench", "--soak", "--address", "auto"]) == 2
     assert "--soak fails and revives emulated devices" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert main(["bench", "--soak", "--plot", "soak.png"]) == 2
+    assert "--plot needs matplotlib: pip install 'tilefleet[plot]'" in capsys.readouterr().err
 
 
 @pytest.mark.ray
