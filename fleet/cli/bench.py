@@ -13,6 +13,7 @@ from tiling.report import table
 
 from fleet.bench.dispatch import dispatch_overhead
 from fleet.bench.runner import load_workload, run_bench
+from fleet.bench.soak import SOAK_DEVICES, SOAK_FRAMES, SOAK_SIZE
 from fleet.bench.sweep import sweep
 
 from .common import grid_arg, workload
@@ -72,7 +73,20 @@ def one(args: argparse.Namespace | None, name: str, w: Any, devices: str, mode: 
     return r
 
 
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """--frames and --devices: the parser leaves them unset when not given, as their defaults depend on --soak."""
+    soak = bool(getattr(args, "soak", False))
+    if not hasattr(args, "frames"):
+        args.frames = SOAK_FRAMES if soak else 12
+    if not hasattr(args, "devices"):
+        args.devices = SOAK_DEVICES if soak else "pi3*4"
+    return args
+
+
 def bench_command(args: argparse.Namespace) -> int:
+    with_defaults(args)
+    if getattr(args, "soak", False):
+        return _soak(args)
     if args.sweep:
         r = sweep(args.model, args.cfg, args.size, args.devices, args.mode, args.frames, args.scale)
         print(sweep_table(r))
@@ -169,3 +183,67 @@ def _fidelity(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["bench_correct"] for r in rows) else 1
+
+
+def _soak(args: argparse.Namespace) -> int:
+    """``--soak``: the run is :func:`fleet.bench.soak.run_soak`; this prints it and sets the exit status."""
+    from fleet.bench.soak import plot_soak, run_soak
+
+    if args.address or getattr(args, "nodes", False):
+        raise ValueError("--soak fails and revives emulated devices on this machine: not with --address or --nodes")
+    if args.plot:  # before a run of minutes, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'tilefleet[plot]' (or drop --plot)") from None
+    from tqdm import tqdm
+
+    r = run_soak(args.devices, args.frames, args.fail_every, size=args.size or SOAK_SIZE,
+                 grid=(2, 2) if args.grid == "auto" else grid_arg(args.grid), in_flight=args.in_flight,
+                 scale=args.scale, on_event=tqdm.write)
+    print(soak_table(r))
+    if args.plot:
+        plot_soak(r, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(r), indent=2))
+        print(f"written to {args.json}")
+    print(r["verdict"])
+    return 0 if r["ok"] else 1
+
+
+def soak_table(r: dict[str, Any]) -> str:
+    """The soak report: the run, frames per second in windows, RSS per process."""
+    fs = r["fps_summary"]
+    revive = sorted(r["revive_s"])
+    rows = [["model", r["model"]], ["devices", f"{r['devices']} (fails and returns: {r['victim']})"],
+            ["plan", f"{r['grid']}, {r['in_flight']} frames in flight, clock scale {r['scale']:g}"],
+            ["frames", f"{r['frames']} timed after {r['warmup_frames']} warm-up, {r['distinct_inputs']} distinct inputs"],
+            ["wall", f"{r['wall_s']:.1f} s timed ({r['total_s']:.1f} s in all); host load (1 min) "
+                     + " -> ".join(f"{v:.1f}" for v in r.get("host_load_1min", [])) + f" on {r.get('host_cpus')} CPUs"],
+            ["fps", f"{r['fps']:.1f} overall; windows min {fs.get('min', 0):.1f} / median {fs.get('median', 0):.1f} / "
+                    f"max {fs.get('max', 0):.1f}; first {fs.get('first', 0):.1f}, last {fs.get('last', 0):.1f}"],
+            ["fail/revive cycles", f"{r['cycles']} (every {r['fail_every']} frames + the revival; revival "
+                                   + (f"median {revive[len(revive) // 2]:.1f} s, max {revive[-1]:.1f} s)" if revive
+                                      else "none)")],
+            ["lost / duplicated / wrong", f"{r['lost']} / {r['duplicated']} / {r['wrong']} "
+                                          f"(max relative error {r['max_rel_error']:.1e})"],
+            ["tiles accepted", f"{r['tiles_accepted']} ({r['tiles_expected']} = frames x tiles per frame); "
+                               f"retries {r['retries']}; late on the host {r['host_too_slow']}"]]
+    out = [table(["soak", "value"], rows), ""]
+    out.append(table(["frames", "until s", "fps", "driver CPU ms/frame", "events"],
+                     [[f"{w['frames'][0]}-{w['frames'][1] - 1}", f"{w['t_end_s']:.1f}",
+                       f"{w['fps']:.1f}" if w["fps"] is not None else "-",
+                       f"{w['cpu_ms_per_frame']:.2f}" if "cpu_ms_per_frame" in w else "-", _events(w["events"])]
+                      for w in r["fps_windows"]]))
+    out.append("")
+    out.append(table(["process", "RSS after warm-up MB", "RSS at end MB", "growth MB"],
+                     [[name, f"{v['warm_mb']:.1f}", f"{v['end_mb']:.1f}", f"{v['growth_mb']:+.1f}"]
+                      for name, v in r["rss"].items()]) + f"\n(RSS from {r['rss_source']}; target: growth < "
+               f"{r['rss_target_mb']:g} MB for the driver and every worker that never failed)")
+    return "\n".join(out)
+
+
+def _events(events: list[str]) -> str:
+    kinds = [e.split("@")[0] for e in events]
+    return ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))

@@ -30,6 +30,7 @@ examples:
   tilefleet demo --in-process --grid 5x5       DeepThings' 5x5 tiles, all in this process, checked
   tilefleet run --model resnet18 --devices pi3*2,pi4*2,laptop --frames 8
   tilefleet bench --devices pi3*6 --mode latency --frames 12 --json out.json
+  tilefleet bench --soak --frames 10000 --plot soak.png   fail and revive a device for 10,000 frames
   tilefleet devices --catalog                  the emulated device profiles and their sources
   tilefleet head --name lab                    start a cluster on this machine (Ray head, agent, zeroconf)
   tilefleet join --cluster lab                 join this device to it (found by zeroconf)
@@ -103,8 +104,9 @@ def _add_bench(sub: Any) -> None:
                                    "transfers included). --standard runs the standard set (make bench).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(b)
-    _cluster_args(b)
-    b.add_argument("--frames", type=int, default=12, help="timed frames (after 2 warm-up frames)")
+    _cluster_args(b, devices_default=argparse.SUPPRESS, devices_note=" (default pi3*4; pi4*4 with --soak)")
+    b.add_argument("--frames", type=int, default=argparse.SUPPRESS,
+                   help="timed frames (default 12, after 2 warm-up frames; 10000 with --soak)")
     b.add_argument("--in-flight", type=int, help="throughput mode: frames in flight (default 2 per device)")
     b.add_argument("--standalone", action="store_true",
                    help="also measure each device alone (for 'efficiency'; one run per device kind)")
@@ -119,6 +121,15 @@ def _add_bench(sub: Any) -> None:
                    help="measure dispatch overhead instead: >= 1000 small tiles on host*2")
     b.add_argument("--sweep", action="store_true",
                    help="measure grid='auto' against a sweep of fixed plans on the same cluster and frames")
+    b.add_argument("--soak", action="store_true",
+                   help="soak test: --frames small frames (a 3-conv model at --size, default 32; grid 2x2 unless "
+                        "--grid) through the emulated cluster while its last device fails and comes back every "
+                        "--fail-every frames; reports fps over time, RSS growth of the driver and of the workers that "
+                        "never failed, and frames lost, duplicated or wrong; exits 1 if a target is missed")
+    b.add_argument("--fail-every", type=int, default=300, metavar="FRAMES",
+                   help="with --soak: frames per fail/revive cycle: the device is up half of it from its revival, "
+                        "down the other half; a revival still under way a period later holds frames back")
+    b.add_argument("--plot", metavar="PNG", help="with --soak: plot fps and RSS over the run to this PNG (needs matplotlib)")
     b.add_argument("--json", help="write the report as JSON to this file")
     b.add_argument("--standard", action="store_true", help="run the standard set and write JSON files to --out")
     b.add_argument("--out", default="bench-results", help="directory for --standard results")
@@ -221,8 +232,8 @@ def _cluster_config(args: argparse.Namespace) -> int:
     return cc.launch(out)
 
 
-def _cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--devices", default="pi3*4", help="emulated devices, 'profile*count,...'")
+def _cluster_args(p: argparse.ArgumentParser, devices_default: str = "pi3*4", devices_note: str = "") -> None:
+    p.add_argument("--devices", default=devices_default, help="emulated devices, 'profile*count,...'" + devices_note)
     p.add_argument("--address", help="an existing Ray cluster ('auto' or ray://host:10001) instead of emulation")
     p.add_argument("--grid", default="auto", help="ROWSxCOLS, or 'auto' (chosen by the cost model)")
     p.add_argument("--stages", help="comma-separated layer boundaries, e.g. 4,8,12 (with an explicit --grid)")

@@ -27,7 +27,7 @@ from .calibrate import calibrate, this_host
 from .deployment import ClusterClosed, Deployment, DeploymentState, new_deployment_id
 from .driver import Device, Driver, FrameFailed
 from .loop import DriverThread, RealClock
-from .nodes import LocalNodes, NodeWatcher, discover_devices, start_local_devices
+from .nodes import LocalNodes, NodeWatcher, discover_devices, register_device, start_local_devices
 from .raytransport import RayTransport
 
 __all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
@@ -136,7 +136,8 @@ def connect(address: str | None = None, *, emulate: str | None = None, profiles_
         raise
     return Cluster(devices, started, max_in_flight=max_in_flight,
                    scale=devices[next(iter(devices))].scale if devices else 1.0, publish_tiles=not specs,
-                   watch=table if (local_nodes or not specs) else None, local_nodes=local_nodes)
+                   watch=table if (local_nodes or not specs) else None, local_nodes=local_nodes,
+                   local_threads=threads_per_device if specs else None)
 
 
 class Cluster:
@@ -144,9 +145,10 @@ class Cluster:
 
     def __init__(self, devices: dict[str, Device], owns_ray: bool, *, max_in_flight: int, scale: float,
                  publish_tiles: bool = False, watch: dict[str, Profile] | None = None,
-                 local_nodes: LocalNodes | None = None) -> None:
+                 local_nodes: LocalNodes | None = None, local_threads: int | None = None) -> None:
         self._owns_ray = owns_ray
         self._local_nodes = local_nodes
+        self._local_threads = local_threads  # threads per worker of the devices started here (None: found)
         self.scale = scale
         transport = RayTransport(devices, publish_tiles=publish_tiles)
 
@@ -234,6 +236,48 @@ class Cluster:
         else:
             os.kill(pid, signal.SIGKILL)
         return time.monotonic()
+
+    def revive(self, device_id: str) -> float:
+        """Bring back a device that failed, as a rebooted Pi comes back: a fresh worker process with
+        the same id and profile, every open deployment's weights loaded onto it, and then work (the
+        scheduler places new tiles on it and it steals queued ones). Returns the seconds it took.
+
+        Only devices this cluster started on this machine (``emulate=...`` or the host's cores)
+        can be revived; on an existing cluster a device comes back when its node rejoins.
+        Raises KeyError for an unknown device and ValueError for one that is alive.
+        """
+        import ray
+
+        self._check()
+        if self._local_threads is None:
+            raise ValueError("revive() restarts devices this cluster started (emulate=... or this host's "
+                             "cores); on an existing cluster a device comes back when its node rejoins")
+        if self._local_nodes is not None:
+            raise ValueError("revive() is not supported with nodes=True: a device's Ray node cannot be "
+                             "restarted under the same id")
+        t0 = time.monotonic()
+        core = self.driver.core
+
+        def failed_device() -> Device:
+            dev = core.devices.get(device_id)
+            if dev is None:
+                raise KeyError(f"no device '{device_id}'; devices: {', '.join(core.devices)}")
+            if dev.alive and dev.killed_at is None:
+                raise ValueError(f"device '{device_id}' is alive: revive() brings back a device that "
+                                 "failed (fail() it first)")
+            return dev
+
+        old = self.driver.call(failed_device)
+        try:
+            ray.kill(old.actor)  # dead already (killed or lost); make sure no part of it runs on
+        except Exception:  # noqa: BLE001
+            pass
+        assert old.profile is not None
+        new = start_local_devices([DeviceSpec(device_id, old.profile)], 0.0, old.scale,
+                                  self._local_threads)[device_id]
+        # a device killed but not noticed yet is still alive to the driver: add_device loses it first
+        register_device(self.driver, device_id, new)
+        return time.monotonic() - t0
 
     def slow(self, device_id: str, factor: float) -> None:
         """Make an emulated device ``factor`` times slower from now on (``1`` restores it), as heat or

@@ -186,6 +186,8 @@ class Driver(Shell):
             dev.detected_after_s = self.clock.now() - dev.killed_at
         log.warning("device %s lost (%s)", device, why)
         self.transport.forget(device)
+        for k in [k for k in self._sent if k[1] == device]:  # its reports never come
+            del self._sent[k]
         self.execute(self.sched.handle(DeviceLost(device, self.clock.now(), results_lost=results_lost)))
 
     def set_budget(self, device_id: str, memory_bytes: int) -> None:
@@ -335,7 +337,12 @@ class Driver(Shell):
         ctx = self.frames.pop(ins.frame_id, None)
         if ctx is not None and not ctx.future.done():
             ctx.done_at = self.clock.now()
-            ctx.future.set_exception(FrameFailed(ins.reason))
+            reason = ins.reason
+            if self.devices and not any(d.alive for d in self.devices.values()):
+                # the scheduler names the last loss at most: say that none is left, and which they were
+                reason += (f" (every device is lost: {', '.join(self.devices)}; the deployment serves again when "
+                           "one comes back, e.g. cluster.revive(id) or a node rejoining)")
+            ctx.future.set_exception(FrameFailed(reason))
 
     # --- helpers -------------------------------------------------------------------------------------
     def _last_parts(self, ctx: FrameCtx) -> tuple[dict[str, list[Part]], dict[str, tuple[int, ...]]]:

@@ -214,15 +214,37 @@ class NodeWatcher:
         did, prof, actor = made
         try:
             info = ray.get(actor.info.remote(), timeout=60)
-            core = self.driver.core
-            shipped = self.driver.call(lambda: [(d.id, d.shipped) for d in core.deployments.values()])
-            ray.get([actor.load.remote(dep_id, *refs) for dep_id, refs in shipped], timeout=300)
+            dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
+            register_device(self.driver, did, dev)
         except Exception as e:  # noqa: BLE001 - it may join again later
             log.warning("node %s joined but its worker did not start (trying again in %.0f s): %s",
                         node["NodeID"][:8], RETRY_JOIN_S, e)
             self._gave_up[node["NodeID"]] = time.monotonic()
             ray.kill(actor)
             return
-        dev = Device(DeviceSpec(did, prof).info(), actor, info["pid"], info["node_id"], profile=prof)
         log.info("device %s joined (%s, %.1f GFLOP/s)", did, prof.name, prof.gflops)
-        self.driver.call(lambda: self.driver.core.add_device(did, dev))
+
+
+def register_device(driver: DriverThread, device_id: str, dev: Device, timeout_s: float = 300.0) -> None:
+    """Give a newcomer (a joined node's worker, a revived device) to the driver: every open
+    deployment's weights are loaded onto its worker first (from the references shipped at deploy
+    time), then it takes work. A deployment made or closed while the weights travel is caught up
+    before it joins: the check and the registration are one job on the driver thread."""
+    import ray
+
+    core = driver.core
+    loaded: set[str] = set()
+
+    def join_if_current() -> dict[str, Any] | None:
+        current = {d.id: d.shipped for d in core.deployments.values()}
+        if set(current) != loaded:
+            return current
+        core.add_device(device_id, dev)
+        return None
+
+    while (current := driver.call(join_if_current)) is not None:
+        ray.get([dev.actor.load.remote(dep_id, *refs) for dep_id, refs in current.items() if dep_id not in loaded],
+                timeout=timeout_s)
+        for gone in loaded - set(current):
+            dev.actor.unload.remote(gone)
+        loaded = set(current)

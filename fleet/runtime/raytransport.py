@@ -101,9 +101,14 @@ class RayTransport:
                 pass
 
     def forget(self, device: str) -> None:
+        # its calls' references too: a device that fails and comes back many times must not leave
+        # entries (and the objects they pin) behind each time
         for ref, (_, _, d) in list(self._pending.items()):
             if d == device:
                 self._pending.pop(ref)
+        for refs in (self._tile_refs, self._tail_refs):
+            for k in [k for k in refs if k[1] == device]:
+                del refs[k]
 
     def result(self, deployment: DeploymentState, gather: Gather | None, tail_handle: Any) -> Any:
         if gather is None:
@@ -146,6 +151,8 @@ class RayTransport:
             self._lost(device, type(e).__name__)
             return
         except ray.exceptions.TaskCancelledError:
+            if kind == "tile":
+                self._tile_refs.pop((subject, device), None)
             return  # we cancelled it (its inputs were lost); the scheduler no longer expects it
         except ray.exceptions.RayError as e:  # a task error, or anything else Ray reports: a retryable failure
             report = Report(device, False, error=type(e).__name__, message=(str(e).splitlines() or [""])[0])
