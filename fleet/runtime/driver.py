@@ -50,6 +50,7 @@ from .wiring import remote_bytes
 
 log = logging.getLogger("tilefleet.driver")
 
+SCHEDULER_HISTORY = 1000  # finished frames (and log entries) the scheduler remembers: late results need no more
 INPUT_LOST_GRACE_S = 3.0  # > Ray's node death detection with fast health checks (about 1.5 s)
 
 
@@ -106,7 +107,7 @@ class Driver(Shell):
         self.clock = clock
         self.sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries,
                                learn_speed=learn_speed, speculate_after=speculate_after,
-                               speculation_share=SPECULATION_SHARE)
+                               speculation_share=SPECULATION_SHARE, log_size=SCHEDULER_HISTORY)
         self._armed: float | None = None  # when the speculation timer fires next
         self.frames: dict[int, FrameCtx] = {}
         self.deployments: dict[str, DeploymentState] = {}

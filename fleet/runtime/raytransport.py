@@ -41,7 +41,7 @@ class RayTransport:
     def __init__(self, devices: dict[str, Device], *, publish_tiles: bool = False) -> None:
         self.devices = devices
         self.driver: Driver | None = None  # set once the driver exists (it reports back to it)
-        self._pending: dict[Any, tuple[str, Any, str]] = {}  # report ref -> (kind, key or frame id, device)
+        self._pending: dict[Any, tuple[str, Any, str, Any]] = {}  # report ref -> (kind, key or frame, device, refs)
         self._tile_refs: dict[tuple[TileKey, str], Any] = {}  # -> the 3 refs of run_tile
         self._tail_refs: dict[tuple[int, str], Any] = {}  # (frame, device) -> the output ref of run_tail
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -74,8 +74,8 @@ class RayTransport:
             actor = self.devices[device].actor
             refs = actor.run_tile.options(num_returns=3).remote(work.deployment, stage, idx, inputs, pieces,
                                                                 work.cost, reduced or None)
-            self._pending[refs[0]] = ("tile", work.key, device)
-            self._tile_refs[(work.key, device)] = refs
+            self._pending[refs[0]] = ("tile", work.key, device, refs)
+            self._tile_refs[(work.key, device)] = refs  # the latest call of this tile there, to cancel
 
         self._guard(device, call)
 
@@ -87,7 +87,7 @@ class RayTransport:
             actor = self.devices[device].actor
             meta_ref, out_ref = actor.run_tail.options(num_returns=2).remote(work.deployment, parts, work.shapes,
                                                                              given, work.cost)
-            self._pending[meta_ref] = ("tail", work.frame_id, device)
+            self._pending[meta_ref] = ("tail", work.frame_id, device, out_ref)
             self._tail_refs[(work.frame_id, device)] = out_ref
 
         self._guard(device, call)
@@ -103,7 +103,7 @@ class RayTransport:
     def forget(self, device: str) -> None:
         # its calls' references too: a device that fails and comes back many times must not leave
         # entries (and the objects they pin) behind each time
-        for ref, (_, _, d) in list(self._pending.items()):
+        for ref, (_, _, d, _) in list(self._pending.items()):
             if d == device:
                 self._pending.pop(ref)
         for refs in (self._tile_refs, self._tail_refs):
@@ -144,25 +144,25 @@ class RayTransport:
         entry = self._pending.pop(ref, None)
         if entry is None or self.driver is None:
             return  # dropped meanwhile (its device was lost while this batch was being handled)
-        kind, subject, device = entry
+        kind, subject, device, refs = entry
+        # each call answers with its own refs: a tile cancelled and sent again to the same device has
+        # two calls in flight, and the first to end must neither take nor drop the second's
+        latest = self._tile_refs if kind == "tile" else self._tail_refs
+        if latest.get((subject, device)) is refs:
+            del latest[(subject, device)]
         try:
             report: Report = ray.get(ref)
         except LOST_ERRORS as e:
             self._lost(device, type(e).__name__)
             return
         except ray.exceptions.TaskCancelledError:
-            if kind == "tile":
-                self._tile_refs.pop((subject, device), None)
             return  # we cancelled it (its inputs were lost); the scheduler no longer expects it
         except ray.exceptions.RayError as e:  # a task error, or anything else Ray reports: a retryable failure
             report = Report(device, False, error=type(e).__name__, message=(str(e).splitlines() or [""])[0])
         if kind == "tile":
-            refs = self._tile_refs.pop((subject, device), None)
-            handle = (refs[1], refs[2]) if refs is not None and report.ok else None
-            self.driver.on_report(subject, device, report, handle)
+            self.driver.on_report(subject, device, report, (refs[1], refs[2]) if report.ok else None)
         else:
-            handle = self._tail_refs.pop((subject, device), None)
-            self.driver.on_tail_report(subject, device, report, handle)
+            self.driver.on_tail_report(subject, device, report, refs)
 
     def _guard(self, device: str, call: Callable[[], None]) -> None:
         """A call on a dead actor raises at once: that device is lost."""

@@ -21,8 +21,8 @@ import numpy as np
 from workers.report import Report
 
 MAX_OVERHEADS = 100_000
-MAX_LATENCIES = 100_000  # a long-running server keeps the most recent frames' latencies only
-MAX_TRACE = 200_000
+MAX_LATENCIES = 20_000  # a long-running server keeps the most recent frames' latencies only (~2 MB)
+MAX_TRACE = 20_000  # the last tiles' lanes for dep.trace() (~6 MB): a long run must not grow by its history
 
 
 @dataclass
