@@ -2,8 +2,8 @@
 
 Feed it events with :meth:`Scheduler.handle`; carry out the instructions it
 returns.  It never does I/O, never reads a clock and never imports Ray, so
-the same code runs under the Ray shell, the simulator (:func:`simulate`) and
-table-driven tests.
+the same code runs under the driver (on Ray, and in the simulator of
+:mod:`sims`) and in table-driven tests.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from scheduler.log import LogEntry, Transition
 from scheduler.model import DeviceInfo, FrameSpec, TileKey, TileRef, TileSpec, frame_problems
 from scheduler.placement import Candidate, tail_cost_s, tile_cost_s
 from scheduler.records import DeviceStats
-from scheduler.sim import SimResult, simulate
 from scheduler.state import Scheduler
 
 __all__ = [
@@ -52,7 +51,6 @@ __all__ = [
     "LogEntry",
     "RunTail",
     "Scheduler",
-    "SimResult",
     "Stitch",
     "TailDone",
     "TailFailed",
@@ -64,7 +62,6 @@ __all__ = [
     "TileSpec",
     "Transition",
     "frame_problems",
-    "simulate",
     "tail_cost_s",
     "tile_cost_s",
 ]

@@ -4,8 +4,8 @@ Modelled on dask/distributed's ``worker_state_machine.py``: ``handle`` takes
 events (each carrying its own timestamp), updates the bookkeeping, and
 returns the instructions the shell must carry out.  No I/O, no clock, no
 randomness, no Ray: the same sequence of events always produces the same
-instructions, so tests assert exact instruction lists and the simulator in
-:mod:`scheduler.sim` drives this class unchanged.
+instructions, so tests assert exact instruction lists and the driver runs
+this class unchanged on Ray and in the simulator (:mod:`sims.simulate`).
 
 How a tile moves::
 
