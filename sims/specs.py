@@ -18,6 +18,7 @@ Frames run in list order: frame ``i`` of the list is the driver's frame ``i`` (i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -110,7 +111,7 @@ def simulate_specs(devices: Sequence[DeviceInfo], frames: Sequence[FrameSpec], *
         times = list(submit_times) if submit_times is not None else [0.0] * len(frames)
         if len(times) != len(frames):
             raise ValueError(f"submit_times must have one entry per frame: {len(times)} times, {len(frames)} frames")
-        if any(b < a for a, b in zip(times, times[1:])):
+        if any(b < a for a, b in itertools.pairwise(times)):
             raise ValueError("submit_times must be nondecreasing: frame i of the list is submitted i-th")
         kw["arrivals"] = times
     elif submit_times is not None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import pytest
-
 from histories import TABLE, devices, plan_of
+
 from sims.catalog import DeviceSpec
 from sims.medium import SharedLink, check_mbps
 from sims.simulate import simulate
@@ -36,7 +37,7 @@ def test_the_channel_carries_one_transfer_at_a_time_and_never_idles_while_one_wa
     link = SharedLink(10.0, log=True)
     booked = book(link, seed)
     pieces = sorted(link.pieces)
-    assert all(a[1] <= b[0] + 1e-12 for a, b in zip(pieces, pieces[1:])), "two transfers on the air at once"
+    assert all(a[1] <= b[0] + 1e-12 for a, b in itertools.pairwise(pieces)), "two transfers on the air at once"
     for k, (ready, air, start, end) in enumerate(booked, start=1):
         mine = [(a, b) for a, b, who in link.pieces if who == k]
         assert sum(b - a for a, b in mine) == pytest.approx(air, rel=1e-9, abs=1e-12)

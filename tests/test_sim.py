@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from histories import TABLE, conv_net, devices, history, plan_of
 
 import tiling
 from fleet.runtime.driver import INPUT_LOST_GRACE_S
-from histories import TABLE, conv_net, devices, history, plan_of
 from sims.simulate import Scenario, ScenarioEvent, simulate
 from sims.world import Faults
 
