@@ -42,6 +42,8 @@ class ScenarioEvent:
     detect_s: float = 1.5  # kill: how long until the driver hears of it (Ray's health checks here: ~1.5 s)
     spec: DeviceSpec | None = None  # join / revive: the device's profile
     announce: bool = False  # slow: the device also tells the driver (a thermal monitor would), not only its clock
+    before_frame: int | None = None  # instead of at_s: just before this frame (0-based) is submitted, the
+    # same point of a run in any world whatever its clock (tests replay a history on Ray this way)
 
 
 @dataclass
@@ -133,6 +135,8 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
     def submit() -> None:
         if next_frame[0] >= frames:
             return
+        for ev in at_frame.pop(next_frame[0], []):
+            _apply(ev, transport)
         next_frame[0] += 1
         with observer.timing():
             fut = driver.submit(state, None)
@@ -152,8 +156,12 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
         if rate is None and arrivals is None:
             clock.call_later(0.0, submit)  # closed loop: the next frame as soon as one ends
 
+    at_frame: dict[int, list[ScenarioEvent]] = {}
     for ev in (scenario.events if scenario else []):  # before arrivals: an event at t happens before frames at t
-        clock.call_at(ev.at_s, lambda ev=ev: _apply(ev, transport))
+        if ev.before_frame is not None:
+            at_frame.setdefault(ev.before_frame, []).append(ev)
+        else:
+            clock.call_at(ev.at_s, lambda ev=ev: _apply(ev, transport))
     if arrivals is not None:
         for t in arrivals[:frames]:
             clock.call_at(t, submit)

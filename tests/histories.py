@@ -1,9 +1,11 @@
 """Small plans and random fault histories, one copy for the simulator's tests and Ray's.
 
-A history is a fleet, a script of device events (kill, slow, revive), a seeded policy of report
-faults, a plan and a stream of frames, all drawn from one seed. ``tests/test_sim.py`` runs
-hundreds of them through the real driver in the simulator; ``tests/test_histories_ray.py`` runs a
-few of the same ones on real Ray, where a kill is a SIGKILL and a slowdown the worker's own.
+A history is a fleet, a script of device events (kill, slow, revive, each just before a given
+frame is submitted), a seeded policy of report faults, a plan and a stream of frames, all drawn
+from one seed. ``tests/test_sim.py`` runs hundreds of them through the real driver in the
+simulator; ``tests/test_histories_ray.py`` runs a few of the same scripts on real Ray, where a kill
+is a SIGKILL and a slowdown the emulated worker's own (Ray has no report-fault injector and cannot
+bring a killed worker back, so those parts stay the simulator's).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 import tiling
 from sims.catalog import DeviceSpec, parse_spec, profiles
-from sims.simulate import Scenario, ScenarioEvent, SimRun
+from sims.simulate import Scenario, ScenarioEvent
 from sims.world import Faults
 
 TABLE = profiles()
@@ -46,7 +48,7 @@ def devices(spec: str) -> list[DeviceSpec]:
 class History:
     seed: int
     spec: str  # the fleet, e.g. "pi3*2,pi4"
-    events: tuple[ScenarioEvent, ...]  # in the order drawn (the scenario sorts them by time)
+    events: tuple[ScenarioEvent, ...]  # in the order drawn (the scenario sorts them by frame)
     faults: Faults
     grid: tuple[int, int]
     tail: bool
@@ -55,7 +57,11 @@ class History:
 
     @property
     def scenario(self) -> Scenario:
-        return Scenario(sorted(self.events, key=lambda e: e.at_s))
+        return Scenario(sorted(self.events, key=lambda e: e.before_frame or 0))
+
+    def before(self, frame: int) -> list[ScenarioEvent]:
+        """The events that happen just before ``frame`` is submitted, in order."""
+        return [e for e in self.scenario.events if e.before_frame == frame]
 
     @property
     def injects_faults(self) -> bool:
@@ -63,27 +69,21 @@ class History:
 
 
 def history(seed: int) -> History:
-    """The history of ``seed``: up to six devices, up to four events in the first 6 s, report
-    faults, a grid, a tail or none, 1-25 frames, 1-6 in flight."""
+    """The history of ``seed``: up to six devices, 1-25 frames (1-6 in flight), up to four device
+    events each just before a frame is submitted (so they fall inside the run in any world), report
+    faults, a grid, a tail or none."""
     rng = random.Random(seed)
     spec = f"pi3*{rng.randint(1, 5)},pi4"
     devs = devices(spec)
+    frames = rng.randint(1, 25)
     events = []
     for _ in range(rng.randint(0, 4)):
         d = rng.choice(devs)
         action = rng.choice(["kill", "slow", "revive"])
-        events.append(ScenarioEvent(rng.uniform(0, 6), action, d.id, factor=rng.choice([2.0, 10.0]),
-                                    detect_s=rng.uniform(0.1, 2.0), spec=d))
+        events.append(ScenarioEvent(0.0, action, d.id, factor=rng.choice([2.0, 10.0]),
+                                    detect_s=rng.uniform(0.1, 2.0), spec=d, before_frame=rng.randrange(frames)))
     faults = Faults(fail=rng.choice([0, 0.05, 0.2]), duplicate=rng.choice([0, 0.2]), late_s=rng.choice([0, 0.3]),
                     input_lost=rng.choice([0, 0.1]))
     grid = rng.choice([(1, 1), (2, 2), (1, 3)])
-    frames = rng.randint(1, 25)
     tail = rng.random() < 0.5
     return History(seed, spec, tuple(events), faults, grid, tail, frames, rng.randint(1, 6))
-
-
-def at_frames(h: History, run: SimRun) -> list[tuple[int, ScenarioEvent]]:
-    """Each event of ``h`` with the number of frames the simulator had submitted when it happened:
-    the same history on a world whose clock is not the simulator's applies it before that frame."""
-    times = sorted(run.submitted.values())
-    return [(sum(1 for t in times if t < ev.at_s), ev) for ev in h.scenario.events]
