@@ -30,6 +30,7 @@ from .metrics import steady_fps
 from .world import DISPATCH_S, Faults, SimClock, SimTransport
 
 if TYPE_CHECKING:
+    from fleet.runtime.driver import Driver
     from fleet.runtime.transport import Deployed
 
 
@@ -112,24 +113,21 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
     ``warmup``: events and CPU time are counted from when that many frames have ended; ``until``:
     stop once that many have ended (default: all), e.g. to measure a fleet that is still full.
     """
-    from fleet.runtime.deployment import DeploymentState
-    from fleet.runtime.driver import Device, Driver
-
     if arrivals is not None and rate is not None:
         raise ValueError("give arrival times or a rate, not both")
     clock = SimClock()
     shared = None if shared_link_mbps is None else SharedLink(check_mbps(shared_link_mbps), scale)
     transport = SimTransport(list(devices), clock, scale=scale, dispatch_s=dispatch_s, faults=faults, seed=seed,
                              shared=shared)
-    fleet = {d.id: Device(d.info(), None, profile=d.profile, scale=scale) for d in devices}
-    driver = Driver(fleet, transport, clock, max_in_flight=max_in_flight_per_device, max_retries=max_retries,
-                    learn_speed=learn_speed, work_stealing=work_stealing)
-    driver.record_trace = trace
-    transport.driver = driver
-    state = DeploymentState.build("sim", plan, frame_itemsize) if isinstance(plan, tiling.Plan) else plan
+    driver = _driver(devices, transport, clock, scale, max_in_flight_per_device=max_in_flight_per_device,
+                     max_retries=max_retries, learn_speed=learn_speed, work_stealing=work_stealing, trace=trace)
+    state = _deployment(plan, frame_itemsize)
     driver.load(state)
     run = SimRun({}, {}, {}, [], {}, 0, 0.0, 0.0, in_flight)
     observer = _Observer(driver, validate, record)
+    at_frame = _script(scenario, clock, transport)  # before arrivals: an event at t happens before frames at t
+    times = list(arrivals) if arrivals is not None else (
+        None if rate is None else _open_loop(frames, rate, poisson, streams, random.Random(seed + 1)))
     next_frame = [0]
 
     def submit() -> None:
@@ -153,24 +151,11 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
             run.failed[fid] = str(f.exception())
         if on_progress is not None:
             on_progress(len(run.ended))
-        if rate is None and arrivals is None:
+        if times is None:
             clock.call_later(0.0, submit)  # closed loop: the next frame as soon as one ends
 
-    at_frame: dict[int, list[ScenarioEvent]] = {}
-    for ev in (scenario.events if scenario else []):  # before arrivals: an event at t happens before frames at t
-        if ev.before_frame is not None:
-            at_frame.setdefault(ev.before_frame, []).append(ev)
-        else:
-            clock.call_at(ev.at_s, lambda ev=ev: _apply(ev, transport))
-    if arrivals is not None:
-        for t in arrivals[:frames]:
-            clock.call_at(t, submit)
-    elif rate is None:
-        for _ in range(max(1, in_flight)):
-            clock.call_at(0.0, submit)
-    else:
-        for t in _open_loop(frames, rate, poisson, streams, random.Random(seed + 1)):
-            clock.call_at(t, submit)
+    for t in times[:frames] if times is not None else [0.0] * max(1, in_flight):
+        clock.call_at(t, submit)
     observer.install()
     start = time.perf_counter()
     last = frames if until is None else min(until, frames)
@@ -178,11 +163,39 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
     run.wall_s = time.perf_counter() - start
     run.events, run.handle_cpu_s, run.sched_cpu_s = observer.events, observer.cpu_s, observer.sched_cpu_s
     run.instructions, run.assignments = observer.instructions, observer.assignments
-    run.stats = driver.snapshot(state)
-    run.device_stats = driver.sched.stats()
+    run.stats, run.device_stats = driver.snapshot(state), driver.sched.stats()
     run.trace = list(driver.trace)
     run.shared_link = shared.totals(run.makespan) if shared is not None else None
     return run
+
+
+def _driver(devices: Sequence[DeviceSpec], transport: SimTransport, clock: SimClock, scale: float, *,
+            trace: bool, **options: Any) -> Driver:
+    """The runtime's own driver on the simulated world (``options``: the scheduler's)."""
+    from fleet.runtime.driver import Device, Driver
+
+    fleet = {d.id: Device(d.info(), None, profile=d.profile, scale=scale) for d in devices}
+    driver = Driver(fleet, transport, clock, max_in_flight=options.pop("max_in_flight_per_device"), **options)
+    driver.record_trace = trace
+    transport.driver = driver
+    return driver
+
+
+def _deployment(plan: tiling.Plan | Deployed, frame_itemsize: int) -> Deployed:
+    from fleet.runtime.deployment import DeploymentState
+
+    return DeploymentState.build("sim", plan, frame_itemsize) if isinstance(plan, tiling.Plan) else plan
+
+
+def _script(scenario: Scenario | None, clock: SimClock, transport: SimTransport) -> dict[int, list[ScenarioEvent]]:
+    """Timed events go on the clock; events before a frame are returned by frame, for the submitter."""
+    at_frame: dict[int, list[ScenarioEvent]] = {}
+    for ev in (scenario.events if scenario else []):
+        if ev.before_frame is not None:
+            at_frame.setdefault(ev.before_frame, []).append(ev)
+        else:
+            clock.call_at(ev.at_s, lambda ev=ev: _apply(ev, transport))
+    return at_frame
 
 
 def _open_loop(frames: int, rate: float, poisson: bool, streams: int, rng: random.Random) -> list[float]:
