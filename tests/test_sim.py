@@ -120,13 +120,16 @@ def test_scenario_files_are_parsed_with_clear_errors(tmp_path) -> None:  # type:
     devs = devices("pi3*2")
     good = tmp_path / "s.toml"
     good.write_text('[[event]]\nat = 2.0\nkill = "pi3-1"\ndetect = 0.5\n\n[[event]]\nat = 1.0\nslow = "pi3-0"\n'
-                    'factor = 10\n\n[[event]]\nat = 3.0\njoin = "pi4"\n')
+                    'factor = 10\nannounce = true\n\n[[event]]\nat = 3.0\njoin = "pi4"\n')
     sc = load_scenario(good, devs, TABLE)
     assert [(e.action, e.device) for e in sc.events] == [("slow", "pi3-0"), ("kill", "pi3-1"), ("join", "pi4-0")]
+    assert [e.announce for e in sc.events] == [True, False, False]
     for text, msg in [('[[event]]\nat = 1\nkill = "pi9-0"\n', "no device 'pi9-0'"),
                       ('[[event]]\nat = -1\nkill = "pi3-0"\n', "at must be a number >= 0"),
                       ('[[event]]\nat = 1\nexplode = "pi3-0"\n', "needs exactly one of"),
                       ('[[event]]\nat = 1\njoin = "pi99"\n', "unknown profile"),
+                      ('[[event]]\nat = 1\nslow = "pi3-0"\nannounce = 1\n', "announce must be true or false"),
+                      ('[[event]]\nat = 1\nkill = "pi3-0"\nannounce = true\n', "unknown key"),
                       ("not toml [", "not a TOML file"), ("[other]\n", "unknown top-level")]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
