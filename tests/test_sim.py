@@ -153,6 +153,7 @@ def test_sim_command_reports_like_bench(tmp_path, capsys) -> None:  # type: igno
     r = json.loads(out.read_text())
     assert r["correct"] is None and r["simulated"] and r["devices_count"] == 200 and r["frames"] == 300
     assert set(r["latency_ms"]) == {"p50", "p95", "p99"} and r["fps"] > 0 and r["plan"] == "0-15:2x2"
+    assert r["shared_link"] is None  # each device on its own link (tests/test_sim_plot.py: a shared one)
     assert "us CPU per event" in capsys.readouterr().out
     scenario = tmp_path / "s.toml"
     scenario.write_text('[[event]]\nat = 0.5\nkill = "pi3-3"\ndetect = 1.5\n')
