@@ -2,13 +2,13 @@
 
 Feed it events with :meth:`Scheduler.handle`; carry out the instructions it
 returns.  It never does I/O, never reads a clock and never imports Ray, so
-the same code runs under the Ray shell, the simulator (:func:`simulate`) and
-table-driven tests.
+the same code runs under the driver (on Ray, and in the simulator of
+:mod:`sims`) and in table-driven tests.
 """
 
 from __future__ import annotations
 
-from scheduler.core import SPECULATE_AFTER, SPECULATION_SHARE
+from scheduler.stragglers import SPECULATE_AFTER, SPECULATION_SHARE
 from scheduler.events import (
     Cancel,
     Complete,
@@ -33,7 +33,6 @@ from scheduler.log import LogEntry, Transition
 from scheduler.model import DeviceInfo, FrameSpec, TileKey, TileRef, TileSpec, frame_problems
 from scheduler.placement import Candidate, tail_cost_s, tile_cost_s
 from scheduler.records import DeviceStats
-from scheduler.sim import SimResult, simulate
 from scheduler.state import Scheduler
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
     "LogEntry",
     "RunTail",
     "Scheduler",
-    "SimResult",
     "Stitch",
     "TailDone",
     "TailFailed",
@@ -69,7 +67,6 @@ __all__ = [
     "TileSpec",
     "Transition",
     "frame_problems",
-    "simulate",
     "tail_cost_s",
     "tile_cost_s",
 ]

@@ -19,7 +19,6 @@ device's queues goes through the record's queue methods followed by
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -28,8 +27,9 @@ from scheduler.events import Cancel, Complete, Dispatch, FailFrame, Instruction,
 from scheduler.index import FleetIndex
 from scheduler.log import EventLog
 from scheduler.model import TileKey
-from scheduler.placement import NS, cost_ns, duration_ns, speed_step, tail_ns, to_ns
+from scheduler.placement import cost_ns, tail_ns
 from scheduler.records import DeviceRecord, FrameRecord, FrameStatus, TileRecord
+from scheduler.stragglers import SPECULATION_SHARE, Stragglers
 from scheduler.stealing import (
     PlannedTile,
     Queue,
@@ -40,19 +40,7 @@ from scheduler.stealing import (
     steal_from,
 )
 
-SPECULATE_AFTER = 2.0
-"""The runtime's default: a tile still running after this many times its expected time (at its
-device's learned speed) is re-run on an idle device, and the first result wins (as Spark's
-``spark.speculation.multiplier``, 1.5 there). Twice covers the jitter of dispatch and of a busy host."""
-SPECULATION_SHARE = 0.1
-"""At most this share of the tiles in flight (and at least one tile) has a speculative copy at once."""
-RELAX_AFTER_S = 10.0
-"""A slowdown the scheduler learned (from results or an overdue tile) halves every this many
-seconds unless new results confirm it: a device that got little work because it was once slow
-(heat, a co-located job) is tried again, rather than starved on an old measurement."""
-
-
-class SchedulerCore:
+class SchedulerCore(Stragglers):
     """Bookkeeping plus planning and settling; see :class:`Scheduler`."""
 
     def __init__(
@@ -88,7 +76,9 @@ class SchedulerCore:
         self.speculation_wins = 0  # ... that finished before the original
         self._flying = 0  # tile copies in flight on all devices
         self._speculative = 0  # tiles with a second copy in flight now
-        self._watch: list[tuple[int, str, TileKey]] = []  # (when the running tile is overdue, device, tile)
+        # (when the running tile is overdue, device, tile, level): level 1 at speculate_after times its
+        # expected time, level 2 when it has run twice as long again
+        self._watch: list[tuple[int, str, TileKey, int]] = []
         self._overdue: dict[TileKey, str] = {}  # overdue running tiles waiting for an idle device
         self._relax: list[tuple[int, str, float]] = []  # (when, device, learned factor) to halve then
         self.now = 0.0
@@ -155,21 +145,6 @@ class SchedulerCore:
         self._index.freed.add(dev.id)
         self._touch(dev)
         return was_running
-
-    def _drop_copy(self, tile: TileRecord, device_id: str, out: list[Instruction] | None) -> None:
-        """Forget one of a speculated tile's two copies (the other stays the tile's only copy);
-        ``out``: cancel it at the device too (None: the device already gave it back or is gone)."""
-        assert tile.backup is not None
-        if device_id == tile.device:
-            tile.device = tile.backup
-        tile.backup = None
-        self._speculative -= 1
-        self._overdue.pop(tile.key, None)
-        dev = self._devices[device_id]
-        if out is not None and tile.key in dev.in_flight:
-            self._remove_in_flight(dev, tile)
-            dev.cancelled += 1
-            out.append(Cancel(tile.key, device_id))
 
     def _unplan(self, dev: DeviceRecord, tile: TileRecord) -> None:
         dev.unplan(tile)
@@ -325,14 +300,14 @@ class SchedulerCore:
         return leftovers
 
     def _holder(self, frame: FrameRecord, tile: TileRecord) -> DeviceRecord | None:
-        """The alive device holding the maps ``tile`` is pinned to, if any (else it goes anywhere:
-        the maps' device is gone and they were made again, or will be fetched)."""
+        """The alive device holding the maps ``tile`` is pinned to, if it can hold the tile (else it
+        goes anywhere: the maps' device is gone and they were made again, or they will be fetched)."""
         pin = tile.spec.pin
         if pin is None:
             return None
         src = frame.tiles[pin]
         dev = self._devices.get(src.device or "") if src.state == "done" else None
-        return dev if dev is not None and dev.alive else None
+        return dev if dev is not None and dev.alive and tile.need_bytes <= dev.info.memory_bytes else None
 
     def _release_held(self, frame: FrameRecord, done: TileRecord | None = None) -> None:
         """Free the maps held for pinned tiles: those ``done`` was the last to need, or (None)
@@ -399,168 +374,6 @@ class SchedulerCore:
                                     "in flight or devices with more memory", out)
             self._place_tails(out)
             self._fill(out)
-
-    def _slow_down(
-        self, dev: DeviceRecord, factor: float, out: list[Instruction], *, why: str
-    ) -> None:
-        """The device got slower: keep its running tile, cancel the tiles
-        queued at it and re-place those and its planned tiles elsewhere."""
-        self._set_speed(dev, factor)
-        elsewhere = self._index.largest_memory(without=dev)  # -1: no other alive device
-        moved: list[TileRecord] = []
-        for key in dev.in_flight[1:] + dev.planned_keys():
-            tile = self._tile(key)
-            if tile.backup is not None:
-                self._drop_copy(tile, dev.id, out)  # a copy elsewhere runs on
-                continue
-            if tile.spec.pin is not None and self._holder(self._frames[key[0]], tile) is dev:
-                continue  # it continues on maps held here
-            if tile.need_bytes > elsewhere:
-                continue  # nowhere else could hold it: leave it here
-            if tile.state == "in_flight":
-                self._remove_in_flight(dev, tile)
-                dev.cancelled += 1
-                out.append(Cancel(key, dev.id))
-            else:
-                self._unplan(dev, tile)
-            tile.state, tile.device = "waiting", None
-            moved.append(tile)
-        dev.requeued += len(moved)
-        self._plan(moved, out, why=why, exclude=dev.id)
-
-    def _learned_slow(self, dev: DeviceRecord) -> None:
-        """``dev``'s factor was just learned: let it decay unless results confirm it."""
-        if self.learn_speed and dev.speed >= 1.05:
-            heapq.heappush(self._relax, (self._now_ns + to_ns(RELAX_AFTER_S), dev.id, dev.speed))
-
-    def _relax_speeds(self) -> None:
-        while self._relax and self._relax[0][0] <= self._now_ns:
-            _, device_id, speed = heapq.heappop(self._relax)
-            dev = self._devices.get(device_id)
-            if dev is None or not dev.alive or dev.speed != speed:
-                continue  # gone, or measured again since
-            new = speed_step(1 + (speed - 1) / 2)
-            self._set_speed(dev, new if new >= 1.05 else 1.0)
-            dev.estimate = dev.speed
-            self._learned_slow(dev)
-
-    # ============================================================== speculation
-
-    def _watch_running(self, dev: DeviceRecord) -> None:
-        """``dev``'s first tile in flight started now: note when it becomes overdue."""
-        if self.speculate_after is None:
-            return
-        key = dev.in_flight[0]
-        heapq.heappush(self._watch, (self._due_ns(dev, key), dev.id, key))
-
-    def _due_ns(self, dev: DeviceRecord, key: TileKey) -> int:
-        """When ``key``, running on ``dev``, becomes overdue."""
-        assert self.speculate_after is not None
-        expected = duration_ns(self._tile(key).spec, dev.info, dev.speed)
-        return to_ns(dev.running_since) + math.ceil(self.speculate_after * expected)
-
-    def _overdue_factor(self, dev: DeviceRecord, key: TileKey) -> float:
-        """The speed factor to assume for ``dev`` while ``key`` is overdue there.
-
-        A tile that has run ``t`` and not finished is taken to need ``t`` more (the usual
-        estimate for a straggler, whose slowdown is unknown but at least ``t / expected``), so
-        the factor is the one that makes the tile last ``2 t`` (only compute scales with it):
-        placement then sees the device busy for as long again, and its queued tiles go elsewhere."""
-        spec = self._tile(key).spec
-        fixed = duration_ns(spec, dev.info, 0.0)  # transfers and overhead: a slow processor leaves them be
-        compute = max(1, duration_ns(spec, dev.info, 1.0) - fixed)
-        return (2 * (self._now_ns - to_ns(dev.running_since)) - fixed) / compute
-
-    def next_deadline(self) -> float | None:
-        """When a running tile would become overdue or a learned slowdown relaxes (seconds), for
-        the shell's timer: a ``Tick`` then lets that happen even if nothing else does; None if
-        nothing is pending."""
-        relax = self._relax[0][0] / NS if self._relax else None
-        watch = self._watch
-        while watch:
-            _, device_id, key = watch[0]
-            dev = self._devices.get(device_id)
-            if dev is not None and dev.alive and dev.in_flight and dev.in_flight[0] == key:
-                due = watch[0][0] / NS
-                return due if relax is None else min(due, relax)
-            heapq.heappop(watch)  # it finished or moved: no tick needed for it
-        return relax
-
-    def _find_overdue(self, out: list[Instruction]) -> None:
-        """Running tiles that have run ``speculate_after`` times their expected time (at the
-        device's current speed) are overdue.  Their device is at least that much slower than
-        thought, so it is slowed down as for a ``DeviceSlow`` (its queue moves elsewhere) and the
-        tile waits for an idle device to run a copy (:meth:`_start_copies`)."""
-        while self._watch and self._watch[0][0] <= self._now_ns:
-            _, device_id, key = heapq.heappop(self._watch)
-            dev = self._devices.get(device_id)
-            if dev is None or not dev.alive or not dev.in_flight or dev.in_flight[0] != key:
-                continue  # it finished or moved
-            tile = self._tile(key)
-            if tile.backup is not None or tile.device != device_id:
-                continue
-            due = self._due_ns(dev, key)
-            if due > self._now_ns:  # its expected time grew (the device was found slower)
-                heapq.heappush(self._watch, (due, device_id, key))
-                continue
-            self._overdue[key] = device_id
-            # the device is at least this much slower than thought: move its queue, as for a DeviceSlow
-            factor = self._overdue_factor(dev, key)
-            if factor > dev.speed:
-                self._slow_down(dev, factor, out, why=f"{device_id}: running tile overdue, x{factor:.3g} at least")
-                self._learned_slow(dev)
-
-    def _start_copies(self, out: list[Instruction]) -> None:
-        """Re-run overdue tiles on idle devices, oldest frame first; the first result wins.
-
-        A copy goes to the best idle device (a thief: nothing planned, a free slot, nothing
-        running) other than the tile's own, with room for it, that would finish it sooner than
-        the original has already run.  At most ``speculation_share`` of the tiles in flight (and
-        at least one) have a copy at once.
-        """
-        limit = max(1, int(self.speculation_share * self._flying))
-        for key in [k for k in self._overdue if k[0] not in self._frames]:
-            del self._overdue[key]  # its frame ended and retired
-        for key, device_id in sorted(self._overdue.items(), key=lambda kv: self._tile(kv[0]).priority):
-            if self._speculative >= limit:
-                return
-            dev = self._devices.get(device_id)
-            tile = self._tile(key)
-            if (dev is None or not dev.alive or not dev.in_flight or dev.in_flight[0] != key
-                    or tile.device != device_id or tile.backup is not None
-                    or self._frames[key[0]].status != "active"):
-                del self._overdue[key]
-                continue
-            thief = self._copy_target(tile, dev)
-            if thief is None:
-                continue  # no idle device now: try again at the next event
-            del self._overdue[key]
-            thief.dispatch_copy(tile, self._cost(thief, tile), self.now, self._now_ns)
-            tile.backup = thief.id
-            self._flying += 1
-            self._speculative += 1
-            self.speculations += 1
-            thief.speculated += 1
-            self._touch(thief)
-            self._log.note(self.now, key, "in_flight", "in_flight", thief.id,
-                           f"speculative copy: overdue on {device_id}")
-            out.append(Dispatch(key, thief.id))
-
-    def _copy_target(self, tile: TileRecord, primary: DeviceRecord) -> DeviceRecord | None:
-        if tile.spec.pin is not None:
-            return None  # its maps are on the primary only
-        ran_ns = self._now_ns - to_ns(primary.running_since)  # the copy must finish before this much again
-        self._index.hide(primary, thieves=True)
-        try:
-            for _, _, thief_id, _cls in self._index.thief_heads(self._now_ns):
-                thief = self._devices[thief_id]
-                if thief.in_flight or not thief.has_room_for(tile):
-                    continue  # a copy must start at once
-                if self._cost(thief, tile) < ran_ns:
-                    return thief
-            return None
-        finally:
-            self._touch(primary)
 
     def _place_tails(self, out: list[Instruction]) -> None:
         """Oldest pending tail first, each on the best device with room now.

@@ -122,7 +122,8 @@ def _check_tile(tile: TileRecord, frame: FrameRecord, devices: Mapping[str, Devi
     if pin is not None and tile.state in ("planned", "in_flight") and tile.backup is None:
         src = frame.tiles[pin]
         holder = devices.get(src.device or "") if src.state == "done" else None
-        if holder is not None and holder.alive and tile.device != holder.id:
+        if (holder is not None and holder.alive and tile.need_bytes <= holder.info.memory_bytes
+                and tile.device != holder.id):
             _fail(f"tile {k} is pinned to {pin} on {holder.id} but {tile.state} on {tile.device}")
 
 

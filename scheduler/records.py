@@ -279,6 +279,8 @@ class DeviceRecord:
     def hold(self, key: TileKey, nbytes: int) -> None:
         self.held[key] = nbytes
         self.held_bytes += nbytes
+        if self.memory_in_use() > self.info.memory_bytes:  # reserved at dispatch, before its budget shrank
+            self.overcommitted = True
 
     def unhold(self, key: TileKey) -> None:
         self.held_bytes -= self.held.pop(key, 0)

@@ -4,8 +4,8 @@ Modelled on dask/distributed's ``worker_state_machine.py``: ``handle`` takes
 events (each carrying its own timestamp), updates the bookkeeping, and
 returns the instructions the shell must carry out.  No I/O, no clock, no
 randomness, no Ray: the same sequence of events always produces the same
-instructions, so tests assert exact instruction lists and the simulator in
-:mod:`scheduler.sim` drives this class unchanged.
+instructions, so tests assert exact instruction lists and the driver runs
+this class unchanged on Ray and in the simulator (:mod:`sims.simulate`).
 
 How a tile moves::
 
@@ -267,7 +267,7 @@ class Scheduler(SchedulerCore):
                 self.speculation_wins += 1
                 self._devices[ev.device].speculation_wins += 1
                 if factor > slow.speed:  # it is at least this slow: its queue goes elsewhere
-                    self._slow_down(slow, factor, out, why=f"{loser} lost a speculative race, x{factor:.3g}")
+                    self._slow_down(slow, factor, out, why=f"{loser} lost a speculative race, x{factor:.3g}", busy=True)
                     self._learned_slow(slow)
         if frame.status != "active":
             tile.state, tile.device = "dropped", None

@@ -16,6 +16,8 @@ The emulation model
   propagation: it delays the bytes, not the next transfer). Every byte that enters (rx) or leaves
   (tx) the device is charged on that device's link; the client (the driver that sends inputs and
   gathers outputs) has no limit, so a device-to-client transfer costs only the device's side.
+* **Shared medium** (optional, :mod:`sims.medium`): devices behind one access point also take
+  turns on one channel, so every transfer waits for its air time there as well.
 * **Overlap.** Link and compute run concurrently, so the transfers of one tile overlap the
   computation of others: a tile's input can arrive while the previous tile computes, and a result
   can leave while the next tile computes.
@@ -44,6 +46,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from sims.catalog import DeviceSpec, Profile, parse_spec
+from sims.medium import SharedLink
 
 __all__ = ["ClusterClock", "DeviceClock", "EmulatedStats", "Timeline"]
 
@@ -179,14 +182,16 @@ class DeviceClock:
 
     The clock starts idle with every resource free at time 0 (timestamps are whatever host-seconds
     origin the caller uses). It holds only "free at" times and counters, so it is cheap to copy,
-    reset and drive from a simulator.
+    reset and drive from a simulator. With a ``medium`` (devices behind one access point,
+    :mod:`sims.medium`), every transfer also needs its air time on that shared channel.
     """
 
-    def __init__(self, profile: Profile, scale: float = 1.0) -> None:
+    def __init__(self, profile: Profile, scale: float = 1.0, medium: SharedLink | None = None) -> None:
         if not isinstance(profile, Profile):
             raise TypeError(f"profile must be a sims.catalog.Profile, got {type(profile).__name__}")
         self.profile = profile
         self.scale = _check_factor("scale", scale)
+        self.medium = medium
         self._rx = _Link()
         self._tx = _Link()
         self._compute_free = 0.0
@@ -272,8 +277,7 @@ class DeviceClock:
         slow_factor = _check_factor("slow_factor", slow_factor)
         lat = self.latency
 
-        rx_start = max(now, self._rx.free_at)
-        rx_end = self._rx.occupy(rx_start, self.transfer_time(bytes_in), bytes_in)
+        rx_start, rx_end = self._carry(self._rx, now, bytes_in)
         ready = rx_end + lat
 
         compute_start = max(ready, self._compute_free)
@@ -284,8 +288,7 @@ class DeviceClock:
         self._tiles += 1
         self._flops += flops
 
-        tx_start = max(compute_end, self._tx.free_at)
-        tx_end = self._tx.occupy(tx_start, self.transfer_time(bytes_out), bytes_out)
+        tx_start, tx_end = self._carry(self._tx, compute_end, bytes_out)
         return Timeline(
             arrive=now,
             rx_start=rx_start,
@@ -306,15 +309,22 @@ class DeviceClock:
         """
         now = _check_time("now", now)
         nbytes = _check_count("nbytes", nbytes)
-        start = max(now, self._tx.free_at)
-        return self._tx.occupy(start, self.transfer_time(nbytes), nbytes) + self.latency
+        return self._carry(self._tx, now, nbytes)[1] + self.latency
 
     def charge_rx(self, now: float, nbytes: int) -> float:
         """Receive ``nbytes`` more on this device (e.g. a neighbour's halo); return when it has arrived."""
         now = _check_time("now", now)
         nbytes = _check_count("nbytes", nbytes)
-        start = max(now, self._rx.free_at)
-        return self._rx.occupy(start, self.transfer_time(nbytes), nbytes) + self.latency
+        return self._carry(self._rx, now, nbytes)[1] + self.latency
+
+    def _carry(self, link: _Link, ready: float, nbytes: int) -> tuple[float, float]:
+        """One transfer on one direction of the link, FIFO behind what it holds (and, with a shared
+        medium, once the channel has carried it too); returns (start, end)."""
+        start = max(ready, link.free_at)
+        if self.medium is None or nbytes == 0:
+            return start, link.occupy(start, self.transfer_time(nbytes), nbytes)
+        start, end = self.medium.carry(start, nbytes, self.profile.link_bps)
+        return start, link.occupy(start, end - start, nbytes)
 
 
 class ClusterClock:

@@ -28,10 +28,12 @@ class Prediction:
 
 
 def predict(plan: tiling.Plan, devices: Sequence[DeviceSpec], *, frames: int = 4, in_flight: int = 1,
-            scale: float = 1.0, max_in_flight_per_device: int = 2) -> Prediction:
-    """Run ``frames`` frames of ``plan``, ``in_flight`` at a time, on the simulated fleet."""
+            scale: float = 1.0, max_in_flight_per_device: int = 2,
+            shared_link_mbps: float | None = None) -> Prediction:
+    """Run ``frames`` frames of ``plan``, ``in_flight`` at a time, on the simulated fleet (its
+    devices behind one shared channel of ``shared_link_mbps``, if given)."""
     run = simulate(plan, devices, frames=frames, in_flight=in_flight, scale=scale,
-                   max_in_flight_per_device=max_in_flight_per_device)
+                   max_in_flight_per_device=max_in_flight_per_device, shared_link_mbps=shared_link_mbps)
     lat = sorted(run.latency_s)
     tiles = {d: c["tiles"] for d, c in run.stats["devices"].items()}
     return Prediction(lat[len(lat) // 2] if lat else float("inf"), run.fps, max(run.ended.values(), default=0.0),

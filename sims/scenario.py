@@ -5,6 +5,7 @@
     at = 10.0
     slow = "pi3-2"
     factor = 10
+    announce = false      # true: the device tells the driver at once (a thermal monitor would)
 
     [[event]]
     at = 20.0
@@ -85,7 +86,7 @@ def _event(ev: Any, where: str, specs: dict[str, DeviceSpec], table: Mapping[str
     if len(actions) != 1:
         raise ScenarioError(f"{where}: needs exactly one of {', '.join(ACTIONS)} (the device id, or a profile for "
                             f"join), got {sorted(ev)}")
-    allowed = {"at", actions[0], "detect", "factor"}
+    allowed = {"at", actions[0], "detect", "factor"} | ({"announce"} if actions[0] == "slow" else set())
     if set(ev) - allowed:
         raise ScenarioError(f"{where}: unknown key(s) {sorted(set(ev) - allowed)}; accepted: {sorted(allowed)}")
     at = _number(ev.get("at"), "at", where, minimum=0.0)
@@ -106,7 +107,10 @@ def _event(ev: Any, where: str, specs: dict[str, DeviceSpec], table: Mapping[str
         raise ScenarioError(f"{where}: {action}: no device {target!r}; devices: {', '.join(list(specs)[:20])}")
     factor = _number(ev.get("factor", 1.0), "factor", where, minimum=1e-3) if action == "slow" else 1.0
     detect = _number(ev.get("detect", 1.5), "detect", where, minimum=0.0)
-    return ScenarioEvent(at, action, target, factor=factor, detect_s=detect, spec=specs[target])
+    announce = ev.get("announce", False)
+    if not isinstance(announce, bool):
+        raise ScenarioError(f"{where}: announce must be true or false, got {announce!r}")
+    return ScenarioEvent(at, action, target, factor=factor, detect_s=detect, spec=specs[target], announce=announce)
 
 
 def _number(v: Any, key: str, where: str, minimum: float) -> float:

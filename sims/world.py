@@ -10,6 +10,8 @@ Faults are parameters, not sleeps (after 500 Lines' "cluster"): :meth:`SimTransp
 device at a time and reports it lost after a detection delay, :meth:`~SimTransport.revive` brings
 it back, :meth:`~SimTransport.slow` stretches its compute, and a seeded ``faults`` policy can fail,
 duplicate or delay reports, so thousands of histories run through the driver in milliseconds.
+With ``shared`` (:class:`~sims.medium.SharedLink`) every device's transfers also cross one shared
+channel, as devices behind one Wi-Fi access point do.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from workers.report import Report
 
 from .catalog import DeviceSpec
 from .clock import DeviceClock
+from .medium import SharedLink
 
 if TYPE_CHECKING:
     from fleet.runtime.driver import Driver
@@ -80,13 +83,15 @@ class SimTransport:
     """The device and link model as a transport; reports arrive on the :class:`SimClock`."""
 
     def __init__(self, devices: list[DeviceSpec], clock: SimClock, *, scale: float = 1.0,
-                 dispatch_s: float = DISPATCH_S, faults: Faults | None = None, seed: int = 0) -> None:
+                 dispatch_s: float = DISPATCH_S, faults: Faults | None = None, seed: int = 0,
+                 shared: SharedLink | None = None) -> None:
         self.clock = clock
         self.scale = scale
         self.dispatch_s = dispatch_s
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
-        self.clocks = {d.id: DeviceClock(d.profile, scale) for d in devices}
+        self.shared = shared
+        self.clocks = {d.id: DeviceClock(d.profile, scale, shared) for d in devices}
         self.slow_factor = {d.id: 1.0 for d in devices}
         self.dead: set[str] = set()
         self.epoch = {d.id: 0 for d in devices}  # bumped when a device dies: its queued reports never arrive
@@ -102,6 +107,7 @@ class SimTransport:
     def dispatch(self, device: str, work: TileWork) -> None:
         if device in self.dead:
             return  # the driver learns of the death after the detection delay, as on a real LAN
+        self._advance()
         c = work.cost
         tl = self.clocks[device].admit(self.clock.now() + self.dispatch_s, c.in_bytes + work.reuse_in_bytes, c.flops,
                                        c.out_bytes, slow_factor=self.slow_factor[device])
@@ -115,6 +121,7 @@ class SimTransport:
     def run_tail(self, device: str, work: TailWork) -> None:
         if device in self.dead:
             return
+        self._advance()
         c = work.cost
         if c.flops == 0:
             done, tl_dict = self.clock.now(), None
@@ -142,6 +149,7 @@ class SimTransport:
     # --- faults as parameters ------------------------------------------------------------------------
     def kill(self, device: str, detect_after_s: float, results_lost: bool = True) -> None:
         """The device stops now; the driver hears of it ``detect_after_s`` later."""
+        self._known(device)
         self.dead.add(device)
         self.epoch[device] += 1
         self.clock.call_later(detect_after_s, lambda: self._driver().on_device_lost(device, "killed (simulated)",
@@ -152,7 +160,7 @@ class SimTransport:
         from fleet.runtime.driver import Device
 
         self.dead.discard(spec.id)
-        self.clocks[spec.id] = DeviceClock(spec.profile, self.scale)
+        self.clocks[spec.id] = DeviceClock(spec.profile, self.scale, self.shared)
         self.slow_factor[spec.id] = 1.0
         self.epoch[spec.id] = self.epoch.get(spec.id, 0) + 1
         self._driver().add_device(spec.id, Device(spec.info(), None, profile=spec.profile, scale=self.scale))
@@ -161,11 +169,24 @@ class SimTransport:
         """Another process takes (or gives back) memory on the device; the driver is told at once."""
         self._driver().set_budget(device, memory_bytes)
 
-    def slow(self, device: str, factor: float) -> None:
-        """From now on the device computes ``factor`` times slower (the scheduler is not told)."""
+    def slow(self, device: str, factor: float, announce: bool = False) -> None:
+        """From now on the device computes ``factor`` times slower. The scheduler is not told (it
+        sees results come late) unless ``announce``: then the driver hears it at once, as from a
+        thermal monitor (``DeviceSlow``)."""
+        self._known(device)
         self.slow_factor[device] = factor
+        if announce:
+            self._driver().on_device_slow(device, factor)
 
     # --- delivery ------------------------------------------------------------------------------------
+    def _known(self, device: str) -> None:
+        if device not in self.clocks:
+            raise KeyError(f"no simulated device {device!r}; devices: {', '.join(list(self.clocks)[:20])}")
+
+    def _advance(self) -> None:
+        if self.shared is not None:
+            self.shared.forget_before(self.clock.now())  # nothing is booked in the past any more
+
     def _driver(self) -> Driver:
         assert self.driver is not None, "SimTransport.driver is set by the world that built both"
         return self.driver

@@ -38,7 +38,8 @@ from fleet.lan.profiling import ProfileCacheError
 from fleet.lan.state import LanError
 from fleet.lan.trust import local_versions, pick_head
 from fleet.runtime.planner import choose_plan
-from sims.catalog import BUILTIN, DeviceSpec, ProfileError, load_profiles, parse_spec
+from sims.catalog import BUILTIN, DeviceSpec, ProfileError, parse_spec
+from sims.profile_files import load_profiles
 from sims.scenario import ScenarioError, load_scenario
 from tiling.sources.darknet import DarknetError, DarknetWeightsWarning, load_darknet
 from tiling.sources.darknet_cfg import MAX_CFG_BYTES, MAX_LAYERS, MAX_MAP_VALUES

@@ -16,10 +16,9 @@ from sims.catalog import (
     DeviceSpec,
     Profile,
     ProfileError,
-    load_profiles,
     parse_spec,
-    profiles,
 )
+from sims.profile_files import load_profiles, profiles
 from sims.report import catalog_table
 from sims.speed import clock_scale, measure_host_gflops
 

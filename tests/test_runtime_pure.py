@@ -13,7 +13,8 @@ import tiling
 from fleet.runtime.wiring import remote_bytes, wire
 from fleet.runtime.planner import choose_plan, downsampling_boundaries
 from scheduler import DeviceInfo
-from sims.catalog import DeviceSpec, parse_spec, profiles
+from sims.catalog import DeviceSpec, parse_spec
+from sims.profile_files import profiles
 from sims.metrics import steady_fps, throughput_depth, trim_for
 from sims.predict import predict
 from sims.simulate import simulate
@@ -150,7 +151,7 @@ def test_device_info_from_profile() -> None:
 
 def test_profile_from_labels_uses_measured_figures_and_ignores_bad_ones() -> None:
     from fleet.runtime.nodes import profile_from_labels
-    from sims.catalog import profiles
+    from sims.profile_files import profiles
 
     table = profiles()
     p = profile_from_labels({"tilefleet/class": "pi4", "tilefleet/gflops": "9.5",

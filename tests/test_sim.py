@@ -7,36 +7,17 @@ heap, seeded, in milliseconds: the failure logic that used to run only on real R
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
-from torch import nn
+from histories import TABLE, conv_net, devices, history, plan_of
 
 import tiling
 from fleet.runtime.driver import INPUT_LOST_GRACE_S
-from sims.catalog import DeviceSpec, parse_spec, profiles
 from sims.simulate import Scenario, ScenarioEvent, simulate
 from sims.world import Faults
 
 pytestmark = pytest.mark.sim
-TABLE = profiles()
-
-
-def conv_net(tail: bool) -> nn.Module:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
-    if tail:
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)]
-    return nn.Sequential(*layers).eval()
-
-
-def plan_of(grid: tuple[int, int], tail: bool = True, size: int = 32) -> tiling.Plan:
-    return tiling.partition(conv_net(tail), torch.randn(1, 3, size, size), grid=grid)
-
-
-def devices(spec: str) -> list[DeviceSpec]:
-    return parse_spec(spec, TABLE, max_devices=None)
 
 
 def test_one_tile_latency_is_the_device_model_exactly() -> None:
@@ -122,24 +103,15 @@ def test_inputs_lost_are_retried_after_the_grace_period() -> None:
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("TILEFLEET_HISTORIES", "200"))))
 def test_random_fault_histories_keep_the_invariants(seed: int) -> None:
-    """Every frame ends exactly once (completed, or failed with a reason), nothing twice, whatever happens."""
-    rng = random.Random(seed)
-    n = rng.randint(1, 5)
-    devs = devices(f"pi3*{n},pi4")
-    events = []
-    for _ in range(rng.randint(0, 4)):
-        d = rng.choice(devs)
-        action = rng.choice(["kill", "slow", "revive"])
-        events.append(ScenarioEvent(rng.uniform(0, 6), action, d.id, factor=rng.choice([2.0, 10.0]),
-                                    detect_s=rng.uniform(0.1, 2.0), spec=d))
-    faults = Faults(fail=rng.choice([0, 0.05, 0.2]), duplicate=rng.choice([0, 0.2]), late_s=rng.choice([0, 0.3]),
-                    input_lost=rng.choice([0, 0.1]))
-    grid = rng.choice([(1, 1), (2, 2), (1, 3)])
-    frames = rng.randint(1, 25)
-    run = simulate(plan_of(grid, tail=rng.random() < 0.5), devs, frames=frames, in_flight=rng.randint(1, 6),
-                   scenario=Scenario(events), faults=faults, seed=seed)
-    assert sorted(run.order) == list(range(frames)), "every frame ends exactly once"
+    """Every frame ends exactly once (completed, or failed with a reason), nothing twice, whatever
+    happens; the scheduler's invariants hold after every event. (tests/test_histories_ray.py runs
+    a few of the same histories on Ray.)"""
+    h = history(seed)
+    run = simulate(plan_of(h.grid, tail=h.tail), devices(h.spec), frames=h.frames, in_flight=h.in_flight,
+                   scenario=h.scenario, faults=h.faults, seed=seed, validate=True)
+    assert sorted(run.order) == list(range(h.frames)), "every frame ends exactly once"
     assert all(reason for reason in run.failed.values()), "a failed frame says why"
+    assert run.stats["frames"]["count"] == len(run.completed), "the driver delivered no frame twice"
 
 
 def test_scenario_files_are_parsed_with_clear_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -148,13 +120,16 @@ def test_scenario_files_are_parsed_with_clear_errors(tmp_path) -> None:  # type:
     devs = devices("pi3*2")
     good = tmp_path / "s.toml"
     good.write_text('[[event]]\nat = 2.0\nkill = "pi3-1"\ndetect = 0.5\n\n[[event]]\nat = 1.0\nslow = "pi3-0"\n'
-                    'factor = 10\n\n[[event]]\nat = 3.0\njoin = "pi4"\n')
+                    'factor = 10\nannounce = true\n\n[[event]]\nat = 3.0\njoin = "pi4"\n')
     sc = load_scenario(good, devs, TABLE)
     assert [(e.action, e.device) for e in sc.events] == [("slow", "pi3-0"), ("kill", "pi3-1"), ("join", "pi4-0")]
+    assert [e.announce for e in sc.events] == [True, False, False]
     for text, msg in [('[[event]]\nat = 1\nkill = "pi9-0"\n', "no device 'pi9-0'"),
                       ('[[event]]\nat = -1\nkill = "pi3-0"\n', "at must be a number >= 0"),
                       ('[[event]]\nat = 1\nexplode = "pi3-0"\n', "needs exactly one of"),
                       ('[[event]]\nat = 1\njoin = "pi99"\n', "unknown profile"),
+                      ('[[event]]\nat = 1\nslow = "pi3-0"\nannounce = 1\n', "announce must be true or false"),
+                      ('[[event]]\nat = 1\nkill = "pi3-0"\nannounce = true\n', "unknown key"),
                       ("not toml [", "not a TOML file"), ("[other]\n", "unknown top-level")]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text)
@@ -178,6 +153,7 @@ def test_sim_command_reports_like_bench(tmp_path, capsys) -> None:  # type: igno
     r = json.loads(out.read_text())
     assert r["correct"] is None and r["simulated"] and r["devices_count"] == 200 and r["frames"] == 300
     assert set(r["latency_ms"]) == {"p50", "p95", "p99"} and r["fps"] > 0 and r["plan"] == "0-15:2x2"
+    assert r["shared_link"] is None  # each device on its own link (tests/test_sim_plot.py: a shared one)
     assert "us CPU per event" in capsys.readouterr().out
     scenario = tmp_path / "s.toml"
     scenario.write_text('[[event]]\nat = 0.5\nkill = "pi3-3"\ndetect = 1.5\n')

@@ -15,7 +15,8 @@ from torch import nn
 
 import fleet
 import tiling
-from sims.catalog import parse_spec, profiles
+from sims.catalog import parse_spec
+from sims.profile_files import profiles
 from sims.simulate import Scenario, ScenarioEvent, SimRun, simulate
 
 TABLE = profiles()

@@ -24,7 +24,8 @@ from torch import nn
 
 import tiling
 from tiling.sources.files import MODEL_KINDS, model_input_shape
-from sims.catalog import Profile, parse_spec, profiles
+from sims.catalog import Profile, parse_spec
+from sims.profile_files import profiles
 from sims.metrics import throughput_depth
 
 MIB = 2**20

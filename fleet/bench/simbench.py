@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 import tiling
-from sims.catalog import DeviceSpec, parse_spec, profiles
+from sims.catalog import DeviceSpec, parse_spec
+from sims.profile_files import profiles
 from sims.metrics import steady_fps, throughput_depth, trim_for
 from sims.scenario import load_scenario
 from sims.simulate import SimRun, simulate
@@ -43,6 +44,7 @@ class SimOptions:
     profiles_file: str | None = None
     trace: bool = False
     scale: float = 1.0  # emulation's clock scale, to compare with a bench run (bench reports its own)
+    shared_link_mbps: float | None = None  # every device behind one channel of this bandwidth (sims.medium)
 
 
 def sim_bench(w: Workload, o: SimOptions, on_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -60,7 +62,7 @@ def sim_bench(w: Workload, o: SimOptions, on_progress: Callable[[int, int], None
     total = frames + (0 if o.rate is not None else warm)
     scenario = load_scenario(o.scenario, specs, table) if o.scenario else None
     run = simulate(plan, specs, frames=total, in_flight=depth, rate=o.rate, poisson=o.poisson, streams=o.streams,
-                   scale=o.scale,
+                   scale=o.scale, shared_link_mbps=o.shared_link_mbps,
                    scenario=scenario, seed=o.seed, trace=o.trace, frame_itemsize=w.example.element_size(),
                    on_progress=(lambda n: on_progress(n, total)) if on_progress else None)
     report = _report(w, o, plan, run, warm if o.rate is None else 0, depth)
@@ -80,7 +82,7 @@ def _plan(w: Workload, specs: list[DeviceSpec], o: SimOptions) -> tuple[tiling.P
     if o.grid == "auto":
         from fleet.runtime.planner import choose_plan
 
-        return choose_plan(model, example, specs, mode=o.mode, scale=o.scale)
+        return choose_plan(model, example, specs, mode=o.mode, scale=o.scale, shared_link_mbps=o.shared_link_mbps)
     kw: dict[str, Any] = {"reuse": o.reuse, **({"stages": o.stages} if o.stages else {})}
     return tiling.partition(model, example, o.grid, **kw), None
 
@@ -108,7 +110,8 @@ def _report(w: Workload, o: SimOptions, plan: tiling.Plan, run: SimRun, warm: in
         "speculated": int(sum(d["speculated"] for d in devs.values())),
         "failed": len(run.failed), "failures": sorted(set(run.failed.values()))[:5],
         "per_device": devs, "done_s": done,
-        "latency_over_time": [(run.submitted[f], run.ended[f] - run.submitted[f]) for f in sorted(timed)],
+        "latency_over_time": [(run.submitted[f] / s, (run.ended[f] - run.submitted[f]) / s) for f in sorted(timed)],
+        "shared_link": run.shared_link,
         "trace": [e.__dict__ for e in run.trace[:20_000]] if o.trace else [],
     }
 

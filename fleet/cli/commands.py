@@ -247,7 +247,8 @@ def _device_table(st: dict[str, Any], scale: float) -> str:
 
 def _speedup_line(r: ClusterRun, plan: Any, per_frame: float) -> str:
     from fleet.bench.runner import standalone_s
-    from sims.catalog import parse_spec, profiles
+    from sims.catalog import parse_spec
+    from sims.profile_files import profiles
 
     first = parse_spec(r.devices, profiles(r.profiles_file))[0].profile
     base = standalone_s(plan.untiled_flops + plan.tail.flops, first)
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def devices(args: argparse.Namespace) -> int:
-    from sims.catalog import load_profiles
+    from sims.profile_files import load_profiles
     from sims.report import catalog_table
 
     extra = load_profiles(args.profiles) if args.profiles else None

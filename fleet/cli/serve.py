@@ -182,7 +182,9 @@ def loadtest(args: argparse.Namespace) -> int:
             print("--plot needs several --rate values (a sweep); skipped", file=sys.stderr)
         else:
             try:
-                lt.plot(reports, args.plot, f"{args.model} at {args.url}")
+                from fleet.bench.plot import plot_load
+
+                plot_load(reports, args.plot, f"{args.model} at {args.url}")
                 print(f"wrote {args.plot}")
             except ImportError as e:
                 print(f"tilefleet loadtest: {e}", file=sys.stderr)

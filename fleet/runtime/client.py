@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 import tiling
-from sims.catalog import DeviceSpec, Profile, host_profile, parse_spec, profiles
+from sims.catalog import DeviceSpec, Profile, host_profile, parse_spec
+from sims.profile_files import profiles
 from sims.speed import measure_host_gflops
 
 from .calibrate import calibrate, this_host

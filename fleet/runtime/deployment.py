@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 import tiling
-from scheduler import FrameSpec
+from scheduler import FrameSpec, TileKey, TileRef
+from workers.report import Cost
 
 from .stats import DeploymentStats, write_chrome_trace
-from .wiring import Wiring, frame_spec, wire
+from .transport import Gather, Part, Piece, TailWork, TileWork
+from .wiring import Wiring, frame_spec, remote_bytes, wire
 
 
 class DriverHandle(Protocol):
@@ -77,6 +79,68 @@ class DeploymentState:
     def frame_spec(self, fid: int) -> FrameSpec:
         return frame_spec(self.wiring, fid, self.id, self.plan.tail.flops, self.frame_bytes,
                           self.plan.tail.out_bytes, self.tail_weights)
+
+    # --- the work of one tile, one tail, one result (what the driver asks of any deployment) -------------
+    def tile_work(self, key: TileKey, device: str, x: Any, results: Mapping[TileRef, Any],
+                  placed: Mapping[TileRef, str]) -> TileWork:
+        """Tile ``key`` on ``device``: its crop of the frame ``x``, the handles of the earlier tiles it
+        reads (``results``), and what it costs given where those tiles ran (``placed``)."""
+        _, stage_i, idx = key
+        stage = self.plan.stages[stage_i]
+        tile = stage.tiles[idx]
+        wiring = self.wiring.tiles[(stage_i, idx)]
+        frame_boxes = {n: b for n, b in tile.in_boxes.items() if n == wiring.frame_input}
+        sources: dict[str, list[Part]] = {name: [(s.box, results[s.tile], s.name) for s in srcs]
+                                          for name, srcs in wiring.sources.items()}
+        pieces: dict[str, list[Piece]] = {}
+        for p in tile.pieces_in:
+            src = stage.tiles[p.src]
+            pieces.setdefault(p.node, []).append((p.box, results[(stage_i, p.src)], src.pieces_out.index(p)))
+        in_bytes = tile.in_bytes if wiring.frame_input else remote_bytes(self.wiring, (stage_i, idx), placed, device)
+        cost = Cost(tile.flops, in_bytes, tile.out_bytes + tile.reuse_out_bytes)
+        reduced = {node: (point, [results[r] for r in refs]) for node, (point, refs) in wiring.reduced.items()}
+        if wiring.pinned_to is not None or wiring.reduced:  # what crosses the reduce point to this tile
+            maps = sum(self.wiring.channels[src.name] * src.overlap.area * self.wiring.itemsize(src.name)
+                       for srcs in wiring.sources.values() for src in srcs
+                       if src.tile == wiring.pinned_to and placed.get(src.tile) != device)
+            partials = sum(point.partial_bytes * sum(placed.get(r) != device for r in refs)
+                           for point, refs in wiring.reduced.values())
+            self.stats.record_continuation(maps, partials)
+        return TileWork(self.id, key, x if frame_boxes else None, frame_boxes, sources, pieces, cost,
+                        tile.reuse_in_bytes, reduced)
+
+    def tail_work(self, fid: int, device: str, x: Any, results: Mapping[TileRef, Any],
+                  placed: Mapping[TileRef, str]) -> TailWork | None:
+        """The layers after the last stage on ``device``; None when there are none (the result is
+        stitched at the client, straight from the workers)."""
+        plan = self.plan
+        if plan.tail.empty:
+            return None
+        parts, shapes = self._last_parts(results)
+        remote = 0  # bytes of the last stage's outputs that lie on other devices
+        for name in parts:
+            st = plan.stages[self.wiring.producers[name]]
+            remote += sum(self.wiring.channels[name] * t.out_boxes[name].area * self.wiring.itemsize(name)
+                          for t in st.tiles if placed.get((st.index, t.index)) != device)
+        reads_frame = plan.input_name in plan.tail.inputs
+        return TailWork(self.id, fid, parts, shapes, x if reads_frame else None,
+                        plan.input_name if reads_frame else None, Cost(plan.tail.flops, remote, plan.tail.out_bytes))
+
+    def gather(self, results: Mapping[TileRef, Any]) -> Gather | None:
+        """How to assemble the result where no tail runs (None: the tail's output is the result)."""
+        if not self.plan.tail.empty:
+            return None
+        return Gather(*self._last_parts(results))
+
+    def _last_parts(self, results: Mapping[TileRef, Any]) -> tuple[dict[str, list[Part]], dict[str, tuple[int, ...]]]:
+        """The last stage's outputs by tile (what the tail or the final stitch reads)."""
+        parts: dict[str, list[Part]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in self.wiring.last_outputs:
+            st = self.plan.stages[self.wiring.producers[name]]
+            parts[name] = [(t.out_boxes[name], results[(st.index, t.index)], name) for t in st.tiles]
+            shapes[name] = st.shapes[name]
+        return parts, shapes
 
     def finish_outputs(self, env: dict[str, np.ndarray]) -> Any:
         """The frame's result from its last stage's stitched outputs (a plan with no tail to ship)."""

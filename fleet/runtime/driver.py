@@ -24,6 +24,7 @@ from scheduler import (
     DeviceInfo,
     DeviceJoined,
     DeviceLost,
+    DeviceSlow,
     Dispatch,
     FailFrame,
     FrameSubmitted,
@@ -41,12 +42,10 @@ from scheduler import (
 )
 from scheduler.shell import Shell
 from sims.catalog import DeviceSpec, Profile
-from workers.report import Cost, Report
+from workers.report import Report
 
-from .deployment import DeploymentState
 from .stats import MAX_TRACE, TraceEvent, trace_events
-from .transport import Clock, Gather, Part, Piece, TailWork, TileWork, Transport
-from .wiring import remote_bytes
+from .transport import Clock, Deployed, Transport
 
 log = logging.getLogger("tilefleet.driver")
 
@@ -86,7 +85,7 @@ class Device:
 @dataclass
 class FrameCtx:
     frame_id: int
-    deployment: DeploymentState
+    deployment: Deployed
     x: Any  # the frame batch (numpy on Ray; None in the simulator)
     future: Future
     submitted: float
@@ -100,17 +99,18 @@ class Driver(Shell):
     """Runs frames of any number of deployments on one set of devices."""
 
     def __init__(self, devices: dict[str, Device], transport: Transport, clock: Clock, *, max_in_flight: int = 2,
-                 max_retries: int = 3, learn_speed: bool = True,
+                 max_retries: int = 3, learn_speed: bool = True, work_stealing: bool = True,
                  speculate_after: float | None = SPECULATE_AFTER) -> None:
         self.devices = devices
         self.transport = transport
         self.clock = clock
         self.sched = Scheduler(max_in_flight_per_device=max_in_flight, max_retries=max_retries,
-                               learn_speed=learn_speed, speculate_after=speculate_after,
-                               speculation_share=SPECULATION_SHARE, log_size=SCHEDULER_HISTORY)
+                               learn_speed=learn_speed, work_stealing=work_stealing,
+                               speculate_after=speculate_after, speculation_share=SPECULATION_SHARE,
+                               log_size=SCHEDULER_HISTORY)
         self._armed: float | None = None  # when the speculation timer fires next
         self.frames: dict[int, FrameCtx] = {}
-        self.deployments: dict[str, DeploymentState] = {}
+        self.deployments: dict[str, Deployed] = {}
         self.next_frame = 0
         self.trace: list[TraceEvent] = []
         self.record_trace = True
@@ -118,7 +118,7 @@ class Driver(Shell):
         self.execute(self.sched.handle(*(DeviceJoined(d.clock_info, clock.now()) for d in devices.values())))
 
     # --- frames in -----------------------------------------------------------------------------------
-    def submit(self, state: DeploymentState, x: Any) -> Future:
+    def submit(self, state: Deployed, x: Any) -> Future:
         fut: Future = Future()
         fid = self.next_frame
         self.next_frame += 1
@@ -148,7 +148,8 @@ class Driver(Shell):
             self.execute(self.sched.handle(ev))
             return
         if self.record_trace:
-            self._record_trace(device, f"f{fid} s{stage} t{idx}", report)
+            self._record_trace(device, f"f{fid} s{stage} t{idx}", report,
+                               {"frame": fid, "kind": "tile", "stage": stage, "tile": idx})
         if ctx is not None and self.sched.expects(key, device):
             ctx.results[(stage, idx)] = handle
             ctx.placed[(stage, idx)] = device  # with a speculative copy, the first result's device
@@ -171,7 +172,7 @@ class Driver(Shell):
             ctx.tail_handle = handle
             ctx.deployment.stats.device(device).record(report, tail=True)
             if self.record_trace:
-                self._record_trace(device, f"f{fid} tail", report)
+                self._record_trace(device, f"f{fid} tail", report, {"frame": fid, "kind": "tail"})
             self.execute(self.sched.handle(TailDone(fid, device, t, compute_s=report.busy_s)))
         else:
             self.execute(self.sched.handle(TailFailed(fid, device, t, error=report.reason,
@@ -199,6 +200,14 @@ class Driver(Shell):
             raise ValueError(f"memory_bytes must be a whole number of bytes >= 0, got {memory_bytes!r}")
         self.execute(self.sched.handle(DeviceBudget(device_id, memory_bytes, self.clock.now())))
 
+    def on_device_slow(self, device: str, factor: float) -> None:
+        """The device says it now runs ``factor`` times slower than its profile (1: full speed again),
+        as a thermal or load monitor would: its queued work moves before any result comes late."""
+        dev = self.devices.get(device)
+        if dev is None or not dev.alive:
+            return
+        self.execute(self.sched.handle(DeviceSlow(device, factor, self.clock.now())))
+
     def add_device(self, device_id: str, dev: Device) -> None:
         """A device that joined the cluster: it takes work from now on. A device that comes back under
         an id the driver still thinks alive restarted unnoticed: what it held is gone first."""
@@ -209,17 +218,17 @@ class Driver(Shell):
         self.execute(self.sched.handle(DeviceJoined(dev.clock_info, self.clock.now())))
 
     # --- deployments and reports out -----------------------------------------------------------------
-    def load(self, state: DeploymentState) -> None:
+    def load(self, state: Deployed) -> None:
         """Every alive device loads the deployment's weights before its first frame."""
         self.deployments[state.id] = state
         self.transport.load(state, [d for d, dev in self.devices.items() if dev.alive])
 
-    def unload(self, state: DeploymentState) -> None:
+    def unload(self, state: Deployed) -> None:
         state.closed = True
         self.deployments.pop(state.id, None)
         self.transport.unload(state.id, [d for d, dev in self.devices.items() if dev.alive])
 
-    def snapshot(self, state: DeploymentState, detail: bool = True) -> dict[str, Any]:
+    def snapshot(self, state: Deployed, detail: bool = True) -> dict[str, Any]:
         return state.stats.snapshot({d: dev.alive for d, dev in self.devices.items()}, self.sched.stats(),
                                     state.weight_bytes, detail)
 
@@ -267,33 +276,11 @@ class Driver(Shell):
 
     def dispatch(self, ins: Dispatch) -> None:
         key, device = ins.key, ins.device
-        fid, stage_i, idx = key
-        ctx = self.frames[fid]
-        dep = ctx.deployment
-        stage = dep.plan.stages[stage_i]
-        tile = stage.tiles[idx]
-        wiring = dep.wiring.tiles[(stage_i, idx)]
-        frame_boxes = {n: b for n, b in tile.in_boxes.items() if n == wiring.frame_input}
-        sources: dict[str, list[Part]] = {name: [(s.box, ctx.results[s.tile], s.name) for s in srcs]
-                                          for name, srcs in wiring.sources.items()}
-        pieces: dict[str, list[Piece]] = {}
-        for p in tile.pieces_in:
-            src = stage.tiles[p.src]
-            pieces.setdefault(p.node, []).append((p.box, ctx.results[(stage_i, p.src)], src.pieces_out.index(p)))
-        ctx.placed[(stage_i, idx)] = device
-        in_bytes = tile.in_bytes if wiring.frame_input else remote_bytes(dep.wiring, (stage_i, idx), ctx.placed, device)
-        cost = Cost(tile.flops, in_bytes, tile.out_bytes + tile.reuse_out_bytes)
+        ctx = self.frames[key[0]]
+        ctx.placed[key[1:]] = device
+        work = ctx.deployment.tile_work(key, device, ctx.x, ctx.results, ctx.placed)
         self._sent[(key, device)] = self.clock.now()
-        reduced = {node: (point, [ctx.results[r] for r in refs]) for node, (point, refs) in wiring.reduced.items()}
-        if wiring.pinned_to is not None or wiring.reduced:  # what crosses the reduce point to this tile
-            maps = sum(dep.wiring.channels[src.name] * src.overlap.area * dep.wiring.itemsize(src.name)
-                       for srcs in wiring.sources.values() for src in srcs
-                       if src.tile == wiring.pinned_to and ctx.placed.get(src.tile) != device)
-            partials = sum(point.partial_bytes * sum(ctx.placed.get(r) != device for r in refs)
-                           for point, refs in wiring.reduced.values())
-            dep.stats.record_continuation(maps, partials)
-        self.transport.dispatch(device, TileWork(dep.id, key, ctx.x if frame_boxes else None, frame_boxes, sources,
-                                                 pieces, cost, tile.reuse_in_bytes, reduced))
+        self.transport.dispatch(device, work)
 
     def cancel(self, ins: Cancel) -> None:
         self._sent.pop((ins.key, ins.device), None)
@@ -302,31 +289,19 @@ class Driver(Shell):
     def run_tail(self, ins: RunTail) -> None:
         fid, device = ins.frame_id, ins.device
         ctx = self.frames[fid]
-        dep = ctx.deployment
-        if dep.plan.tail.empty:
+        work = ctx.deployment.tail_work(fid, device, ctx.x, ctx.results, ctx.placed)
+        if work is None:
             # nothing to compute: the result is stitched at the client, straight from the workers
             self.execute(self.sched.handle(TailDone(fid, device, self.clock.now())))
             return
-        parts, shapes = self._last_parts(ctx)
-        remote = 0  # bytes of the last stage's outputs that lie on other devices
-        for name in parts:
-            st = dep.plan.stages[dep.wiring.producers[name]]
-            remote += sum(dep.wiring.channels[name] * t.out_boxes[name].area * dep.wiring.itemsize(name)
-                          for t in st.tiles if ctx.placed.get((st.index, t.index)) != device)
-        reads_frame = dep.plan.input_name in dep.plan.tail.inputs
-        cost = Cost(dep.plan.tail.flops, remote, dep.plan.tail.out_bytes)
-        self.transport.run_tail(device, TailWork(dep.id, fid, parts, shapes, ctx.x if reads_frame else None,
-                                                 dep.plan.input_name if reads_frame else None, cost))
+        self.transport.run_tail(device, work)
 
     def complete(self, ins: Complete) -> None:
         ctx = self.frames.pop(ins.frame_id)
         dep = ctx.deployment
         try:
-            if dep.plan.tail.empty:
-                parts, shapes = self._last_parts(ctx)
-                result = self.transport.result(dep, Gather(parts, shapes), None)
-            else:
-                result = self.transport.result(dep, None, ctx.tail_handle)
+            gather = dep.gather(ctx.results)
+            result = self.transport.result(dep, gather, None if gather is not None else ctx.tail_handle)
         except Exception as e:  # noqa: BLE001
             ctx.future.set_exception(FrameFailed(f"frame {ins.frame_id}: collecting the result failed: {e!r}"))
             return
@@ -346,19 +321,8 @@ class Driver(Shell):
             ctx.future.set_exception(FrameFailed(reason))
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _last_parts(self, ctx: FrameCtx) -> tuple[dict[str, list[Part]], dict[str, tuple[int, ...]]]:
-        """The last stage's outputs by tile (what the tail or the final stitch reads)."""
-        dep = ctx.deployment
-        parts: dict[str, list[Part]] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for name in dep.wiring.last_outputs:
-            st = dep.plan.stages[dep.wiring.producers[name]]
-            parts[name] = [(t.out_boxes[name], ctx.results[(st.index, t.index)], name) for t in st.tiles]
-            shapes[name] = st.shapes[name]
-        return parts, shapes
-
-    def _record_trace(self, device: str, name: str, report: Report) -> None:
-        self.trace.extend(trace_events(device, name, report))
+    def _record_trace(self, device: str, name: str, report: Report, args: dict[str, Any]) -> None:
+        self.trace.extend(trace_events(device, name, report, args))
         if len(self.trace) > MAX_TRACE:
             del self.trace[: len(self.trace) // 2]
 

@@ -107,33 +107,36 @@ def candidates(part: tiling.Partitioner, n_devices: int) -> list[PlanCandidate]:
 
 
 def evaluate(plan: tiling.Plan, devices: Sequence[DeviceSpec], mode: str, scale: float,
-             long: bool = False) -> Prediction:
+             long: bool = False, shared_link_mbps: float | None = None) -> Prediction:
     """The simulator's figures for ``plan`` on ``devices``: the real driver and scheduler on the
     device model, as many frames as a measurement of ``mode`` would run."""
     if mode == "latency":
-        return predict(plan, devices, frames=3, in_flight=1, scale=scale)
+        return predict(plan, devices, frames=3, in_flight=1, scale=scale, shared_link_mbps=shared_link_mbps)
     # steady state needs many frames per frame in flight; a short run ranks, a long run decides
     depth = throughput_depth([d.profile.gflops for d in devices])
     frames = 8 * depth if long else 4 * depth
-    return predict(plan, devices, frames=frames, in_flight=depth, scale=scale)
+    return predict(plan, devices, frames=frames, in_flight=depth, scale=scale, shared_link_mbps=shared_link_mbps)
 
 
 def choose_plan(model: nn.Module, example: torch.Tensor, devices: Sequence[DeviceSpec], *, mode: str = "latency",
-                scale: float = 1.0, **fixed: Any) -> tuple[tiling.Plan, Choice]:
-    """The candidate with the best predicted latency (or throughput), and the table of why."""
+                scale: float = 1.0, shared_link_mbps: float | None = None,
+                **fixed: Any) -> tuple[tiling.Plan, Choice]:
+    """The candidate with the best predicted latency (or throughput), and the table of why
+    (``shared_link_mbps``: the devices share one channel of that bandwidth, :mod:`sims.medium`)."""
     part = tiling.Partitioner(model, example, fixed.pop("leaf_modules", ()))
     cands = candidates(part, len(devices))
     plans: dict[int, tiling.Plan] = {}
     for i, c in enumerate(cands):
         try:
             plan = part.plan(**{**c.kwargs, **fixed})
-            c.prediction = evaluate(plan, devices, mode, scale)
+            c.prediction = evaluate(plan, devices, mode, scale, shared_link_mbps=shared_link_mbps)
             plans[i] = plan
         except (tiling.TilingError, ValueError) as e:
             c.error = str(e)
     if mode == "throughput":  # re-rank the leaders with long runs
         for i in sorted(plans, key=lambda i: cands[i].score(mode))[:5]:
-            cands[i].prediction = evaluate(plans[i], devices, mode, scale, long=True)
+            cands[i].prediction = evaluate(plans[i], devices, mode, scale, long=True,
+                                           shared_link_mbps=shared_link_mbps)
         ranked = sorted(plans, key=lambda i: cands[i].score(mode))
         for i in ranked[5:]:
             cands[i].note = "short run"

@@ -137,14 +137,17 @@ class TraceEvent:
     args: dict[str, Any] = field(default_factory=dict)
 
 
-def trace_events(device: str, name: str, report: Report) -> list[TraceEvent]:
-    """A result's lanes: emulated rx / compute / tx when the device is emulated, else its compute."""
+def trace_events(device: str, name: str, report: Report,
+                 args: dict[str, Any] | None = None) -> list[TraceEvent]:
+    """A result's lanes: emulated rx / compute / tx when the device is emulated, else its compute.
+    ``args`` (the frame, and whether a tile or a tail) go with every lane, for plots and viewers."""
     tl = report.timeline
+    a = args or {}
     if tl:
-        return [TraceEvent(device, lane, name, tl[a], tl[b])
-                for lane, a, b in (("rx", "rx_start", "rx_end"), ("compute", "compute_start", "compute_end"),
-                                   ("tx", "tx_start", "tx_end")) if tl[b] > tl[a]]
-    return [TraceEvent(device, "compute", name, report.finish - report.compute_s, report.finish)]
+        return [TraceEvent(device, lane, name, tl[s], tl[e], a)
+                for lane, s, e in (("rx", "rx_start", "rx_end"), ("compute", "compute_start", "compute_end"),
+                                   ("tx", "tx_start", "tx_end")) if tl[e] > tl[s]]
+    return [TraceEvent(device, "compute", name, report.finish - report.compute_s, report.finish, a)]
 
 
 def write_chrome_trace(events: Sequence[TraceEvent], path: str | os.PathLike[str]) -> Path:

@@ -1,7 +1,11 @@
-"""What the driver needs of a world: a transport that moves work to devices, and a clock.
+"""What the driver needs of a world (a transport that moves work to devices, and a clock) and of a
+deployment (the work of each tile and tail).
 
-The driver (:mod:`fleet.runtime.driver`) is the same code on Ray and in the simulator; only these
-two objects differ. A transport carries out work and reports back by calling the driver's
+The driver (:mod:`fleet.runtime.driver`) is the same code on Ray and in the simulator; only the
+transport and the clock differ. A deployment is a tiling plan on both
+(:class:`~fleet.runtime.deployment.DeploymentState`); the simulator can also run bare
+:class:`scheduler.FrameSpec` frames (:class:`sims.specs.SpecDeployment`) when a test needs exact
+control of every tile's cost. A transport carries out work and reports back by calling the driver's
 ``on_report`` / ``on_tail_report`` / ``on_device_lost`` on the driver's own thread (Ray: the loop
 of :mod:`fleet.runtime.loop`; the simulator: its event heap). Results stay where they were made:
 the transport hands the driver an opaque *handle* per accepted tile (an object reference on Ray, a
@@ -10,14 +14,17 @@ token in the simulator), and the driver passes handles back when later work need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from scheduler import TileKey
+from scheduler import FrameSpec, TileKey, TileRef
 from tiling.geometry import Box
 from tiling.reduce import ReducePoint
 from workers.report import Cost
+
+if TYPE_CHECKING:
+    from .stats import DeploymentStats
 
 Part = tuple[Box, Any, str]  # (box of the producer's output, handle of the producer's payload, output name)
 Piece = tuple[Box, Any, int]  # (box, handle of the exporting tile's payload, index of the exported piece)
@@ -92,3 +99,29 @@ class Clock(Protocol):
     def now(self) -> float: ...
 
     def call_later(self, delay_s: float, fn: Callable[[], None]) -> None: ...
+
+
+class Deployed(Protocol):
+    """What the driver asks of a deployment: each frame's spec for the scheduler, the work of each
+    tile and tail for the transport, and how the result is assembled; it keeps the statistics."""
+
+    id: str
+    stats: DeploymentStats
+    closed: bool
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+    def frame_spec(self, fid: int) -> FrameSpec: ...
+
+    def tile_work(self, key: TileKey, device: str, x: Any, results: Mapping[TileRef, Any],
+                  placed: Mapping[TileRef, str]) -> TileWork:
+        """``results``: the handle of every accepted tile of the frame; ``placed``: where each ran
+        (this tile included)."""
+
+    def tail_work(self, fid: int, device: str, x: Any, results: Mapping[TileRef, Any],
+                  placed: Mapping[TileRef, str]) -> TailWork | None:
+        """None: nothing to compute after the last stage."""
+
+    def gather(self, results: Mapping[TileRef, Any]) -> Gather | None:
+        """None: the tail's output is the result."""

@@ -144,28 +144,3 @@ def run(target: Target, *, rates: Sequence[float] = (), concurrency: int | None 
         res = asyncio.run(closed_loop(target, concurrency, duration))
         return [dict(summarize(res, None, duration), concurrency=concurrency)]
     return [summarize(asyncio.run(open_loop(target, r, duration, poisson)), r, duration) for r in rates]
-
-
-def plot(reports: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Latency percentiles against offered load (needs matplotlib: ``pip install 'tilefleet[plot]'``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'tilefleet[plot]' (or drop --plot)") from None
-    xs = [r["offered_rps"] for r in reports]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in ("p50_ms", "p90_ms", "p99_ms"):
-        ax.plot(xs, [r[key] if r[key] is not None else float("nan") for r in reports], marker="o",
-                label=key.removesuffix("_ms"))
-    ax.set_xlabel("offered load (requests/s)")
-    ax.set_ylabel("latency from scheduled send (ms)")
-    ax.set_yscale("log")
-    ax.set_title(title or "latency against offered load (open loop)")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
