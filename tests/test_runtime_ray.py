@@ -136,7 +136,12 @@ def test_failed_device_loses_no_frame() -> None:
         dep = c.deploy(zm.model, x, grid=(3, 3))
         frames = [torch.randn_like(x) for _ in range(10)]
         futs = [dep.submit(f) for f in frames[:5]]
-        time.sleep(0.05)
+        sched = c.driver.core.sched
+        deadline = time.monotonic() + 60  # wait until pi4-1 holds a tile, then crash it
+        while not c.driver.call(lambda: sched.in_flight("pi4-1")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        held = c.driver.call(lambda: sched.in_flight("pi4-1"))
+        assert held, "pi4-1 never had a tile in flight"
         c.fail("pi4-1")
         futs += [dep.submit(f) for f in frames[5:]]
         outs = [f.result(timeout=120) for f in futs]
@@ -144,6 +149,9 @@ def test_failed_device_loses_no_frame() -> None:
             assert tiling.rel_error(y, zm.model(f)) <= 1e-4
         st = dep.stats()
         assert st["devices"]["pi4-1"]["alive"] is False
+        # what it held when it died ran elsewhere (or its result, if it came back first, was kept)
+        assert c.driver.call(lambda: sched.stats()["pi4-1"].requeued) >= 1 or all(
+            c.driver.call(lambda: sched.accepted(k)) == "pi4-1" for k in held)
         assert sum(d["tiles"] for d in st["devices"].values()) == 10 * 9
         detected = c.detection_times()["pi4-1"]
         assert detected is not None and detected < 30
