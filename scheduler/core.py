@@ -135,7 +135,10 @@ class SchedulerCore:
         dev.remove_tail(frame_id)
         self._index.freed.add(dev.id)
         self._touch(dev)
-        return self._frames[frame_id]
+        frame = self._frames[frame_id]
+        if frame.status != "active":
+            frame.tail, frame.tail_device = "blocked", None  # an ended frame's tail drained: it can retire
+        return frame
 
     def _fail_frame(self, frame: FrameRecord, reason: str, out: list[Instruction]) -> None:
         """End a frame as failed: drop its planned tiles, cancel its queued

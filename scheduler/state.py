@@ -36,6 +36,7 @@ from scheduler.events import (
     DeviceLost,
     DeviceSlow,
     Event,
+    FrameCancelled,
     FrameSubmitted,
     Instruction,
     Stitch,
@@ -179,6 +180,8 @@ class Scheduler(SchedulerCore):
     def _apply(self, event: Event, out: list[Instruction]) -> None:
         if isinstance(event, FrameSubmitted):
             self._on_frame_submitted(event.frame, out)
+        elif isinstance(event, FrameCancelled):
+            self._on_frame_cancelled(event, out)
         elif isinstance(event, TileDone):
             self._on_tile_done(event, out)
         elif isinstance(event, TileFailed):
@@ -244,6 +247,13 @@ class Scheduler(SchedulerCore):
         if not frame.tiles:
             self._set_pending_tail(frame)
         self._plan([t for t in frame.tiles.values() if not t.missing], out, why="ready")
+
+    def _on_frame_cancelled(self, ev: FrameCancelled, out: list[Instruction]) -> None:
+        """Fail the frame with the shell's reason, as any failure: planned tiles dropped, queued
+        ones cancelled, running ones left to drain (their results are then ignored)."""
+        frame = self._frames.get(ev.frame_id)
+        if frame is not None and frame.status == "active":
+            self._fail_frame(frame, ev.reason, out)
 
     def _on_tile_done(self, ev: TileDone, out: list[Instruction]) -> None:
         taken = self._take_back(ev.key, ev.device)
@@ -393,6 +403,8 @@ class Scheduler(SchedulerCore):
             frame = self._frames[fid]
             if frame.status == "active":
                 self._set_pending_tail(frame)
+            else:
+                frame.tail, frame.tail_device = "blocked", None  # an ended frame's tail died with the device
         dev.clear()
         self._touch(dev)
         # Only a smaller largest budget can make a frame infeasible that was not; otherwise
