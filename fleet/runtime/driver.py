@@ -24,6 +24,7 @@ from scheduler import (
     DeviceLost,
     Dispatch,
     FailFrame,
+    FrameCancelled,
     FrameSubmitted,
     RunTail,
     Scheduler,
@@ -38,7 +39,7 @@ from scheduler.shell import Shell
 from sims.catalog import DeviceSpec, Profile
 from workers.report import Cost, Report
 
-from .deployment import DeploymentState
+from .deployment import DeploymentState, FrameFuture
 from .stats import MAX_TRACE, TraceEvent, trace_events
 from .transport import Clock, Gather, Part, Piece, TailWork, TileWork, Transport
 from .wiring import remote_bytes
@@ -50,6 +51,10 @@ INPUT_LOST_GRACE_S = 3.0  # > Ray's node death detection with fast health checks
 
 class FrameFailed(RuntimeError):
     """A frame the runtime could not complete; the message says why."""
+
+
+class FrameCancelledError(FrameFailed):
+    """A frame given up on before it finished (``Deployment.cancel``); the message says why."""
 
 
 @dataclass
@@ -76,6 +81,7 @@ class FrameCtx:
     placed: dict[TileRef, str] = field(default_factory=dict)
     done_at: float | None = None
     tail_handle: Any = None
+    cancelled: bool = False
 
 
 class Driver(Shell):
@@ -98,12 +104,24 @@ class Driver(Shell):
 
     # --- frames in -----------------------------------------------------------------------------------
     def submit(self, state: DeploymentState, x: Any) -> Future:
-        fut: Future = Future()
         fid = self.next_frame
+        fut: Future = FrameFuture(fid)
         self.next_frame += 1
         self.frames[fid] = FrameCtx(fid, state, x, fut, self.clock.now())
         self.execute(self.sched.handle(FrameSubmitted(state.frame_spec(fid), self.clock.now())))
         return fut
+
+    def cancel_frame(self, frame_id: int, reason: str = "cancelled") -> bool:
+        """Give up on a frame: the scheduler drops its planned tiles, cancels those queued at devices
+        and ignores the running ones' results; its future fails with :class:`FrameCancelledError`.
+        False when the frame has already ended (or never existed). (``cancel`` is the shell's
+        handler of the scheduler's ``Cancel`` instruction, for one tile.)"""
+        ctx = self.frames.get(frame_id)
+        if ctx is None:
+            return False
+        ctx.cancelled = True
+        self.execute(self.sched.handle(FrameCancelled(frame_id, self.clock.now(), reason)))
+        return True
 
     # --- reports in (from the transport) -------------------------------------------------------------
     def on_report(self, key: TileKey, device: str, report: Report, handle: Any) -> None:
@@ -284,7 +302,9 @@ class Driver(Shell):
         ctx = self.frames.pop(ins.frame_id, None)
         if ctx is not None and not ctx.future.done():
             ctx.done_at = self.clock.now()
-            ctx.future.set_exception(FrameFailed(ins.reason))
+            if ctx.cancelled:
+                ctx.deployment.stats.frames_cancelled += 1
+            ctx.future.set_exception((FrameCancelledError if ctx.cancelled else FrameFailed)(ins.reason))
 
     # --- helpers -------------------------------------------------------------------------------------
     def _last_parts(self, ctx: FrameCtx) -> tuple[dict[str, list[Part]], dict[str, tuple[int, ...]]]:

@@ -65,6 +65,7 @@ class DeploymentStats:
     latencies: OrderedDict[int, float] = field(default_factory=OrderedDict)
     overheads: list[float] = field(default_factory=list)  # dispatch overhead per tile (round trip - compute)
     frames_done: int = 0
+    frames_cancelled: int = 0  # given up on (Deployment.cancel) before they finished
 
     def record_latency(self, frame: int, seconds: float) -> None:
         self.latencies[frame] = seconds
@@ -84,6 +85,7 @@ class DeploymentStats:
         self.latencies.clear()
         self.overheads.clear()
         self.frames_done = 0
+        self.frames_cancelled = 0
 
     def snapshot(self, devices: dict[str, bool], sched: dict[str, Any], weight_bytes: int,
                  detail: bool = True) -> dict[str, Any]:
@@ -98,7 +100,7 @@ class DeploymentStats:
             out[did] = {**c, "alive": alive, "steals": s.steals if s else 0, "retries": s.retries if s else 0,
                         # weights held from deploy on + the most tile memory ever in flight at once
                         "peak_bytes": (weight_bytes + s.peak_high_water) if (c["tiles"] and s) else 0}
-        frames: dict[str, Any] = {"count": self.frames_done}
+        frames: dict[str, Any] = {"count": self.frames_done, "cancelled": self.frames_cancelled}
         if not detail:
             return {"devices": out, "frames": frames}
         lat = list(self.latencies.values())
