@@ -296,11 +296,17 @@ class InferenceService:
         return pending
 
     def abandon(self, p: Pending, kind: ErrorKind = ErrorKind.TIMEOUT) -> ServingError:
-        """The transport gave up on ``p`` (its deadline passed, or its client left): the error to report."""
+        """The transport gave up on ``p`` (its deadline passed, or its client left): the error to report.
+        A queued request leaves the queue; a frame already in the fleet is cancelled there."""
         with self._lock:
             never_started = self.admission.abandon(p.ticket)
             running = self.admission.running.get(p.ticket.model, 0)
+            first = "abandoned" not in p.ticket.meta
+            p.ticket.meta.setdefault("abandoned", kind)
+            submitted = p.ticket.meta.get("frame") if first else None  # None while still being submitted
             self._lock.notify_all()
+        if submitted is not None:
+            self._cancel_frame(p.ticket, submitted, kind)
         where = (f"it waited in the queue with {p.ticket.ahead} request(s) ahead of it and never started"
                  if never_started else f"its frame was in the fleet with {running - 1} other(s) of this model")
         if kind is ErrorKind.CANCELLED:
@@ -368,7 +374,26 @@ class InferenceService:
             self._frame_left(t)
             self._fail_ticket(t, err if isinstance(err, ServingError) else invalid(str(err)))
             return
+        with self._lock:  # abandon() reads this under the lock: exactly one of the two cancels a frame
+            t.meta["frame"] = (dep, fut)
+            gone = t.meta.get("abandoned")
+        if gone is not None:  # its client gave up while the frame was being submitted
+            self._cancel_frame(t, (dep, fut), gone)
         fut.add_done_callback(lambda f: self._on_result(t, f))
+
+    def _cancel_frame(self, t: Ticket, submitted: tuple[Any, Future[Any]], kind: ErrorKind) -> None:
+        """Give up the frame of an abandoned request in the fleet, so the devices stop spending time
+        on it; its slot frees when the runtime has failed it (``_on_result``)."""
+        dep, fut = submitted
+        why = ("cancelled: the client went away" if kind is ErrorKind.CANCELLED
+               else "cancelled: the request's timeout passed")
+        try:
+            cancelled = dep.cancel(fut, why)
+        except Exception:  # noqa: BLE001 - a deployment closing meanwhile: its frames end anyway
+            log.exception("cancelling a frame of %s", t.model)
+            return
+        if cancelled and self.metrics is not None:
+            self.metrics.frame_cancelled(t.model, kind.reason)
 
     def _on_result(self, t: Ticket, f: Future[Any]) -> None:
         """On the runtime's driver thread: free the slot, then hand the result to the waiting request."""
