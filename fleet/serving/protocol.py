@@ -312,15 +312,18 @@ def _check_outputs(req: InferRequest, meta: ModelMetadata) -> list[RequestedOutp
 # REST encoding
 # --------------------------------------------------------------------------------------------------
 
-def encode_rest(resp: InferResponse) -> tuple[bytes, int | None]:
-    """The REST body of a response and, when some output is binary, the JSON header's length."""
+def encode_rest(resp: InferResponse) -> tuple[bytes | bytearray, int | None]:
+    """The REST body of a response and, when some output is binary, the JSON header's length.
+
+    Binary outputs are copied once, straight into the body's buffer (not ``tobytes`` and a join:
+    two copies of a 1.4 MB output each time)."""
     outs, blobs = [], []
     for o in resp.outputs:
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
         if o.binary:
-            raw = np.ascontiguousarray(o.data, dtype=DTYPES[o.datatype]).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
+            arr = np.ascontiguousarray(o.data, dtype=DTYPES[o.datatype])
+            entry["parameters"] = {"binary_data_size": arr.nbytes}
+            blobs.append(arr)
         else:
             entry["data"] = np.asarray(o.data).ravel().tolist()
         outs.append(entry)
@@ -330,7 +333,14 @@ def encode_rest(resp: InferResponse) -> tuple[bytes, int | None]:
     head = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
         return head, None
-    return b"".join([head, *blobs]), len(head)
+    body = bytearray(len(head) + sum(a.nbytes for a in blobs))
+    view = memoryview(body)
+    view[:len(head)] = head
+    at = len(head)
+    for a in blobs:
+        view[at:at + a.nbytes] = memoryview(a).cast("B")
+        at += a.nbytes
+    return body, len(head)
 
 
 def error_body(message: str) -> bytes:

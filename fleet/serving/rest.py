@@ -38,9 +38,11 @@ class SentResponse(Response):
     """A response that calls ``on_sent`` once its last byte is handed to the server: the request's
     server-side time then includes sending, as Triton's request duration does."""
 
-    def __init__(self, content: bytes, status_code: int = 200, headers: dict[str, str] | None = None,
+    def __init__(self, content: bytes | bytearray, status_code: int = 200, headers: dict[str, str] | None = None,
                  media_type: str | None = None, on_sent: Callable[[], None] | None = None) -> None:
-        super().__init__(content, status_code, headers, media_type)
+        # a bytearray (encode_rest's binary body) goes out as a view of itself: no copy to bytes
+        super().__init__(memoryview(content) if isinstance(content, bytearray) else content, status_code, headers,
+                         media_type)
         self.on_sent = on_sent
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
