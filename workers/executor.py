@@ -56,8 +56,7 @@ def keep_freed_activations(keep_bytes: int = 256 << 20) -> bool:
     glibc maps blocks above 32 MiB (YOLOv2's first activations at 608x608 are 47 MiB) and unmaps
     them when freed, so every tile paid the page faults of zeroing fresh pages again: YOLOv2-16 on
     one thread runs 6% faster without them (0.43 vs 0.45 s). The cost is that a worker keeps up to
-    ``keep_bytes`` of freed memory resident. For processes that own their memory use (workers, and
-    the serving process: ``fleet.serving.server.keep_freed_memory``): whether it took effect.
+    ``keep_bytes`` of freed memory resident. For worker processes only: whether it took effect.
     """
     import ctypes
     import ctypes.util

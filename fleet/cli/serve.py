@@ -99,7 +99,7 @@ def _configs(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
 def serve(args: argparse.Namespace) -> int:
     import fleet
     from fleet.serving.security import SecurityError
-    from fleet.serving.server import ServeOptions, Server, keep_freed_memory
+    from fleet.serving.server import ServeOptions, Server
     from fleet.serving.service import ServiceOptions
 
     opts = ServeOptions(host=args.host, port=args.port, grpc_port=None if args.grpc_port < 0 else args.grpc_port,
@@ -113,7 +113,6 @@ def serve(args: argparse.Namespace) -> int:
     except (SecurityError, ValueError) as e:
         print(f"tilefleet serve: error: {e}", file=sys.stderr)
         return 2
-    keep_freed_memory()
     where = args.cluster or args.address or args.devices
     print(f"tilefleet serve: connecting to {where} ...")
     kw: dict[str, Any] = ({"cluster": args.cluster, "token_file": args.token_file} if args.cluster else

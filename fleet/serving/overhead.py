@@ -66,8 +66,6 @@ class Cluster:
     def devices(self):
         return [{"id": "d0", "usable_bytes": 1 << 40, "state": "alive"}]
 
-import fleet.serving.server as served
-getattr(served, "keep_freed_memory", lambda: None)()  # as `tilefleet serve` does, in a checkout that does it
 server = Server(Cluster(), {cfg.name: cfg}, ServeOptions(port=port, grpc_port=None)).start()
 print(server.service.load_startup(), flush=True)
 stop = threading.Event()

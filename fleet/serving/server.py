@@ -21,19 +21,6 @@ from .service import InferenceService, ServiceOptions
 
 log = logging.getLogger("tilefleet.serving")
 
-KEEP_FREED_BYTES = 64 << 20
-
-
-def keep_freed_memory() -> bool:
-    """What ``tilefleet serve`` does to its process first (glibc only; whether it took effect): keep up
-    to 64 MiB of freed memory for reuse instead of handing it back to the system at once. Every
-    request's buffers (a 608x608 frame's 4.4 MB body, its 1.4 MB answer) otherwise came back as
-    fresh pages: about 1,080 page faults a request, a quarter of the server's CPU time per request
-    on a busy 2-core box (see docs/serving.md, "Performance")."""
-    from workers.executor import keep_freed_activations
-
-    return keep_freed_activations(KEEP_FREED_BYTES)
-
 
 @dataclass
 class ServeOptions:
