@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameFailed", "connect"]
+__all__ = ["Cluster", "ClusterClosed", "Deployment", "FrameCancelledError", "FrameFailed", "connect"]
 
 
 def __getattr__(name: str) -> Any:  # Ray is imported only when the client is used
     if name in __all__:
         import importlib
 
-        return getattr(importlib.import_module("fleet.runtime.client"), name)
+        where = "fleet.runtime.driver" if name == "FrameCancelledError" else "fleet.runtime.client"
+        return getattr(importlib.import_module(where), name)
     raise AttributeError(name)

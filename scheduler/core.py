@@ -157,7 +157,10 @@ class SchedulerCore(Stragglers):
         dev.remove_tail(frame_id)
         self._index.freed.add(dev.id)
         self._touch(dev)
-        return self._frames[frame_id]
+        frame = self._frames[frame_id]
+        if frame.status != "active":
+            frame.tail, frame.tail_device = "blocked", None  # an ended frame's tail drained: it can retire
+        return frame
 
     def _fail_frame(self, frame: FrameRecord, reason: str, out: list[Instruction]) -> None:
         """End a frame as failed: drop its planned tiles, cancel its queued
@@ -306,7 +309,7 @@ class SchedulerCore(Stragglers):
         if pin is None:
             return None
         src = frame.tiles[pin]
-        dev = self._devices.get(src.device or "") if src.state == "done" else None
+        dev = self._devices.get(src.device or "") if src.state == "done" and src.holds else None
         return dev if dev is not None and dev.alive and tile.need_bytes <= dev.info.memory_bytes else None
 
     def _release_held(self, frame: FrameRecord, done: TileRecord | None = None) -> None:
@@ -315,15 +318,16 @@ class SchedulerCore(Stragglers):
         if done is not None:
             pins = [] if done.spec.pin is None else [frame.tiles[done.spec.pin]]
         else:
-            pins = [t for t in frame.tiles.values() if t.spec.held_bytes and t.state == "done"]
+            pins = [t for t in frame.tiles.values() if t.holds]
         for src in pins:
-            if src.device is None or src.key not in self._devices[src.device].held:
+            if not src.holds or src.device is None:
                 continue
             if done is not None and any(frame.tiles[r].spec.pin == src.spec.ref and frame.tiles[r].state != "done"
                                         for r in src.dependents):
                 continue  # another tile still continues on these maps
             dev = self._devices[src.device]
             dev.unhold(src.key)
+            src.holds = False
             self._index.freed.add(dev.id)
             self._touch(dev)
 

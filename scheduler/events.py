@@ -126,6 +126,17 @@ class DeviceBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class FrameCancelled:
+    """Nobody wants the frame any more (its client disconnected, its deadline passed): it fails
+    now with ``reason``.  Its planned tiles are dropped, tiles queued at devices are cancelled,
+    running ones drain and their results are ignored.  A frame already ended is left alone."""
+
+    frame_id: int
+    t: float
+    reason: str = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passed with nothing else happening; lets estimates age and
     stealing reconsider.  Optional for the shell."""
@@ -143,6 +154,7 @@ Event = (
     | DeviceLost
     | DeviceSlow
     | DeviceBudget
+    | FrameCancelled
     | Tick
 )
 
@@ -215,7 +227,7 @@ def event_frame(event: Event) -> int | None:
     """The frame an event concerns, if any."""
     if isinstance(event, (TileDone, TileFailed)):
         return event.key[0]
-    if isinstance(event, (TailDone, TailFailed)):
+    if isinstance(event, (TailDone, TailFailed, FrameCancelled)):
         return event.frame_id
     if isinstance(event, FrameSubmitted):
         return event.frame.frame_id

@@ -71,11 +71,11 @@ def _check_device(dev: DeviceRecord, frames: Mapping[int, FrameRecord], max_in_f
         _fail(f"device {d}: tail bytes {dev.tail_bytes} != recomputed {tails}")
     held = {}
     for frame in frames.values():
-        if frame.status != "active":
-            continue
         for t in frame.tiles.values():
-            if t.spec.held_bytes and t.state == "done" and t.device == d and any(
-                    frame.tiles[r].spec.pin == t.spec.ref and frame.tiles[r].state != "done" for r in t.dependents):
+            if t.holds and t.device == d:
+                if frame.status != "active" or t.state != "done" or all(
+                        frame.tiles[r].state == "done" for r in t.dependents if frame.tiles[r].spec.pin == t.spec.ref):
+                    _fail(f"device {d}: holds maps of {t.key} that nothing needs (frame {frame.status}, tile {t.state})")
                 held[t.key] = t.spec.held_bytes
     if held != dev.held or sum(held.values()) != dev.held_bytes:
         _fail(f"device {d}: held maps {dev.held} ({dev.held_bytes} B) != recomputed {held}")
@@ -118,13 +118,6 @@ def _check_tile(tile: TileRecord, frame: FrameRecord, devices: Mapping[str, Devi
         _fail(f"tile {k} is ready but was never planned")
     if tile.state == "done" and tile.device is None:
         _fail(f"tile {k} is done but no device's result was accepted")
-    pin = tile.spec.pin
-    if pin is not None and tile.state in ("planned", "in_flight") and tile.backup is None:
-        src = frame.tiles[pin]
-        holder = devices.get(src.device or "") if src.state == "done" else None
-        if (holder is not None and holder.alive and tile.need_bytes <= holder.info.memory_bytes
-                and tile.device != holder.id):
-            _fail(f"tile {k} is pinned to {pin} on {holder.id} but {tile.state} on {tile.device}")
 
 
 def _check_frame(frame: FrameRecord, devices: Mapping[str, DeviceRecord], retired: bool) -> None:

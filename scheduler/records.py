@@ -47,6 +47,7 @@ class TileRecord:
     device: str | None = None
     retries: int = 0
     backup: str | None = None  # a second copy runs here (speculation); the first result wins
+    holds: bool = False  # done, and its maps are kept on its device for the tiles pinned to it
 
     @property
     def need_bytes(self) -> int:

@@ -38,6 +38,7 @@ from scheduler.events import (
     DeviceLost,
     DeviceSlow,
     Event,
+    FrameCancelled,
     FrameSubmitted,
     Instruction,
     Stitch,
@@ -50,7 +51,7 @@ from scheduler.events import (
 from scheduler.invariants import check_index, check_invariants
 from scheduler.log import LogEntry, Subject, Transition
 from scheduler.model import FrameSpec, TileKey, TileRef, frame_problems, tile_key
-from scheduler.placement import compute_s, speed_step, to_ns
+from scheduler.placement import to_ns
 from scheduler.records import (
     DeviceRecord,
     DeviceStats,
@@ -181,6 +182,8 @@ class Scheduler(SchedulerCore):
     def _apply(self, event: Event, out: list[Instruction]) -> None:
         if isinstance(event, FrameSubmitted):
             self._on_frame_submitted(event.frame, out)
+        elif isinstance(event, FrameCancelled):
+            self._on_frame_cancelled(event, out)
         elif isinstance(event, TileDone):
             self._on_tile_done(event, out)
         elif isinstance(event, TileFailed):
@@ -249,6 +252,13 @@ class Scheduler(SchedulerCore):
             self._set_pending_tail(frame)
         self._plan([t for t in frame.tiles.values() if not t.missing], out, why="ready")
 
+    def _on_frame_cancelled(self, ev: FrameCancelled, out: list[Instruction]) -> None:
+        """Fail the frame with the shell's reason, as any failure: planned tiles dropped, queued
+        ones cancelled, running ones left to drain (their results are then ignored)."""
+        frame = self._frames.get(ev.frame_id)
+        if frame is not None and frame.status == "active":
+            self._fail_frame(frame, ev.reason, out)
+
     def _on_tile_done(self, ev: TileDone, out: list[Instruction]) -> None:
         taken = self._take_back(ev.key, ev.device)
         if taken is None:
@@ -277,6 +287,7 @@ class Scheduler(SchedulerCore):
         tile.state, tile.device = "done", ev.device
         if tile.spec.held_bytes:  # its maps stay here for the tiles pinned to it
             dev.hold(tile.key, tile.spec.held_bytes)
+            tile.holds = True
         self._release_held(frame, tile)
         dev.results[frame.frame_id] = dev.results.get(frame.frame_id, 0) + 1
         dev.tiles_done += 1
@@ -421,6 +432,11 @@ class Scheduler(SchedulerCore):
             frame = self._frames[fid]
             if frame.status == "active":
                 self._set_pending_tail(frame)
+            else:
+                frame.tail, frame.tail_device = "blocked", None  # an ended frame's tail died with the device
+        for key in dev.held:  # its memory is gone, maps included (a stored result may live on elsewhere)
+            if key[0] in self._frames:
+                self._tile(key).holds = False
         dev.clear()
         self._touch(dev)
         # Only a smaller largest budget can make a frame infeasible that was not; otherwise
@@ -508,18 +524,6 @@ class Scheduler(SchedulerCore):
                     grew = True
         return rerun
 
-    def _on_device_slow(self, ev: DeviceSlow, out: list[Instruction]) -> None:
-        dev = self._devices.get(ev.device_id)
-        if dev is None or not dev.alive or not (math.isfinite(ev.factor) and ev.factor > 0):
-            return
-        # Measurements restart from the announced factor; tiles started
-        # before the announcement say nothing about the new speed.
-        dev.observed, dev.speed_since = 0, self.now
-        if ev.factor > dev.speed:
-            self._slow_down(dev, ev.factor, out, why=f"{dev.id} slowed x{ev.factor:g}")
-        else:
-            self._set_speed(dev, ev.factor)  # faster again: it wins work back by stealing
-
     def _on_device_budget(self, ev: DeviceBudget, out: list[Instruction]) -> None:
         dev = self._devices.get(ev.device_id)
         budget = ev.memory_bytes
@@ -555,37 +559,5 @@ class Scheduler(SchedulerCore):
                     reason = self._infeasible(frame)
                     if reason is not None:
                         self._fail_frame(frame, f"{reason} after {dev.id}'s budget shrank to {budget} bytes", out)
-        self._plan([t for t in moved if self._frames[t.key[0]].status == "active"], out,
+        self._plan([t for t in moved if (f := self._frames.get(t.key[0])) is not None and f.status == "active"], out,
                    why=f"{dev.id} budget now {budget} B", exclude=dev.id)
-
-    def _learn_speed(
-        self, dev: DeviceRecord, tile: TileRecord, measured_s: float, out: list[Instruction]
-    ) -> None:
-        """Correct the device's speed factor from a measured compute time.
-
-        Profiles drift (thermal throttling, a co-located job) long before
-        anyone sends ``DeviceSlow``; the shell's ``compute_s`` shows it.  The
-        first measurement after a join or an announcement replaces the
-        factor, later ones are averaged; a jump by ``SLOWDOWN_TRIGGER`` is
-        handled exactly like an announced slowdown.  Only the running tile's
-        result counts, and only if it started after the last announcement.
-        """
-        expected = compute_s(tile.spec.flops, dev.info)
-        if not (self.learn_speed and expected > 0 and measured_s > 0 and math.isfinite(measured_s)):
-            return
-        # the reported time includes the per-tile overhead, which the speed factor does not scale
-        ratio = max(0.05, (measured_s - dev.info.tile_overhead_s) / expected)
-        dev.estimate = (
-            ratio
-            if dev.observed == 0
-            else (1 - self.SPEED_ALPHA) * dev.estimate + self.SPEED_ALPHA * ratio
-        )
-        dev.observed += 1
-        new = speed_step(dev.estimate)
-        if new == dev.speed:
-            return  # within the same 10% step: nothing to re-time, and devices stay in few classes
-        if new > dev.speed * self.SLOWDOWN_TRIGGER:
-            self._slow_down(dev, new, out, why=f"{dev.id} measured x{new:.3g}")
-        else:
-            self._set_speed(dev, new)
-        self._learned_slow(dev)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from scheduler.events import Cancel, Dispatch, Instruction
+from scheduler.events import Cancel, DeviceSlow, Dispatch, Instruction
 from scheduler.model import TileKey
-from scheduler.placement import NS, duration_ns, speed_step, to_ns
+from scheduler.placement import NS, compute_s, duration_ns, speed_step, to_ns
 from scheduler.records import DeviceRecord, TileRecord
 
 SPECULATE_AFTER = 2.0
@@ -223,3 +223,46 @@ class Stragglers:
         finally:
             self._touch(primary)
 
+    def _on_device_slow(self, ev: DeviceSlow, out: list[Instruction]) -> None:
+        dev = self._devices.get(ev.device_id)
+        if dev is None or not dev.alive or not (math.isfinite(ev.factor) and ev.factor > 0):
+            return
+        # Measurements restart from the announced factor; tiles started
+        # before the announcement say nothing about the new speed.
+        dev.observed, dev.speed_since = 0, self.now
+        if ev.factor > dev.speed:
+            self._slow_down(dev, ev.factor, out, why=f"{dev.id} slowed x{ev.factor:g}")
+        else:
+            self._set_speed(dev, ev.factor)  # faster again: it wins work back by stealing
+
+    def _learn_speed(
+        self, dev: DeviceRecord, tile: TileRecord, measured_s: float, out: list[Instruction]
+    ) -> None:
+        """Correct the device's speed factor from a measured compute time.
+
+        Profiles drift (thermal throttling, a co-located job) long before
+        anyone sends ``DeviceSlow``; the shell's ``compute_s`` shows it.  The
+        first measurement after a join or an announcement replaces the
+        factor, later ones are averaged; a jump by ``SLOWDOWN_TRIGGER`` is
+        handled exactly like an announced slowdown.  Only the running tile's
+        result counts, and only if it started after the last announcement.
+        """
+        expected = compute_s(tile.spec.flops, dev.info)
+        if not (self.learn_speed and expected > 0 and measured_s > 0 and math.isfinite(measured_s)):
+            return
+        # the reported time includes the per-tile overhead, which the speed factor does not scale
+        ratio = max(0.05, (measured_s - dev.info.tile_overhead_s) / expected)
+        dev.estimate = (
+            ratio
+            if dev.observed == 0
+            else (1 - self.SPEED_ALPHA) * dev.estimate + self.SPEED_ALPHA * ratio
+        )
+        dev.observed += 1
+        new = speed_step(dev.estimate)
+        if new == dev.speed:
+            return  # within the same 10% step: nothing to re-time, and devices stay in few classes
+        if new > dev.speed * self.SLOWDOWN_TRIGGER:
+            self._slow_down(dev, new, out, why=f"{dev.id} measured x{new:.3g}")
+        else:
+            self._set_speed(dev, new)
+        self._learned_slow(dev)

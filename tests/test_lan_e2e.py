@@ -2,17 +2,16 @@
 
 Hosts (tests/netns.py): h0 runs ``tilefleet head``; h1 and h2 ``tilefleet join`` by zeroconf,
 h2 behind a 100 Mbit/s link; h3 joins with ``--client`` and runs the Python client; h4 plays the
-attacker (a wrong token, a token-less Ray worker, a rogue head) and later joins for real. No
-address is typed except where a test is about ``--address``. Every process is a real subprocess
+attacker (a wrong token, a token-less Ray worker, a rogue head) and later joins for real. Last,
+``tilefleet serve --cluster lab`` runs on h0 and h3 calls it with tritonclient while a device
+crashes. No address is typed except where a test is about ``--address`` (or names a server). Every process is a real subprocess
 in its host's own PID namespace; the fixture removes everything at the end, even on failure.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -22,42 +21,13 @@ from typing import Any
 
 import pytest
 
+# lanops also sets PYTHONPATH, so every program started here runs this checkout's code
+from lanops import TILEFLEET, copy_token, power_cut, raylets, wait_for, wait_state
 from netns import Host, Lan, make_lan, netns_unavailable
 
 pytestmark = pytest.mark.netns
 
-TILEFLEET = str(Path(sys.executable).with_name("tilefleet"))
 SLOW_MBIT = 100.0  # Wi-Fi-like, against about 15 Gbit/s for the unshaped veths
-
-
-def _state(host: Host, name: str) -> dict[str, Any] | None:
-    p = host.home / ".local" / "state" / "tilefleet" / f"{name}.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _wait_state(host: Host, name: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = _state(host, name)
-        if st is not None:
-            return st
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise AssertionError(f"{host.name}: tilefleet {name} did not come up:\n{host.log(proc)}")  # type: ignore[arg-type]
-
-
-def _copy_token(src: Host, dst: Host) -> Path:
-    """What a user does by hand: copy the head's token file to a device (same path there)."""
-    token = src.home / ".config" / "tilefleet" / "token"
-    target = dst.home / ".config" / "tilefleet" / "token"
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    shutil.copyfile(token, target)
-    target.chmod(0o600)
-    return target
 
 
 def _devices(host: Host, *extra: str) -> list[dict[str, Any]]:
@@ -85,9 +55,9 @@ def lan() -> Iterator[Lan]:
 def cluster(lan: Lan) -> dict[str, Any]:
     h0, h1, h2 = lan[0], lan[1], lan[2]
     head = h0.spawn([TILEFLEET, "head", "--name", "lab"], name="head")
-    head_state = _wait_state(h0, "head", head)
+    head_state = wait_state(h0, "head", head)
     for h in lan.hosts[1:4]:
-        _copy_token(h0, h)
+        copy_token(h0, h)
     # h1 profiles itself (join reuses the cached figures); h2 gets the same compute figures, as an
     # identical board would: all 5 "machines" share this VM's 2 cores, and a second measurement taken
     # while anything else runs would differ by tens of percent, so only the link tells them apart
@@ -99,7 +69,7 @@ def cluster(lan: Lan) -> dict[str, Any]:
     assert json.loads(h2.run([TILEFLEET, "profile", "--json"], timeout=120).stdout)["gflops"] == json.loads(out)["gflops"]
     joins = {h.name: h.spawn([TILEFLEET, "join", "--cluster", "lab", "--device-name", h.name], name="join")
              for h in (h1, h2)}
-    states = {name: _wait_state(lan[int(name[1:])], "join", p) for name, p in joins.items()}
+    states = {name: wait_state(lan[int(name[1:])], "join", p) for name, p in joins.items()}
     return {"head": head, "head_state": head_state, "joins": joins, "join_states": states}
 
 
@@ -184,7 +154,7 @@ def test_rogue_head_fails_the_challenge_and_client_joins_the_real_one(lan: Lan, 
         assert rogue.poll() is None, h4.log(rogue)
         time.sleep(0.2)
     client_join = h3.spawn([TILEFLEET, "join", "--cluster", "lab", "--client", "--device-name", "h3"], name="join")
-    st = _wait_state(h3, "join", client_join)
+    st = wait_state(h3, "join", client_join)
     assert st["head_host"] == h0.ip and st["role"] == "client"
     log = h3.log(client_join)
     assert f"skipping the head at {h4.ip}" in log and "failed the join challenge" in log, log
@@ -264,23 +234,131 @@ def test_device_crash_and_join_mid_stream(lan: Lan, cluster: dict[str, Any]) -> 
     if "client_join" not in cluster:
         pytest.skip("the client's join (previous test) failed")
     h1, h3, h4 = lan[1], lan[3], lan[4]
-    _copy_token(lan[0], h4)
+    copy_token(lan[0], h4)
     client = _client(lan, "24", "wait-for-newcomer")
     deadline = time.monotonic() + 120
     while "frame 5\n" not in h3.log(client) and time.monotonic() < deadline:  # type: ignore[arg-type]
         assert client.poll() is None, h3.log(client)  # type: ignore[arg-type]
         time.sleep(0.1)
-    # h1 crashes: every process of that machine dies at once
-    pids = subprocess.run(["ip", "netns", "pids", h1.ns], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    power_cut(h1)  # h1 crashes: every process of that machine dies at once
     joined = h4.spawn([TILEFLEET, "join", "--cluster", "lab", "--device-name", "h4"], name="join")
-    _wait_state(h4, "join", joined)
+    wait_state(h4, "join", joined)
     res = _result(h3, client)
     assert res["worst"] <= 1e-4 and res["frames"] >= 24  # no frame lost, every one exact
     states = {d["id"].split("-")[0]: d["state"] for d in res["final"]}
     assert states["h1"] == "lost", res["final"]
     assert any(d.startswith("h4") for d in res["newcomers"]), res["stats"]
+
+
+SERVE_CLIENT = r"""
+import json, sys, threading, time
+import httpx, numpy as np, torch
+import tritonclient.grpc as grpcclient, tritonclient.http as httpclient
+import tiling
+from tiling import zoo
+
+host, token_file, size, n, gone = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+auth = {"authorization": "Bearer " + open(token_file).read().strip()}
+http_url, grpc_url, name = f"{host}:8000", f"{host}:8001", "yolov2-16"
+model = zoo.get(name, input_size=size).model
+rng = np.random.default_rng(0)
+xs = [rng.standard_normal((1, 3, size, size)).astype(np.float32) for _ in range(n)]
+with torch.no_grad():
+    refs = [model(torch.from_numpy(x)) for x in xs]
+
+def until(what, pred, timeout=180):  # the server's own answers, polled
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            sys.exit(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+def ready():
+    try:
+        return httpx.get(f"http://{http_url}/v2/health/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+def infer(kind, x):
+    lib = httpclient if kind == "http" else grpcclient
+    c = lib.InferenceServerClient(http_url if kind == "http" else grpc_url)
+    i = lib.InferInput("input", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return c.infer(name, [i], headers=dict(auth)).as_numpy("output")  # tritonclient.http adds to the dict it gets
+
+def metrics():
+    r = httpx.get(f"http://{http_url}/metrics", headers=auth, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.text
+
+until("readiness", ready)
+worst, errors, done = 0.0, [], [0]
+for kind in ("http", "grpc"):
+    worst = max(worst, tiling.rel_error(torch.from_numpy(np.array(infer(kind, xs[0]))), refs[0]))
+print(json.dumps({"phase": "exact", "worst": worst}), flush=True)
+assert 'nv_inference_request_success_total{model="yolov2-16",version="1"} 2.0' in metrics()
+
+def client(kind, ks):  # one request at a time per client; the test crashes a device meanwhile
+    global worst
+    for k in ks:
+        try:
+            worst = max(worst, tiling.rel_error(torch.from_numpy(np.array(infer(kind, xs[k]))), refs[k]))
+        except Exception as e:
+            errors.append(f"{kind} request {k}: {e}")
+        done[0] += 1
+        print(f"done {done[0]}", flush=True)
+
+threads = [threading.Thread(target=client, args=(kind, range(j, n, 2))) for j, kind in enumerate(("http", "grpc"))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+def lost():
+    up = [line for line in metrics().splitlines() if line.startswith('tilefleet_device_up{device="' + gone)]
+    return up and all(line.endswith(" 0.0") for line in up)
+until("the crashed device to be reported down", lost, 60)
+print(json.dumps({"frames": n, "errors": errors, "worst": worst, "ready": ready(),
+                  "tiles": [line for line in metrics().splitlines() if line.startswith("tilefleet_device_tiles_total")]}),
+      flush=True)
+"""
+
+
+def test_serving_over_the_lan_survives_a_device_crash(lan: Lan, cluster: dict[str, Any]) -> None:
+    """`tilefleet serve --cluster lab` on the head's machine, the unmodified tritonclient (HTTP and
+    gRPC) on another one: exact results, readiness and metrics over the bridge; then a device's
+    machine crashes while requests stream, and every request still completes exactly."""
+    pytest.importorskip("tritonclient.grpc")
+    h0, h3 = lan[0], lan[3]
+    victim = next((h for h in (lan[4], lan[2]) if raylets(h)), None)  # the newcomer if the last test added it
+    if victim is None:
+        pytest.skip("no device left to crash (an earlier test failed)")
+    token = h0.home / "serve-token"
+    token.write_text("lan-serving-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    shutil.copyfile(token, h3.home / "serve-token")
+    # no PID namespace of its own: the server is a Ray driver and finds its node's raylet by the processes it sees
+    serve = h0.spawn([TILEFLEET, "serve", "--cluster", "lab", "--model", "yolov2-16", "--size", "128", "--grid",
+                      "2x2", "--host", h0.ip, "--port", "8000", "--grpc-port", "8001", "--auth-token-file", str(token)],
+                     name="serve", pidns=False)
+    script = lan.workdir / "serve_client.py"
+    script.write_text(SERVE_CLIENT)
+    client = h3.spawn([sys.executable, str(script), h0.ip, str(h3.home / "serve-token"), "128", "8", victim.name],
+                      name="serve-client")
+
+    def progressed() -> bool:
+        assert serve.poll() is None, h0.log(serve)[-3000:]
+        assert client.poll() in (None, 0), h3.log(client)[-3000:] + h0.log(serve)[-3000:]
+        return "done 2\n" in h3.log(client)
+
+    wait_for(progressed, 240, lambda: h3.log(client)[-2000:] + h0.log(serve)[-2000:])
+    assert json.loads(next(ln for ln in h3.log(client).splitlines() if '"phase"' in ln))["worst"] <= 1e-4
+    power_cut(victim)  # requests are in flight: the device's machine dies under them
+    wait_for(lambda: client.poll() is not None, 180, lambda: h3.log(client)[-2000:] + h0.log(serve)[-2000:],
+             step=0.5)
+    text = h3.log(client)
+    assert client.returncode == 0, text[-3000:] + h0.log(serve)[-3000:]
+    res = json.loads([ln for ln in text.splitlines() if ln.startswith('{"frames"')][-1])
+    assert res["errors"] == [] and res["worst"] <= 1e-4 and res["ready"], res  # no request lost, all exact
+    assert any(f'device="{victim.name}' in ln and not ln.endswith(" 0.0") for ln in res["tiles"]), res["tiles"]
+    lan.stop(serve)
+    assert "stopping" in h0.log(serve), h0.log(serve)[-2000:]

@@ -241,3 +241,32 @@ def test_a_slowed_device_stays_exact_and_is_stolen_from(cluster: fleet.Cluster,
     finally:
         cluster.slow("pi4-0", 1.0)
         dep.close()
+
+
+def test_a_cancelled_frame_stops_and_the_next_frames_are_exact(cluster: fleet.Cluster,
+                                                              yolo: tuple[nn.Module, torch.Tensor]) -> None:
+    """Deployment.cancel gives up a frame in flight: its future fails with the reason, none of its
+    tiles is accepted (the stats count only the other frames'), and the frames after it are exact.
+    Future.cancel() does the same for a (C, H, W) frame's future."""
+    model, x = yolo
+    dep = cluster.deploy(model, x, grid=(3, 3))
+    try:
+        dep(x)
+        dep.reset_stats()
+        frames = [torch.randn_like(x) for _ in range(3)]
+        doomed = dep.submit(frames[0])
+        rest = [dep.submit(f) for f in frames[1:]]
+        assert dep.cancel(doomed, "cancelled: the client went away")
+        with pytest.raises(fleet.FrameCancelledError, match="the client went away"):
+            doomed.result(timeout=60)
+        for f, fut in zip(frames[1:], rest):
+            assert tiling.rel_error(fut.result(timeout=60), model(f)) <= 1e-4
+        assert not dep.cancel(rest[0])  # done already
+        single = dep.submit(frames[1][0])
+        assert single.cancel() and single.cancelled()
+        assert tiling.rel_error(dep(frames[2]), model(frames[2])) <= 1e-4
+        st = dep.stats()
+        assert st["frames"]["count"] == 3 and st["frames"]["cancelled"] == 2, st["frames"]
+        assert sum(d["tiles"] for d in st["devices"].values()) == 3 * 9  # the cancelled frames' tiles: none
+    finally:
+        dep.close()

@@ -29,6 +29,7 @@ from scheduler import (
     Dispatch,
     Event,
     FailFrame,
+    FrameCancelled,
     FrameSpec,
     FrameSubmitted,
     Instruction,
@@ -224,8 +225,9 @@ def test_any_history_keeps_the_invariants(
                 ["join"] + ["lose", "slow", "budget"] * bool(shell.alive) + ["stale"] * bool(shell.stale)
             )
             actions += ["fail", "fatal"] * bool(shell.tiles) + ["tailfail"] * bool(shell.tails)
+            actions += ["cancel"] * (len(to_submit) < len(specs))
         action = data.draw(st.sampled_from(actions), label="action")
-        if action in ("fail", "fatal", "lose", "slow", "budget", "join", "stale", "tailfail"):
+        if action in ("fail", "fatal", "lose", "slow", "budget", "join", "stale", "tailfail", "cancel"):
             mishaps -= 1
         if action == "submit":
             shell.send(FrameSubmitted(to_submit.pop(0), shell.now))
@@ -281,6 +283,10 @@ def test_any_history_keeps_the_invariants(
                 )
             shell.alive.add(info.id)
             shell.send(DeviceJoined(info, shell.now))
+        elif action == "cancel":  # a client gives up on a submitted frame, ended or not
+            submitted = [f.frame_id for f in specs if f not in to_submit]
+            fid = data.draw(st.sampled_from(submitted), label="cancelled")
+            shell.send(FrameCancelled(fid, shell.now, "cancelled: the client went away"))
         elif action == "stale" and shell.stale:
             shell.send(shell.stale[data.draw(st.integers(0, len(shell.stale) - 1), label="stale")])
     else:

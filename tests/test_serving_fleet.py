@@ -5,6 +5,7 @@ fleet, models load and unload at run time, and the per-device metrics follow the
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -157,3 +158,46 @@ def test_uint8_camera_frames_are_served(server: Server, refs: dict) -> None:
     bad.set_data_from_numpy(frames(1, 2).transpose(0, 2, 3, 1).copy())
     with pytest.raises(InferenceServerException, match="UINT8|uint8"):
         g.infer("cam", [bad])
+
+
+def test_abandoned_requests_are_cancelled_in_the_fleet(server: Server, refs: dict) -> None:
+    """Requests whose client gives up while their frame is in the fleet (a gRPC deadline, an HTTP
+    client that hangs up) are cancelled there: the runtime counts the frames cancelled, the server's
+    counter follows, their slots free, and the next request is exact."""
+    cluster = server.service.cluster
+    dep = server.service.entries["det"].deployment
+    x = frames(1, 11)
+
+    def cancelled() -> float:
+        fams = text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+        return sum(s.value for f in fams for s in f.samples if s.name == "tilefleet_frames_cancelled_total"
+                   and s.labels["model"] == "det")
+
+    before, runtime_before = cancelled(), dep.stats(detail=False)["frames"]["cancelled"]
+    for d in ("pi4-0", "pi4-1"):
+        cluster.slow(d, 20.0)  # a frame takes about 1 s now: both requests are in flight when they give up
+    try:
+        g = grpcclient.InferenceServerClient(server.grpc_address)
+        gi = grpcclient.InferInput("input", list(x.shape), "FP32")
+        gi.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as e:
+            g.infer("det", [gi], client_timeout=0.3)
+        assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        h = httpclient.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=0.3)
+        hi = httpclient.InferInput("input", list(x.shape), "FP32")
+        hi.set_data_from_numpy(x)
+        with pytest.raises(Exception, match="(?i)timed? ?out"):
+            h.infer("det", [hi])
+        deadline = time.monotonic() + 10
+        while (cancelled() - before < 2 or server.service.queue_state()["det"]["in_flight"]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled() - before == 2 and server.service.queue_state()["det"]["in_flight"] == 0
+        assert dep.stats(detail=False)["frames"]["cancelled"] - runtime_before == 2
+    finally:
+        for d in ("pi4-0", "pi4-1"):
+            cluster.slow(d, 1.0)
+    h = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    hi = httpclient.InferInput("input", list(x.shape), "FP32")
+    hi.set_data_from_numpy(x)
+    check(refs["det"], x, h.infer("det", [hi]).as_numpy("output"))

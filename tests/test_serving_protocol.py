@@ -365,3 +365,19 @@ def test_model_files_are_served_under_their_stem(tmp_path: Path) -> None:
     assert tuple(example.shape) == (1, 3, 20, 24)
     with torch.no_grad():
         assert torch.allclose(model(example), net(example), atol=1e-5)
+
+
+def test_overhead_median_is_interpolated_within_its_bucket() -> None:
+    from fleet.serving.overhead import histogram, median_us
+
+    inf = float("inf")
+    before = {1000.0: 1.0, 2000.0: 1.0, inf: 1.0}
+    after = {1000.0: 3.0, 2000.0: 7.0, inf: 9.0}  # 8 new: 2 up to 1 ms, 4 in (1, 2] ms, 2 above
+    assert median_us(before, after) == 1500.0
+    assert median_us(after, after) is None
+    text = ('# TYPE tilefleet_serving_overhead_us histogram\n'
+            'tilefleet_serving_overhead_us_bucket{le="1000.0",model="m",version="1"} 3.0\n'
+            'tilefleet_serving_overhead_us_bucket{le="+Inf",model="m",version="1"} 4.0\n'
+            'tilefleet_serving_overhead_us_sum{model="m",version="1"} 5000.0\n'
+            'tilefleet_serving_overhead_us_count{model="m",version="1"} 4.0\n')
+    assert histogram(text, "m") == ({1000.0: 3.0, inf: 4.0}, 5000.0, 4.0)

@@ -15,7 +15,7 @@ import threading
 from types import SimpleNamespace
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import tiling
+from fleet.runtime.deployment import settle
 from fleet.serving.errors import ErrorKind
 from fleet.serving.repository import ConfigError, ModelConfig
 from fleet.serving.security import SecurityError
@@ -65,7 +66,8 @@ TOKEN = "s3cret-token-for-tests-0123456789"
 
 
 class FakeDeployment:
-    """Runs frames through the model in a thread; ``gate`` holds them back to fill queues."""
+    """Runs frames through the model in a thread; ``gate`` holds them back to fill queues. A cancelled
+    frame's future fails at once, as the runtime's does (its thread runs on, its result is dropped)."""
 
     def __init__(self, model: Any, plan: tiling.Plan, gate: threading.Event) -> None:
         self.model = model
@@ -73,11 +75,22 @@ class FakeDeployment:
         self.gate = gate
         self.pool = ThreadPoolExecutor(4)
         self.frames = 0
+        self.cancelled: list[str] = []
         self.closed = False
 
     def submit(self, x: torch.Tensor) -> Future:
         self.plan.check_input(x)
-        return self.pool.submit(self._run, x)
+        out: Future = Future()
+        self.pool.submit(self._run, x).add_done_callback(lambda f: settle(out, f))
+        return out
+
+    def cancel(self, fut: Future, reason: str = "cancelled") -> bool:
+        try:
+            fut.set_exception(RuntimeError(reason))
+        except InvalidStateError:
+            return False
+        self.cancelled.append(reason)
+        return True
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         assert self.gate.wait(30)
@@ -226,44 +239,66 @@ def test_bad_requests_get_the_right_codes_and_the_server_keeps_serving(server: S
 def test_timeout_and_disconnect_are_cleaned_up(server: Server) -> None:
     cluster = server.cluster  # type: ignore[attr-defined]
     svc = server.service
+    dep = svc.entries["tiny"].deployment
     good = {"inputs": [{"name": "input", "shape": [3, 16, 16], "datatype": "FP32", "data": [0.1] * 768}]}
+    before = scrape(server.url)
+    g = grpcclient.InferenceServerClient(server.grpc_address)
+    inp = grpcclient.InferInput("input", [3, 16, 16], "FP32")
+    inp.set_data_from_numpy(np.zeros((3, 16, 16), np.float32))
+
+    def settled(in_flight: int, waiting: int = 0) -> None:  # the server's own state, not a fixed sleep
+        deadline = time.monotonic() + 5
+        while svc.queue_state()["tiny"] != {"waiting": waiting, "in_flight": in_flight}:
+            assert time.monotonic() < deadline, svc.queue_state()
+            time.sleep(0.02)
+
     cluster.gate.clear()
+    blockers: list[threading.Thread] = []
     try:
+        # frames in the fleet whose request is given up are cancelled there, and their slot frees:
+        # a timeout (parameters.timeout), a client that disconnects, a gRPC deadline
         t0 = time.monotonic()
         r = httpx.post(server.url + "/v2/models/tiny/infer", json=dict(good, parameters={"timeout": 300_000}))
         assert r.status_code == 504 and "timeout (0.3 s)" in r.json()["error"] and time.monotonic() - t0 < 5
-        # the timed-out frame still holds a slot until it leaves the fleet: 3 more fill the 4 slots,
-        # then a client that gives up while its request is queued
-        assert svc.queue_state()["tiny"] == {"waiting": 0, "in_flight": 1}
-        blockers = [threading.Thread(target=httpx.post, args=(server.url + "/v2/models/tiny/infer",),
-                                     kwargs={"json": good, "timeout": 30}) for _ in range(3)]
-        for b in blockers:
-            b.start()
-        while svc.queue_state()["tiny"]["in_flight"] < 4:
-            time.sleep(0.02)
+        assert dep.cancelled == ["cancelled: the request's timeout passed"]
+        settled(in_flight=0)
         with pytest.raises(httpx.TimeoutException):
             httpx.post(server.url + "/v2/models/tiny/infer", json=good, timeout=0.5)
-        deadline = time.monotonic() + 5
-        while svc.queue_state()["tiny"]["waiting"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert svc.queue_state()["tiny"]["waiting"] == 0  # the disconnected request left the queue
-        g = grpcclient.InferenceServerClient(server.grpc_address)
-        inp = grpcclient.InferInput("input", [3, 16, 16], "FP32")
-        inp.set_data_from_numpy(np.zeros((3, 16, 16), np.float32))
+        with pytest.raises(InferenceServerException) as e:
+            g.infer("tiny", [inp], client_timeout=0.3)
+        assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        settled(in_flight=0)
+        assert len(dep.cancelled) == 3 and "cancelled: the client went away" in dep.cancelled
+        # 4 frames fill the 4 slots; then a client that gives up while its request is queued
+        blockers = [threading.Thread(target=httpx.post, args=(server.url + "/v2/models/tiny/infer",),
+                                     kwargs={"json": good, "timeout": 30}) for _ in range(4)]
+        for b in blockers:
+            b.start()
+        settled(in_flight=4)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server.url + "/v2/models/tiny/infer", json=good, timeout=0.5)
+        settled(in_flight=4)  # the disconnected request left the queue
         with pytest.raises(InferenceServerException) as e:
             g.infer("tiny", [inp], client_timeout=0.3)  # the gRPC deadline bounds the wait in the queue
         assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-        while svc.queue_state()["tiny"]["waiting"] and time.monotonic() < deadline + 5:
-            time.sleep(0.05)
-        assert svc.queue_state()["tiny"]["waiting"] == 0
+        settled(in_flight=4)
+        assert len(dep.cancelled) == 3  # nothing of theirs reached the fleet
     finally:
         cluster.gate.set()
     for b in blockers:
         b.join(10)
-    assert svc.queue_state()["tiny"] == {"waiting": 0, "in_flight": 0}
+    settled(in_flight=0)
     m = scrape(server.url)
     fail = {dict(k[1]).get("reason"): v for k, v in m.items() if k[0] == "nv_inference_request_failure_total"}
     assert fail.get("timeout", 0) >= 1 and fail.get("cancelled", 0) >= 1
+
+    def cancelled(scraped: dict) -> float:
+        return sum(v for k, v in scraped.items() if k[0] == "tilefleet_frames_cancelled_total")
+
+    assert cancelled(m) - cancelled(before) == 3
+    assert m[("tilefleet_frames_cancelled_total", (("model", "tiny"), ("reason", "timeout"), ("version", "1")))] >= 1
+    # and the server keeps serving
+    assert httpx.post(server.url + "/v2/models/tiny/infer", json=good).status_code == 200
 
 
 def test_repository_load_unload_and_memory(server: Server, repo: Path) -> None:

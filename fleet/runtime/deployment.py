@@ -13,7 +13,7 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,7 +36,7 @@ class DriverHandle(Protocol):
 
     def call(self, fn: Callable[[], Any]) -> Any: ...
 
-    def submit(self, state: DeploymentState, x: np.ndarray) -> Future: ...
+    def submit(self, state: DeploymentState, x: np.ndarray) -> FrameFuture: ...
 
     def snapshot(self, state: DeploymentState, detail: bool = True) -> dict[str, Any]: ...
 
@@ -46,6 +46,47 @@ class DriverHandle(Protocol):
 
 
 _deployment_ids = itertools.count()
+
+
+class FrameFuture(Future):
+    """A frame's result. :meth:`cancel` (and ``Deployment.cancel(future, reason)``) also stop the
+    frame's work in the fleet: planned tiles are dropped, queued ones cancelled, running ones'
+    results ignored. ``frame_id`` is the driver's id of the frame (None until it is known)."""
+
+    def __init__(self, frame_id: int | None = None, cancel_frame: Callable[[str], None] | None = None) -> None:
+        super().__init__()
+        self.frame_id = frame_id
+        self._cancel_frame = cancel_frame
+
+    def request_cancel(self, reason: str) -> bool:
+        """Ask the runtime to give the frame up; it then fails with ``FrameCancelledError(reason)``
+        unless its result arrives first. False when the future is already done."""
+        if self.done() or self._cancel_frame is None:
+            return False
+        self._cancel_frame(reason)
+        return True
+
+    def cancel(self) -> bool:
+        """``Future.cancel``: the future is cancelled at once (``CancelledError``), and the frame's
+        work in the fleet is given up too."""
+        pending = not self.done()
+        if not super().cancel():
+            return False
+        if pending and self._cancel_frame is not None:
+            self._cancel_frame("cancelled (Future.cancel)")
+        return True
+
+
+def settle(dst: Future, src: Future) -> None:
+    """Copy ``src``'s outcome into ``dst``, unless ``dst`` was cancelled meanwhile."""
+    try:
+        e = src.exception()
+        if e is not None:
+            dst.set_exception(e)
+        else:
+            dst.set_result(src.result())
+    except InvalidStateError:
+        pass  # dst was cancelled by its owner: nobody wants the outcome
 
 
 class ClusterClosed(RuntimeError):
@@ -182,23 +223,38 @@ class Deployment:
         saying what was wrong and what is accepted (:func:`check_frame`)."""
         return check_frame(x, self.plan, self.preprocess)
 
-    def submit(self, x: torch.Tensor) -> Future:
-        """Send a frame; returns a future of the result (``.result(timeout=...)``)."""
+    def submit(self, x: torch.Tensor) -> FrameFuture:
+        """Send a frame; returns a future of the result (``.result(timeout=...)``); see :meth:`cancel`."""
         self._check()
         arr, single = self._as_batch(x)
         inner = self._driver.submit(self._state, arr)
         if not single:
             return inner
-        outer: Future = Future()
+        outer = FrameFuture(None, inner.request_cancel)
 
         def unwrap(f: Future) -> None:
+            if f.cancelled():
+                outer.cancel()
+                return
             try:
-                outer.set_result(map_tensors(f.result(), lambda t: t[0]))
-            except BaseException as e:  # noqa: BLE001
-                outer.set_exception(e)
+                try:
+                    result = map_tensors(f.result(), lambda t: t[0])
+                except BaseException as e:  # noqa: BLE001
+                    outer.set_exception(e)
+                else:
+                    outer.set_result(result)
+            except InvalidStateError:
+                pass  # outer was cancelled by its owner
 
         inner.add_done_callback(unwrap)
         return outer
+
+    def cancel(self, future: Future, reason: str = "cancelled") -> bool:
+        """Give up on a submitted frame (its client left, its deadline passed): the fleet stops
+        spending time on it (planned tiles dropped, queued ones cancelled, running ones' results
+        ignored) and ``future`` fails with ``FrameCancelledError(reason)``, unless the result
+        arrives first. False when the future is done already or not one of :meth:`submit`'s."""
+        return isinstance(future, FrameFuture) and future.request_cancel(reason)
 
     def __call__(self, x: torch.Tensor, timeout: float | None = 300) -> Any:
         return self.submit(x).result(timeout=timeout)

@@ -27,6 +27,7 @@ from scheduler import (
     DeviceSlow,
     Dispatch,
     FailFrame,
+    FrameCancelled,
     FrameSubmitted,
     RunTail,
     SPECULATE_AFTER,
@@ -44,6 +45,7 @@ from scheduler.shell import Shell
 from sims.catalog import DeviceSpec, Profile
 from workers.report import Report
 
+from .deployment import FrameFuture
 from .stats import MAX_TRACE, TraceEvent, trace_events
 from .transport import Clock, Deployed, Transport
 
@@ -55,6 +57,10 @@ INPUT_LOST_GRACE_S = 3.0  # > Ray's node death detection with fast health checks
 
 class FrameFailed(RuntimeError):
     """A frame the runtime could not complete; the message says why."""
+
+
+class FrameCancelledError(FrameFailed):
+    """A frame given up on before it finished (``Deployment.cancel``); the message says why."""
 
 
 @dataclass
@@ -93,6 +99,7 @@ class FrameCtx:
     placed: dict[TileRef, str] = field(default_factory=dict)
     done_at: float | None = None
     tail_handle: Any = None
+    cancelled: bool = False
 
 
 class Driver(Shell):
@@ -119,12 +126,24 @@ class Driver(Shell):
 
     # --- frames in -----------------------------------------------------------------------------------
     def submit(self, state: Deployed, x: Any) -> Future:
-        fut: Future = Future()
         fid = self.next_frame
+        fut: Future = FrameFuture(fid)
         self.next_frame += 1
         self.frames[fid] = FrameCtx(fid, state, x, fut, self.clock.now())
         self.execute(self.sched.handle(FrameSubmitted(state.frame_spec(fid), self.clock.now())))
         return fut
+
+    def cancel_frame(self, frame_id: int, reason: str = "cancelled") -> bool:
+        """Give up on a frame: the scheduler drops its planned tiles, cancels those queued at devices
+        and ignores the running ones' results; its future fails with :class:`FrameCancelledError`.
+        False when the frame has already ended (or never existed). (``cancel`` is the shell's
+        handler of the scheduler's ``Cancel`` instruction, for one tile.)"""
+        ctx = self.frames.get(frame_id)
+        if ctx is None:
+            return False
+        ctx.cancelled = True
+        self.execute(self.sched.handle(FrameCancelled(frame_id, self.clock.now(), reason)))
+        return True
 
     # --- reports in (from the transport) -------------------------------------------------------------
     def on_report(self, key: TileKey, device: str, report: Report, handle: Any) -> None:
@@ -314,11 +333,13 @@ class Driver(Shell):
         if ctx is not None and not ctx.future.done():
             ctx.done_at = self.clock.now()
             reason = ins.reason
-            if self.devices and not any(d.alive for d in self.devices.values()):
+            if ctx.cancelled:
+                ctx.deployment.stats.frames_cancelled += 1
+            elif self.devices and not any(d.alive for d in self.devices.values()):
                 # the scheduler names the last loss at most: say that none is left, and which they were
                 reason += (f" (every device is lost: {', '.join(self.devices)}; the deployment serves again when "
                            "one comes back, e.g. cluster.revive(id) or a node rejoining)")
-            ctx.future.set_exception(FrameFailed(reason))
+            ctx.future.set_exception((FrameCancelledError if ctx.cancelled else FrameFailed)(reason))
 
     # --- helpers -------------------------------------------------------------------------------------
     def _record_trace(self, device: str, name: str, report: Report, args: dict[str, Any]) -> None:

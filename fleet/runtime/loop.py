@@ -22,7 +22,7 @@ import numpy as np
 
 from sims.catalog import DeviceSpec
 
-from .deployment import DeploymentState
+from .deployment import DeploymentState, FrameFuture, settle
 from .driver import Driver, FrameFailed
 from .stats import TraceEvent
 
@@ -80,15 +80,20 @@ class DriverThread:
         self.inbox.put(job)
         return fut.result(timeout=CALL_TIMEOUT_S)
 
-    def submit(self, state: DeploymentState, x: np.ndarray) -> Future:
-        outer: Future = Future()
+    def submit(self, state: DeploymentState, x: np.ndarray) -> FrameFuture:
+        outer = FrameFuture(None, lambda reason: self.inbox.put(lambda: self._cancel(outer, reason)))
 
         def job() -> None:
             inner = self.core.submit(state, x)
-            inner.add_done_callback(lambda f: _copy_result(f, outer))
+            outer.frame_id = getattr(inner, "frame_id", None)
+            inner.add_done_callback(lambda f: settle(outer, f))
 
-        self.inbox.put(job)
+        self.inbox.put(job)  # before any cancel of it: the inbox is FIFO, so frame_id is set by then
         return outer
+
+    def _cancel(self, fut: FrameFuture, reason: str) -> None:
+        if fut.frame_id is not None:
+            self.core.cancel_frame(fut.frame_id, reason)
 
     def device_lost(self, device: str, why: str, results_lost: bool = True) -> None:
         """A device is gone (its Ray node died, say): handled on the driver thread."""
@@ -137,10 +142,3 @@ class DriverThread:
             except queue.Empty:
                 return
 
-
-def _copy_result(src: Future, dst: Future) -> None:
-    e = src.exception()
-    if e is not None:
-        dst.set_exception(e)
-    else:
-        dst.set_result(src.result())

@@ -156,7 +156,9 @@ class RayTransport:
             self._lost(device, type(e).__name__)
             return
         except ray.exceptions.TaskCancelledError:
-            return  # we cancelled it (its inputs were lost); the scheduler no longer expects it
+            if kind == "tile":
+                self._tile_refs.pop((subject, device), None)
+            return  # we cancelled it (its inputs were lost, its frame given up); the scheduler no longer expects it
         except ray.exceptions.RayError as e:  # a task error, or anything else Ray reports: a retryable failure
             report = Report(device, False, error=type(e).__name__, message=(str(e).splitlines() or [""])[0])
         if kind == "tile":

@@ -75,6 +75,7 @@ class DeploymentStats:
         self.continued += 1
         self.continued_map_bytes += map_bytes
         self.continued_partial_bytes_max = max(self.continued_partial_bytes_max, partial_bytes)
+    frames_cancelled: int = 0  # given up on (Deployment.cancel) before they finished
 
     def record_latency(self, frame: int, seconds: float) -> None:
         self.latencies[frame] = seconds
@@ -95,6 +96,7 @@ class DeploymentStats:
         self.overheads.clear()
         self.frames_done = 0
         self.continued = self.continued_map_bytes = self.continued_partial_bytes_max = 0
+        self.frames_cancelled = 0
 
     def snapshot(self, devices: dict[str, bool], sched: dict[str, Any], weight_bytes: int,
                  detail: bool = True) -> dict[str, Any]:
@@ -110,7 +112,7 @@ class DeploymentStats:
                         "speculated": s.speculated if s else 0, "speculation_wins": s.speculation_wins if s else 0,
                         # weights held from deploy on + the most tile memory ever in flight at once
                         "peak_bytes": (weight_bytes + s.peak_high_water) if (c["tiles"] and s) else 0}
-        frames: dict[str, Any] = {"count": self.frames_done}
+        frames: dict[str, Any] = {"count": self.frames_done, "cancelled": self.frames_cancelled}
         if not detail:
             return {"devices": out, "frames": frames}
         frames["reduce"] = {"continued_tiles": self.continued, "map_bytes_moved": self.continued_map_bytes,

@@ -45,6 +45,9 @@ class ServingMetrics:
         self.overhead = Histogram("tilefleet_serving_overhead_us", "The serving path's own time: request time "
                                   "minus queue and fleet time (receive, decode, validate, encode, send; us)", m,
                                   buckets=US_BUCKETS, registry=r)
+        self.cancelled = Counter("tilefleet_frames_cancelled", "Frames given up in the fleet because their "
+                                 "request was abandoned, by reason (timeout, cancelled: the client went away)",
+                                 [*m, "reason"], registry=r)
         self.http = Counter("tilefleet_http_requests", "HTTP requests by route, method and status code",
                             ["route", "method", "status_code"], registry=r)
         self.grpc = Counter("tilefleet_grpc_requests", "gRPC calls by method and status code",
@@ -71,6 +74,9 @@ class ServingMetrics:
         if compute_s is not None:
             self.compute.labels(*labels).observe(compute_s * 1e6)
             self.overhead.labels(*labels).observe(max(0.0, total_s - (queue_s or 0.0) - compute_s) * 1e6)
+
+    def frame_cancelled(self, model: str, reason: str) -> None:
+        self.cancelled.labels(model, "1", reason).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

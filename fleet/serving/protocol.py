@@ -314,13 +314,22 @@ def _check_outputs(req: InferRequest, meta: ModelMetadata) -> list[RequestedOutp
 
 def encode_rest(resp: InferResponse) -> tuple[bytes, int | None]:
     """The REST body of a response and, when some output is binary, the JSON header's length."""
+    parts, header_length = encode_rest_parts(resp)
+    return b"".join(parts), header_length
+
+
+def encode_rest_parts(resp: InferResponse) -> tuple[list[bytes | memoryview], int | None]:
+    """:func:`encode_rest` as the pieces to send one after the other: the JSON header, then each
+    binary output as a view of its array, so the server writes the tensors without copying them
+    (``tobytes`` and a join made two copies of a 1.4 MB output, and a fresh 1.4 MB buffer, on every
+    request)."""
     outs, blobs = [], []
     for o in resp.outputs:
         entry: dict[str, Any] = {"name": o.name, "datatype": o.datatype, "shape": list(o.shape)}
         if o.binary:
-            raw = np.ascontiguousarray(o.data, dtype=DTYPES[o.datatype]).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
+            arr = np.ascontiguousarray(o.data, dtype=DTYPES[o.datatype])
+            entry["parameters"] = {"binary_data_size": arr.nbytes}
+            blobs.append(arr)
         else:
             entry["data"] = np.asarray(o.data).ravel().tolist()
         outs.append(entry)
@@ -329,8 +338,8 @@ def encode_rest(resp: InferResponse) -> tuple[bytes, int | None]:
         doc["id"] = resp.id
     head = json.dumps(doc, separators=(",", ":")).encode()
     if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
+        return [head], None
+    return [head, *(memoryview(a).cast("B") for a in blobs)], len(head)
 
 
 def error_body(message: str) -> bytes:

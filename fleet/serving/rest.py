@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from .errors import ErrorKind, ServingError, invalid
 from .metrics import CONTENT_TYPE, ServingMetrics
-from .protocol import decode_rest, encode_rest, error_body
+from .protocol import decode_rest, encode_rest_parts, error_body
 from .security import MISSING_TOKEN, OPEN_PATHS, bearer_ok
 from .service import InferenceService, Pending
 
@@ -36,15 +36,26 @@ SMALL_BODY = 1 << 20  # repository requests: a config at most
 
 class SentResponse(Response):
     """A response that calls ``on_sent`` once its last byte is handed to the server: the request's
-    server-side time then includes sending, as Triton's request duration does."""
+    server-side time then includes sending, as Triton's request duration does. ``content`` may be
+    a list of pieces (``encode_rest_parts``), sent one after the other without joining them."""
 
-    def __init__(self, content: bytes, status_code: int = 200, headers: dict[str, str] | None = None,
-                 media_type: str | None = None, on_sent: Callable[[], None] | None = None) -> None:
-        super().__init__(content, status_code, headers, media_type)
+    def __init__(self, content: bytes | list[bytes | memoryview], status_code: int = 200,
+                 headers: dict[str, str] | None = None, media_type: str | None = None,
+                 on_sent: Callable[[], None] | None = None) -> None:
+        self.parts = content if isinstance(content, list) else None
+        if self.parts is not None:
+            headers = {**(headers or {}), "content-length": str(sum(len(p) for p in self.parts))}
+        super().__init__(b"" if self.parts is not None else content, status_code, headers, media_type)
         self.on_sent = on_sent
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        await super().__call__(scope, receive, send)
+        if self.parts is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            last = len(self.parts) - 1
+            for i, part in enumerate(self.parts):
+                await send({"type": "http.response.body", "body": part, "more_body": i < last})
         if self.on_sent is not None:
             self.on_sent()
 
@@ -164,7 +175,7 @@ class RestApi:
             body = await read_body(request, self.max_request_bytes)
             req = decode_rest(name, version, body, request.headers.get("inference-header-content-length"))
             pending = service.submit(req, received=t0)
-            content, header_len = encode_rest(await wait_result(service, pending, request))
+            content, header_len = encode_rest_parts(await wait_result(service, pending, request))
         except ServingError as e:
             return error_response(e, sent(e))
         headers = {"Inference-Header-Content-Length": str(header_len)} if header_len is not None else None
