@@ -146,6 +146,16 @@ class SchedulerCore(Stragglers):
         self._touch(dev)
         return was_running
 
+    def _take_off(self, dev: DeviceRecord, tile: TileRecord, out: list[Instruction]) -> None:
+        """Take a queued (cancelled at the device) or planned tile off ``dev``; it waits to be placed again."""
+        if tile.state == "in_flight":
+            self._remove_in_flight(dev, tile)
+            dev.cancelled += 1
+            out.append(Cancel(tile.key, dev.id))
+        else:
+            self._unplan(dev, tile)
+        tile.state, tile.device = "waiting", None
+
     def _unplan(self, dev: DeviceRecord, tile: TileRecord) -> None:
         dev.unplan(tile)
         self._touch(dev)

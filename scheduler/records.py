@@ -169,17 +169,11 @@ class DeviceRecord:
         self.planned.pop(0)
         cost = self.costs[tile.key]
         self._forget_planned(tile)
-        self.costs[tile.key] = cost
-        if not self.in_flight:
-            self.running_since = now
-            self.run_end_ns = now_ns + cost
-        else:
-            self.flight_ns += cost
-        self.in_flight.append(tile.key)
-        self.reserve(tile)
+        self.dispatch_copy(tile, cost, now, now_ns)
 
     def dispatch_copy(self, tile: TileRecord, cost: int, now: float, now_ns: int) -> None:
-        """Run a speculative copy of a tile that is in flight elsewhere (it was never planned here)."""
+        """Put ``tile`` in flight here at ``cost`` (also a speculative copy of a tile in flight elsewhere,
+        which was never planned here)."""
         self.costs[tile.key] = cost
         if not self.in_flight:
             self.running_since = now

@@ -543,13 +543,7 @@ class Scheduler(SchedulerCore):
             tile = self._tile(key)
             if tile.need_bytes <= budget or tile.backup is not None:
                 continue
-            if tile.state == "in_flight":
-                self._remove_in_flight(dev, tile)
-                dev.cancelled += 1
-                out.append(Cancel(key, dev.id))
-            else:
-                self._unplan(dev, tile)
-            tile.state, tile.device = "waiting", None
+            self._take_off(dev, tile, out)
             moved.append(tile)
         dev.requeued += len(moved)
         dev.overcommitted = dev.memory_in_use() > budget

@@ -72,13 +72,7 @@ class Stragglers:
                 continue  # it continues on maps held here
             if tile.need_bytes > elsewhere:
                 continue  # nowhere else could hold it: leave it here
-            if tile.state == "in_flight":
-                self._remove_in_flight(dev, tile)
-                dev.cancelled += 1
-                out.append(Cancel(key, dev.id))
-            else:
-                self._unplan(dev, tile)
-            tile.state, tile.device = "waiting", None
+            self._take_off(dev, tile, out)
             moved.append(tile)
         dev.requeued += len(moved)
         self._plan(moved, out, why=why, exclude=dev.id)
