@@ -114,6 +114,22 @@ def test_plan_an_onnx_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 @pytest.mark.ray
+def test_run_a_torchscript_file_on_emulated_devices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A TorchScript file (the form a model trained elsewhere arrives in) deploys, tiled, and its results are exact."""
+    import torch
+
+    from tiling import zoo
+
+    zm = zoo.get("resnet18", input_size=64)
+    path = tmp_path / "resnet18.pt"
+    torch.jit.save(torch.jit.trace(zm.model, zoo.example(zm)), str(path))
+    assert main(["run", "--model", str(path), "--size", "64", "--devices", "pi4*2", "--frames", "3",
+                 "--grid", "2x2"]) == 0
+    out = capsys.readouterr().out
+    assert "check: 3 results" in out and "OK" in out and "tails" in out
+
+
+@pytest.mark.ray
 def test_run_image_files_as_uint8_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
     from PIL import Image

@@ -3,6 +3,10 @@
 h0 runs ``tilefleet head --tls``; h1 joins; h2 joins with ``--client`` and runs the client; h3 tries
 to attach Ray nodes of its own, with the token but without a certificate from the head's CA. Then
 the head restarts without ``--tls`` and the same frames run again, for the TLS overhead (printed).
+
+While the TLS frames run, every frame crossing the links of h0, h1 and h2 is captured
+(``tests/capture.py``) and searched for the frames' float32 bytes: none may appear. The same search
+over a plain TCP copy of one frame finds it, so the search can fail.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from capture import Capture, float_pairs, float_pairs_found
 from fleet.lan import tls
-from lanops import TILEFLEET, alive_ips, copy_token, devices, lan_of, run_client, wait_state
+from lanops import TILEFLEET, alive_ips, copy_token, devices, lan_of, run_client, wait_for, wait_state
 from netns import Host, Lan
 
 pytestmark = pytest.mark.netns
@@ -81,11 +87,64 @@ def test_tls_cluster_runs_exact_frames(lan: Lan, cluster: dict[str, Any]) -> Non
         env = _ray_env_of(h)
         assert env["RAY_USE_TLS"] == "1" and env["RAY_TLS_SERVER_CERT"] == str(files.cert), env
     assert "tls:    certificate" in h1.log(cluster["procs"]["h1"])
-    res = run_client(lan, h2, FRAMES)
+    with Capture([lan.veth(h) for h in (h0, h1, h2)]) as cap:
+        res = run_client(lan, h2, FRAMES)
     assert res["frames"] == FRAMES and res["worst"] <= 1e-4, res
+    frames = _client_frames()
+    needles = float_pairs(frames)
+    sent = sum(f.nbytes for f in frames)
+    assert cap.bytes > sent and not cap.truncated, cap  # the frames crossed these links (as ciphertext)
+    assert float_pairs_found(cap.data(), needles) == 0, f"plaintext frame bytes on the wire: {cap}"
+    with Capture([lan.veth(h) for h in (h1, h2)]) as control:  # the same search finds a plaintext copy
+        _send_plain(lan, h2, h1, frames[2].tobytes())
+    found = float_pairs_found(control.data(), needles)
+    assert found > 1000, control
+    print(f"TLS frames: {cap}, 0 float pairs of the frames found; a plain copy of one frame: {found} found")
     assert sorted(res["stats"]) and all(s["tiles"] > 0 for s in res["stats"].values()), res["stats"]
     cluster["tls_seconds"] = res["seconds"]
     assert alive_ips(devices(h1, h0)) == sorted([h0.ip, h1.ip, h2.ip])
+
+
+def _client_frames() -> list[np.ndarray]:
+    """The frames :data:`lanops.CLIENT` sends (same model, size and seed)."""
+    import torch
+
+    from tiling import zoo
+
+    x = zoo.example(zoo.get("yolov2-16", input_size=256))
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(x.shape, generator=g).numpy() for _ in range(FRAMES + 2)]
+
+
+_LISTEN = r"""
+import socket, sys
+s = socket.socket()
+s.bind((sys.argv[1], 7777))
+s.listen(1)
+open(sys.argv[2], "w").close()
+c, _ = s.accept()
+n = 0
+while (b := c.recv(1 << 16)):
+    n += len(b)
+print("received", n, flush=True)
+"""
+_SEND = r"""
+import socket, sys
+with socket.create_connection((sys.argv[1], 7777), timeout=10) as s:
+    s.sendall(open(sys.argv[2], "rb").read())
+"""
+
+
+def _send_plain(lan: Lan, src: Host, dst: Host, payload: bytes) -> None:
+    """``payload`` from ``src`` to ``dst`` over a bare TCP connection (no TLS)."""
+    path, ready = lan.workdir / "plain.bin", lan.workdir / "plain.ready"
+    path.write_bytes(payload)
+    ready.unlink(missing_ok=True)
+    listener = dst.spawn([sys.executable, "-c", _LISTEN, dst.ip, str(ready)], name="listen")
+    wait_for(ready.exists, 30, lambda: dst.log(listener))
+    src.run([sys.executable, "-c", _SEND, dst.ip, str(path)], timeout=30)
+    wait_for(lambda: listener.poll() is not None, 30, lambda: dst.log(listener))
+    assert f"received {len(payload)}" in dst.log(listener), dst.log(listener)
 
 
 def _attach(lan: Lan, h: Host, name: str, extra_env: dict[str, str], seconds: float = 25) -> str:
@@ -130,8 +189,11 @@ def test_tls_overhead_against_the_same_cluster_without_tls(lan: Lan, cluster: di
     for name, h in (("h1", h1), ("h2", h2)):  # the joins follow the head: no certificate now
         st = wait_state(h, "join", cluster["procs"][name], where=lambda st: st.get("instance") == hs["instance"])
         assert st["tls"] is None and _ray_env_of(h)["RAY_USE_TLS"] == "0"
-    res = run_client(lan, h2, FRAMES)
+    with Capture([lan.veth(h) for h in (h0, h1, h2)]) as cap:
+        res = run_client(lan, h2, FRAMES)
     assert res["frames"] == FRAMES and res["worst"] <= 1e-4, res
+    print(f"the same frames without TLS: {cap}, {float_pairs_found(cap.data(), float_pairs(_client_frames()))} "
+          "float pairs of the frames found on the wire")
     tls_s, plain_s = cluster["tls_seconds"], res["seconds"]
     print(f"TLS overhead: {FRAMES} frames (YOLOv2-16 at 256, 3 nodes) took {tls_s:.2f} s with TLS and "
           f"{plain_s:.2f} s without ({(tls_s / plain_s - 1) * 100:+.0f}%; one run each, same cluster, same frames)")
