@@ -134,9 +134,10 @@ class DeviceRecord:
     speculated: int = 0  # speculative copies run here
     speculation_wins: int = 0  # ... whose result came first
 
-    @property
-    def id(self) -> str:
-        return self.info.id
+    id: str = field(init=False, default="")  # info.id, read on every index update: a slot, not a property
+
+    def __post_init__(self) -> None:
+        self.id = self.info.id
 
     # ----------------------------------------------------------- planned queue
 

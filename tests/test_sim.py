@@ -162,3 +162,18 @@ def test_sim_command_reports_like_bench(tmp_path, capsys) -> None:  # type: igno
     assert main(argv) == 0
     r = json.loads(out.read_text())
     assert r["failed"] == 0 and r["frames"] == 20 and r["per_device"]["pi3-3"]["alive"] is False
+
+
+def test_the_event_loop_collects_rarely_and_gives_the_process_its_thresholds_back() -> None:
+    import gc
+
+    from sims.world import GC_THRESHOLDS, SimClock, rare_collections
+
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+    clock = SimClock()
+    clock.call_at(1.0, lambda: seen.append(gc.get_threshold()))
+    with rare_collections():  # nested (a planner simulating inside a simulation): restored once, at the end
+        clock.run()
+        assert gc.get_threshold() == GC_THRESHOLDS
+    assert seen == [GC_THRESHOLDS] and gc.get_threshold() == before

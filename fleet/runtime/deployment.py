@@ -130,7 +130,8 @@ class DeploymentState:
         stage = self.plan.stages[stage_i]
         tile = stage.tiles[idx]
         wiring = self.wiring.tiles[(stage_i, idx)]
-        frame_boxes = {n: b for n, b in tile.in_boxes.items() if n == wiring.frame_input}
+        fi = wiring.frame_input
+        frame_boxes = {fi: tile.in_boxes[fi]} if fi is not None and fi in tile.in_boxes else {}
         sources: dict[str, list[Part]] = {name: [(s.box, results[s.tile], s.name) for s in srcs]
                                           for name, srcs in wiring.sources.items()}
         pieces: dict[str, list[Piece]] = {}
