@@ -229,7 +229,11 @@ def _cluster_config(args: argparse.Namespace) -> int:
     if not args.launch:
         print(f"bring it up with: ray up -y {out}   (or: tilefleet up ...)")
         return 0
-    return cc.launch(out)
+    try:
+        return cc.launch(out)
+    except cc.ClusterConfigError as e:
+        print(f"tilefleet {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _cluster_args(p: argparse.ArgumentParser, devices_default: str = "pi3*4", devices_note: str = "") -> None:

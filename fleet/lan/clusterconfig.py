@@ -149,17 +149,18 @@ def dump(cfg: dict[str, Any]) -> str:
 
 def launch(config_path: Path, *, yes: bool = True, timeout_s: float = 900,
            env: dict[str, str] | None = None) -> int:
-    """Run ``ray up`` on the written file, streaming its output; returns its exit code."""
+    """Run ``ray up`` on the written file, streaming its output; returns its exit code.
+
+    Raises :class:`ClusterConfigError` when ``ray up`` runs past ``timeout_s``."""
     ray = Path(sys.executable).with_name("ray")
     argv = [str(ray) if ray.exists() else "ray", "up", str(config_path), "--no-config-cache",
             "--disable-usage-stats", "--log-style", "record"] + (["-y"] if yes else [])
     full_env = {**os.environ, **(env or {})}
     try:
         return subprocess.run(argv, env=full_env, timeout=timeout_s).returncode
-    except subprocess.TimeoutExpired:
-        print(f"tilefleet up: `ray up` did not finish within {timeout_s:.0f} s; check that every device "
-              "accepts the SSH key and has the same Ray and Python versions", file=sys.stderr)
-        return 1
+    except subprocess.TimeoutExpired as e:
+        raise ClusterConfigError(f"`ray up` did not finish within {timeout_s:.0f} s; check that every device "
+                                 "accepts the SSH key and has the same Ray and Python versions") from e
 
 
 def options_from_args(head: str, workers: Sequence[str], ssh_user: str | None, ssh_key: str | None,
