@@ -5,6 +5,7 @@
 - nothing outside ``fleet/cli/`` imports the CLI;
 - ``tiling/`` and ``scheduler/`` import no Ray, zeroconf or socket (pure rooms);
 - ``workers/`` does not import ``sims`` (a worker is handed its emulation);
+- only the CLI prints (and the benchmark scripts run as ``python -m``, listed below);
 - no module over 600 lines, no function over 80 lines unless listed below with its reason.
 """
 
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fleet", "tiling", "scheduler", "workers", "sims")
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80
+# modules outside fleet/cli/ that may call print(): scripts run as `python -m`, whose output is the point
+PRINTING_SCRIPTS = {"sims.perf": "python -m sims.perf", "fleet.serving.overhead": "python -m fleet.serving.overhead"}
 # function (module:qualname) -> why it may be longer than MAX_FUNCTION_LINES
 LONG_FUNCTIONS: dict[str, str] = {}
 
@@ -154,6 +157,18 @@ def test_nothing_imports_the_cli() -> None:
     bad = [f"{m} imports {t}" for m, targets in _graph().items() if not (m == "fleet.cli" or m.startswith("fleet.cli."))
            for t in targets if t == "fleet.cli" or t.startswith("fleet.cli.")]
     assert not bad, bad
+
+
+def test_only_the_cli_prints() -> None:
+    bad = []
+    for mod, path in MODULES.items():
+        if mod == "fleet.cli" or mod.startswith("fleet.cli.") or mod in PRINTING_SCRIPTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: print() outside the CLI (return or raise it)")
+    assert not bad, bad
+    assert set(PRINTING_SCRIPTS) <= set(MODULES), set(PRINTING_SCRIPTS) - set(MODULES)
 
 
 @pytest.mark.parametrize("room,forbidden", [("tiling", ("ray", "zeroconf", "socket")),
