@@ -83,6 +83,8 @@ def test_plan_darknet_cfg(shared_dir: Path, capsys: pytest.CaptureFixture[str]) 
     (["run", "--devices", "pi5*2"], "pi4"),
     (["plan", "--model", "nosuchnet"], "yolov2-16"),
     (["plan", "--cfg", "/nonexistent.cfg"], "nonexistent"),
+    (["sim", "--devices", "pi3*4", "--in-flight", "8"], "--mode throughput"),
+    (["bench", "--devices", "pi3*4", "--mode", "throughput", "--in-flight", "0"], "at least 1"),
 ])
 def test_errors_exit_2_with_a_message(argv: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2

@@ -16,7 +16,7 @@ from fleet.bench.runner import load_workload, run_bench
 from fleet.bench.soak import SOAK_DEVICES, SOAK_FRAMES, SOAK_SIZE
 from fleet.bench.sweep import sweep
 
-from .common import grid_arg, workload
+from .common import check_in_flight, grid_arg, workload
 
 MIB = 2**20
 TORCH_ROUNDS = 4  # plain torch and the cluster alternate in this many rounds (host runs)
@@ -131,6 +131,7 @@ def bench_command(args: argparse.Namespace) -> int:
         print(table(["run", "plan", "speedup", "fps", "p50 ms", "efficiency", "peak MiB", "correct"], summary))
         print(f"dispatch overhead: median {d['median_ms']:.2f} ms over {d['tiles']} tiles")
         return 0
+    check_in_flight(args.in_flight, args.mode)
     r = one(args, "bench", workload(args), args.devices, args.mode, args.frames, grid_arg(args.grid),
             [int(v) for v in args.stages.split(",")] if args.stages else None, args.reuse, args.in_flight,
             args.scale, args.address, args.standalone, args.host_baseline)

@@ -13,6 +13,17 @@ def parse_grid(text: str) -> tuple[int, int]:
     return (r, c)
 
 
+def check_in_flight(in_flight: int | None, mode: str) -> None:
+    """``--in-flight`` is a throughput-mode knob: refuse it where it would be silently ignored."""
+    if in_flight is None:
+        return
+    if in_flight < 1:
+        raise ValueError(f"--in-flight must be at least 1 frame, got {in_flight}")
+    if mode == "latency":
+        raise ValueError("--in-flight applies to --mode throughput; latency mode runs one frame at a time, so "
+                         "each frame's latency is its own. Add --mode throughput, or drop --in-flight")
+
+
 def progress(total: int, desc: str, unit: str = "tile") -> Any:
     from tqdm import tqdm
 

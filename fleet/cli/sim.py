@@ -10,7 +10,7 @@ from typing import Any
 
 from tiling.report import table
 
-from .common import add_model_args, grid_arg, workload
+from .common import add_model_args, check_in_flight, grid_arg, workload
 
 SIM_EPILOG = """\
 examples:
@@ -73,6 +73,7 @@ def sim_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--rate must be > 0 frames per second, got {args.rate}")
     if args.shared_link is not None:
         check_mbps(args.shared_link)
+    check_in_flight(args.in_flight, args.mode)
     if args.plot:
         if Path(args.plot).suffix.lower() != ".png":
             raise ValueError(f"--plot writes a PNG: give a file name ending in .png, got {args.plot!r}")
