@@ -1,7 +1,8 @@
 """``tilefleet head --tls`` on a LAN of network namespaces: a cluster whose Ray traffic is TLS.
 
-h0 runs ``tilefleet head --tls``; h1 joins; h2 joins with ``--client`` and runs the client; h3 tries
-to attach Ray nodes of its own, with the token but without a certificate from the head's CA. Then
+h0 runs ``tilefleet head --tls``; h1 joins; h2 joins with ``--client`` and runs the client; h3 and h4
+try to attach Ray nodes of their own, with the token but without a certificate from the head's CA
+(h3 with none, h4 with one from another CA), at the same time. Then
 the head restarts without ``--tls`` and the same frames run again, for the TLS overhead (printed).
 
 While the TLS frames run, every frame crossing the links of h0, h1 and h2 is captured
@@ -35,15 +36,15 @@ FRAMES = 8
 
 @pytest.fixture(scope="module")
 def lan() -> Iterator[Lan]:
-    yield from lan_of(4)
+    yield from lan_of(5)
 
 
 @pytest.fixture(scope="module")
 def cluster(lan: Lan) -> dict[str, Any]:
-    h0, h1, h2, h3 = lan.hosts
+    h0, h1, h2, h3, h4 = lan.hosts
     head = h0.spawn([TILEFLEET, "head", "--name", "lab", "--tls"], name="head")
     head_state = wait_state(h0, "head", head)
-    for h in (h1, h2, h3):
+    for h in (h1, h2, h3, h4):
         copy_token(h0, h)
     h1.run([TILEFLEET, "profile", "--json"], timeout=120)
     j1 = h1.spawn([TILEFLEET, "join", "--cluster", "lab", "--device-name", "h1"], name="join")
@@ -147,31 +148,36 @@ def _send_plain(lan: Lan, src: Host, dst: Host, payload: bytes) -> None:
     assert f"received {len(payload)}" in dst.log(listener), dst.log(listener)
 
 
-def _attach(lan: Lan, h: Host, name: str, extra_env: dict[str, str], seconds: float = 25) -> str:
-    """A bare ``ray start`` in ``h`` with the token: given ``seconds`` to join, then ended (all of it)."""
-    env = h.env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(h.home / ".config" / "tilefleet" / "token"),
-                 **extra_env})
-    proc = h.spawn([RAY, "start", "--address", f"{lan[0].ip}:6379", "--node-ip-address", h.ip, "--temp-dir",
-                    str(h.tmp / name), "--disable-usage-stats", "--num-cpus", "1", "--block"], env=env, name=name)
+def _attempts(lan: Lan, tries: list[tuple[Host, str, dict[str, str]]], seconds: float = 25) -> None:
+    """Bare ``ray start``s with the token, one per host and all at once: given ``seconds`` to join
+    (the cluster is watched all the while), then ended (all of each); none may have joined."""
+    procs = []
+    for h, name, extra_env in tries:
+        env = h.env({"RAY_AUTH_MODE": "token",
+                     "RAY_AUTH_TOKEN_PATH": str(h.home / ".config" / "tilefleet" / "token"), **extra_env})
+        procs.append((h, name, h.spawn([RAY, "start", "--address", f"{lan[0].ip}:6379", "--node-ip-address", h.ip,
+                                        "--temp-dir", str(h.tmp / name), "--disable-usage-stats", "--num-cpus", "1",
+                                        "--block"], env=env, name=name)))
     deadline = time.monotonic() + seconds
-    while proc.poll() is None and time.monotonic() < deadline and h.ip not in alive_ips(devices(lan[1], lan[0])):
+    alive = alive_ips(devices(lan[1], lan[0]))
+    while (time.monotonic() < deadline and any(p.poll() is None for _, _, p in procs)
+           and not any(h.ip in alive for h, _, _ in procs)):
         time.sleep(1)
-    joined = h.ip in alive_ips(devices(lan[1], lan[0]))
-    lan.stop(proc)
-    assert not joined, f"{name} joined a --tls cluster:\n{h.log(proc)[-2000:]}"
-    return h.log(proc)
+        alive = alive_ips(devices(lan[1], lan[0]))
+    lan.stop(*(p for _, _, p in procs))
+    joined = {name: h.log(p)[-2000:] for h, name, p in procs if h.ip in alive}
+    assert not joined, f"joined a --tls cluster: {joined}"
 
 
 def test_nodes_without_a_certificate_from_the_head_are_refused(lan: Lan, cluster: dict[str, Any]) -> None:
-    h3 = lan[3]
+    h3, h4 = lan[3], lan[4]
     before = alive_ips(devices(lan[1], lan[0]))
-    _attach(lan, h3, "plain", {"RAY_USE_TLS": "0"})  # the token alone is not enough
     other_ca, other_key = tls.make_ca("rogue")  # a certificate, but not from the cluster's CA
     key = tls.new_key_pem()
-    d = h3.tmp / "rogue-tls"
-    files = tls.device_files(d, "node", tls.sign_csr(other_ca, other_key, tls.make_csr(key, h3.ip), h3.ip),
-                             other_ca, key, h3.ip)
-    _attach(lan, h3, "rogue", files.env())
+    files = tls.device_files(h4.tmp / "rogue-tls", "node",
+                             tls.sign_csr(other_ca, other_key, tls.make_csr(key, h4.ip), h4.ip), other_ca, key, h4.ip)
+    _attempts(lan, [(h3, "plain", {"RAY_USE_TLS": "0"}),  # the token alone is not enough
+                    (h4, "rogue", files.env())])
     assert alive_ips(devices(lan[1], lan[0])) == before
 
 
