@@ -4,7 +4,8 @@
 and the transfers the device model timed) above every frame's latency against when it was
 submitted. The data is pulled out of the report first (:func:`sim_plot_data`, pure, tested on its
 own); drawing it is the only part that needs matplotlib, imported here and nowhere else
-(:func:`pyplot`, on the Agg backend: no display needed).
+(:func:`pyplot`, on the Agg backend: no display needed). ``tilefleet loadtest --plot``
+(:func:`plot_load`) and ``tilefleet bench --soak --plot`` (:func:`plot_soak`) are drawn here too.
 """
 
 from __future__ import annotations
@@ -110,11 +111,7 @@ def plot_sim(data: SimPlotData, path: str | Path) -> Path:
     low.set_ylabel("latency (ms)")
     low.set_title("latency per frame over time", fontsize=10)
     low.grid(True, alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path, dpi=110)
 
 
 def plot_load(reports: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
@@ -131,8 +128,37 @@ def plot_load(reports: Sequence[Mapping[str, Any]], path: str | Path, title: str
     ax.set_title(title or "latency against offered load (open loop)")
     ax.legend()
     ax.grid(True, alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def plot_soak(r: Mapping[str, Any], path: str | Path) -> Path:
+    """``tilefleet bench --soak --plot``: frames per second in windows and RSS over the run."""
+    plt = pyplot()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    wins = r["fps_windows"]
+    fps = [w["fps"] or float("nan") for w in wins]
+    ax1.step([0.0] + [w["t_end_s"] for w in wins], fps[:1] + fps, where="pre", label="fps per window")
+    ax1.axhline(r["fps"], color="grey", linestyle=":", label=f"overall {r['fps']:.1f}")
+    for _, what, t in r["events"]:
+        ax1.axvline(t, color="red" if what == "fail" else "green", alpha=0.25, linewidth=0.8)
+    ax1.set_ylabel("frames / s")
+    ax1.set_title(f"soak: {r['frames']} frames of {r['model']} on {r['devices']} ({r['victim']} fails and returns; "
+                  "red: fail, green: revive)", fontsize=9)
+    ax1.legend(fontsize=8)
+    ax1.grid(True, alpha=0.3)
+    ts = [s["t_s"] for s in r["rss_samples"]]
+    for name in r["rss"]:
+        ax2.plot(ts, [s.get(name, float("nan")) for s in r["rss_samples"]], label=name)
+    ax2.set_xlabel("seconds into the timed run")
+    ax2.set_ylabel("RSS (MB)")
+    ax2.legend(fontsize=8)
+    ax2.grid(True, alpha=0.3)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | Path, dpi: int = 120) -> Path:
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out

@@ -464,36 +464,3 @@ def _rss(pids: dict[str, int], steady: Sequence[str], quiet: bool = False) -> di
 
 def _sample(frame: int, t: float, rss: dict[str, int]) -> dict[str, Any]:
     return {"frame": frame, "t_s": t, **{k: v / MB for k, v in rss.items()}}
-
-
-def plot_soak(r: dict[str, Any], path: str) -> None:
-    """Frames per second in windows and RSS over the run (needs matplotlib: ``pip install 'tilefleet[plot]'``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plotting needs matplotlib: pip install 'tilefleet[plot]' (or drop --plot)") from None
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    wins = r["fps_windows"]
-    fps = [w["fps"] or float("nan") for w in wins]
-    ax1.step([0.0] + [w["t_end_s"] for w in wins], fps[:1] + fps, where="pre", label="fps per window")
-    ax1.axhline(r["fps"], color="grey", linestyle=":", label=f"overall {r['fps']:.1f}")
-    for _, what, t in r["events"]:
-        ax1.axvline(t, color="red" if what == "fail" else "green", alpha=0.25, linewidth=0.8)
-    ax1.set_ylabel("frames / s")
-    ax1.set_title(f"soak: {r['frames']} frames of {r['model']} on {r['devices']} ({r['victim']} fails and returns; "
-                  "red: fail, green: revive)", fontsize=9)
-    ax1.legend(fontsize=8)
-    ax1.grid(True, alpha=0.3)
-    ts = [s["t_s"] for s in r["rss_samples"]]
-    for name in r["rss"]:
-        ax2.plot(ts, [s.get(name, float("nan")) for s in r["rss_samples"]], label=name)
-    ax2.set_xlabel("seconds into the timed run")
-    ax2.set_ylabel("RSS (MB)")
-    ax2.legend(fontsize=8)
-    ax2.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -188,7 +188,8 @@ def _fidelity(args: argparse.Namespace) -> int:
 
 def _soak(args: argparse.Namespace) -> int:
     """``--soak``: the run is :func:`fleet.bench.soak.run_soak`; this prints it and sets the exit status."""
-    from fleet.bench.soak import plot_soak, run_soak
+    from fleet.bench.plot import plot_soak
+    from fleet.bench.soak import run_soak
 
     if args.address or getattr(args, "nodes", False):
         raise ValueError("--soak fails and revives emulated devices on this machine: not with --address or --nodes")
