@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -132,9 +133,7 @@ def fps_summary(windows: Sequence[dict[str, Any]]) -> dict[str, float]:
     fps = sorted(w["fps"] for w in windows if w["fps"] is not None)
     if not fps:
         return {}
-    mid = len(fps) // 2
-    median = fps[mid] if len(fps) % 2 else (fps[mid - 1] + fps[mid]) / 2
-    return {"min": fps[0], "median": median, "max": fps[-1], "first": windows[0]["fps"] or 0.0,
+    return {"min": fps[0], "median": statistics.median(fps), "max": fps[-1], "first": windows[0]["fps"] or 0.0,
             "last": windows[-1]["fps"] or 0.0}
 
 
