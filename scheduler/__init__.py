@@ -8,7 +8,7 @@ the same code runs under the driver (on Ray, and in the simulator of
 
 from __future__ import annotations
 
-from scheduler.stragglers import SPECULATE_AFTER, SPECULATION_SHARE
+from scheduler.stragglers import SPECULATE_AFTER, SPECULATE_MIN_S, SPECULATION_SHARE
 from scheduler.events import (
     Cancel,
     Complete,
@@ -38,6 +38,7 @@ from scheduler.state import Scheduler
 
 __all__ = [
     "SPECULATE_AFTER",
+    "SPECULATE_MIN_S",
     "SPECULATION_SHARE",
     "Cancel",
     "Candidate",

@@ -27,9 +27,9 @@ from scheduler.events import Cancel, Complete, Dispatch, FailFrame, Instruction,
 from scheduler.index import FleetIndex
 from scheduler.log import EventLog
 from scheduler.model import TileKey
-from scheduler.placement import cost_ns, tail_ns
+from scheduler.placement import cost_ns, tail_ns, to_ns
 from scheduler.records import DeviceRecord, FrameRecord, FrameStatus, TileRecord
-from scheduler.stragglers import SPECULATION_SHARE, Stragglers
+from scheduler.stragglers import SPECULATE_MIN_S, SPECULATION_SHARE, Stragglers
 from scheduler.stealing import (
     PlannedTile,
     Queue,
@@ -53,6 +53,7 @@ class SchedulerCore(Stragglers):
         learn_speed: bool = True,
         speculate_after: float | None = None,
         speculation_share: float = SPECULATION_SHARE,
+        speculate_min_s: float = SPECULATE_MIN_S,
     ) -> None:
         if max_in_flight_per_device < 1:
             raise ValueError("max_in_flight_per_device must be >= 1")
@@ -63,6 +64,8 @@ class SchedulerCore(Stragglers):
         if speculate_after is not None and not (math.isfinite(speculate_after) and speculate_after > 1):
             raise ValueError(f"speculate_after must be a number > 1 (times a tile's expected time) or None "
                              f"(no speculation), got {speculate_after!r}")
+        if not (math.isfinite(speculate_min_s) and speculate_min_s >= 0):
+            raise ValueError(f"speculate_min_s must be a number >= 0 (seconds), got {speculate_min_s!r}")
         if not (0 < speculation_share <= 1):
             raise ValueError(f"speculation_share must be in (0, 1], got {speculation_share!r}")
         self.max_in_flight_per_device = max_in_flight_per_device
@@ -72,6 +75,7 @@ class SchedulerCore(Stragglers):
         self.learn_speed = learn_speed
         self.speculate_after = speculate_after
         self.speculation_share = speculation_share
+        self._speculate_min_ns = to_ns(speculate_min_s)
         self.speculations = 0  # speculative copies started
         self.speculation_wins = 0  # ... that finished before the original
         self._flying = 0  # tile copies in flight on all devices

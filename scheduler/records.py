@@ -93,6 +93,11 @@ class DeviceRecord:
     observed: int = 0
     estimate: float = 1.0  # the running average of measured speed factors (``speed`` is it, rounded)
     speed_since: float = 0.0
+    # results not yet counted in ``estimate``: measured and expected seconds, and how many (short
+    # tiles are measured together, see Stragglers._learn_speed)
+    window_measured_s: float = 0.0
+    window_expected_s: float = 0.0
+    window_n: int = 0
     in_flight: list[TileKey] = field(default_factory=list)
     running_since: float = 0.0
     planned: list[tuple[Priority, TileKey]] = field(default_factory=list)
@@ -140,6 +145,12 @@ class DeviceRecord:
         self.id = self.info.id
 
     # ----------------------------------------------------------- planned queue
+
+    def restart_speed(self, now: float) -> None:
+        """Measurements start again (a join, an announced speed): nothing before ``now`` counts."""
+        self.observed, self.speed_since = 0, now
+        self.window_measured_s = self.window_expected_s = 0.0
+        self.window_n = 0
 
     def plan(self, tile: TileRecord, cost_ns: int) -> None:
         bisect.insort(self.planned, (tile.priority, tile.key))

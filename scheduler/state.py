@@ -77,6 +77,12 @@ class Scheduler(SchedulerCore):
     SPEED_ALPHA = 0.5
     """Weight of a new measurement in the speed factor's moving average."""
 
+    SPEED_WINDOW_S = 0.05
+    """A measurement of the speed factor spans at least this much expected compute: a tile that long
+    or longer is one measurement, shorter tiles are summed until they reach it. A tile of a
+    millisecond is timed with as much jitter as it lasts (scheduling, a busy host), and learning
+    from each one alone moved work back and forth on noise (``tilefleet bench --dispatch``)."""
+
     SLOWDOWN_TRIGGER = 1.5
     """A measured factor this many times the current one is treated as a
     ``DeviceSlow``: queued work is moved off the device."""
@@ -399,7 +405,7 @@ class Scheduler(SchedulerCore):
         else:
             # Back after a loss: fresh profile and speed, counters kept.
             dev.info, dev.alive, dev.speed, dev.running_since = ev.device, True, 1.0, self.now
-            dev.observed, dev.speed_since = 0, self.now
+            dev.restart_speed(self.now)
         self._index.freed.add(dev.id)  # room for a waiting tail
         self._touch(dev)
         # Work reaches it through stealing in _settle.

@@ -5,7 +5,8 @@ one idea (a device slower than its profile says) with its own constants:
 
 * a learned slowdown moves the device's queue (``_slow_down``) and relaxes with time unless results
   confirm it (``RELAX_AFTER_S``);
-* a running tile ``SPECULATE_AFTER`` times past its expected time is overdue: the device is slowed
+* a running tile ``SPECULATE_AFTER`` times past its expected time (and at least
+  ``SPECULATE_MIN_S`` into its run) is overdue: the device is slowed
   down on suspicion, and the tile is copied to an idle device, first result wins
   (``SPECULATION_SHARE`` bounds the copies);
 * ``next_deadline`` tells the shell when to send a ``Tick`` so this happens with nothing else going on.
@@ -24,6 +25,11 @@ SPECULATE_AFTER = 2.0
 """The runtime's default: a tile still running after this many times its expected time (at its
 device's learned speed) is re-run on an idle device, and the first result wins (as Spark's
 ``spark.speculation.multiplier``, 1.5 there). Twice covers the jitter of dispatch and of a busy host."""
+SPECULATE_MIN_S = 0.1
+"""...and never before it has run this long (as Spark's ``spark.speculation.minTaskRuntime``, also
+100 ms): below that a tile is shorter than the runtime's own jitter (a Ray call's round trip is 1-5
+ms on a busy host), every tile of a small model looks overdue, and chasing them costs the driver
+more than a copy could win back (``tilefleet bench --dispatch``: 3.4 ms a tile with it, 2.0 without)."""
 SPECULATION_SHARE = 0.1
 """At most this share of the tiles in flight (and at least one tile) has a speculative copy at once."""
 RELAX_AFTER_S = 10.0
@@ -106,7 +112,7 @@ class Stragglers:
         """When ``key``, running on ``dev``, becomes overdue."""
         assert self.speculate_after is not None
         expected = duration_ns(self._tile(key).spec, dev.info, dev.speed)
-        return to_ns(dev.running_since) + math.ceil(self.speculate_after * expected)
+        return to_ns(dev.running_since) + max(math.ceil(self.speculate_after * expected), self._speculate_min_ns)
 
     def _overdue_factor(self, dev: DeviceRecord, key: TileKey) -> float:
         """The speed factor to assume for ``dev`` while ``key`` is overdue there.
@@ -223,7 +229,7 @@ class Stragglers:
             return
         # Measurements restart from the announced factor; tiles started
         # before the announcement say nothing about the new speed.
-        dev.observed, dev.speed_since = 0, self.now
+        dev.restart_speed(self.now)
         if ev.factor > dev.speed:
             self._slow_down(dev, ev.factor, out, why=f"{dev.id} slowed x{ev.factor:g}")
         else:
@@ -240,12 +246,21 @@ class Stragglers:
         factor, later ones are averaged; a jump by ``SLOWDOWN_TRIGGER`` is
         handled exactly like an announced slowdown.  Only the running tile's
         result counts, and only if it started after the last announcement.
+        Tiles shorter than ``SPEED_WINDOW_S`` (expected) count together, as one
+        measurement of their summed times.
         """
         expected = compute_s(tile.spec.flops, dev.info)
         if not (self.learn_speed and expected > 0 and measured_s > 0 and math.isfinite(measured_s)):
             return
+        dev.window_measured_s += measured_s
+        dev.window_expected_s += expected
+        dev.window_n += 1
+        if dev.window_expected_s < self.SPEED_WINDOW_S:
+            return  # short tiles: measure them together
         # the reported time includes the per-tile overhead, which the speed factor does not scale
-        ratio = max(0.05, (measured_s - dev.info.tile_overhead_s) / expected)
+        ratio = max(0.05, (dev.window_measured_s - dev.window_n * dev.info.tile_overhead_s) / dev.window_expected_s)
+        dev.window_measured_s = dev.window_expected_s = 0.0
+        dev.window_n = 0
         dev.estimate = (
             ratio
             if dev.observed == 0

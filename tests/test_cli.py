@@ -58,6 +58,15 @@ def test_run_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert r["correct"] is True and r["latency_ms"]["p50"] > 0
 
 
+@pytest.mark.ray
+def test_dispatch_overhead_measures_every_tile() -> None:
+    """What `tilefleet bench --dispatch` and `make bench` report (it once broke unnoticed)."""
+    from fleet.bench.dispatch import dispatch_overhead
+
+    d = dispatch_overhead(tiles=128)
+    assert d["tiles"] == 128 and 0 < d["median_ms"] <= d["p95_ms"] and d["tiles_per_s"] > 0, d
+
+
 def test_devices_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["devices", "--catalog"]) == 0
     out = capsys.readouterr().out

@@ -15,6 +15,15 @@ from torch import nn
 
 import fleet
 import tiling
+from scheduler import (
+    SPECULATE_MIN_S,
+    DeviceJoined,
+    Dispatch,
+    FrameSubmitted,
+    Scheduler,
+    TileDone,
+)
+from scheduler.testing import device, independent_frame
 from sims.catalog import parse_spec
 from sims.profile_files import profiles
 from sims.simulate import Scenario, ScenarioEvent, SimRun, simulate
@@ -73,7 +82,45 @@ def test_speculation_is_bounded_and_waits_for_the_threshold() -> None:
     assert speculated(run) == 0
 
 
+@pytest.mark.sim
+def test_a_tile_shorter_than_the_minimum_runtime_is_never_copied() -> None:
+    """As Spark's minTaskRuntime: a tile 6x late (past the 2x threshold) but still under
+    SPECULATE_MIN_S is runtime jitter on a real host (a Ray round trip is 1-5 ms), not a straggler.
+    Without the minimum this very run copies a tile; a 100x straggler is still copied."""
+    plan = tiling.partition(conv_net(), torch.randn(1, 3, SIZE // 2, SIZE // 2), grid=(4, 4))
+    devs = parse_spec("pi3*4", TABLE, max_devices=None)
+    tile_s = simulate(plan, devs, frames=1).latency_s[0] / 4  # 16 tiles on 4 devices: 4 waves a frame
+    assert 6 * tile_s < SPECULATE_MIN_S  # so 6x late is still short: the case this test is about
+    assert speculated(simulate(plan, devs, frames=4, scenario=slowed("pi3-1", 6))) == 0
+    assert speculated(simulate(plan, devs, frames=4, scenario=slowed("pi3-1", 100))) > 0
+
+
 # --- recovery: learned speed -------------------------------------------------------------------------
+
+def learned_speeds(measured: list[float], flops: int) -> list[float]:
+    """d0's speed factor after each result, when its tiles (``flops`` on a 1 GFLOP/s device) take
+    ``measured`` seconds in turn."""
+    sched = Scheduler(max_in_flight_per_device=1, learn_speed=True)
+    out = sched.handle(DeviceJoined(device("d0"), 0.0), FrameSubmitted(independent_frame(0, len(measured), flops=flops), 0.0))
+    now, speeds = 0.0, []
+    for m in measured:
+        (d,) = [i for i in out if isinstance(i, Dispatch)]
+        now += m
+        out = sched.handle(TileDone(d.key, "d0", now, compute_s=m))
+        speeds.append(sched.stats()["d0"].speed)
+    return speeds
+
+
+def test_short_tiles_are_measured_together_and_noise_does_not_move_the_speed() -> None:
+    """1 ms tiles timed at 0.5 ms and 3 ms in turn (a busy host's jitter): alone each would swing
+    the factor between 0.5 and 3 (a 'slowdown' every other result); summed over SPEED_WINDOW_S
+    they give the steady 1.75. Long tiles are still one measurement each."""
+    short = learned_speeds([0.0005, 0.003] * 60, flops=10**6)
+    assert len(set(short)) <= 2 and short[-1] == pytest.approx(1.75, rel=0.1), sorted(set(short))
+    long = learned_speeds([0.5, 3.0] * 3, flops=10**9)  # 1 s tiles: each result counts at once
+    assert long[0] == pytest.approx(0.5, rel=0.1) and long[1] > 1.5
+
+
 
 def slow_phase(run: SimRun, after_s: float) -> tuple[float, float]:
     """(fps, p99 latency) of the frames that ended after ``after_s``."""

@@ -143,7 +143,9 @@ class TileWorker:
         self.tiles_done += 1
         if timeline is not None:
             time.sleep(max(0.0, timeline.done - time.monotonic()))
-        meta = self._meta(None, arrive, timeline, compute_s=res.compute_s, bytes_in=res.bytes_in,
+        # bytes_in: what crossed to this device (the driver's priced crop: parts made here do not
+        # move, as in the simulator), not what the tile read (res.bytes_in counts local parts too)
+        meta = self._meta(None, arrive, timeline, compute_s=res.compute_s, bytes_in=cost.in_bytes + piece_bytes,
                           bytes_out=res.bytes_out, torch_device=res.device, computed_at=computed_at)
         maps = {k: v for k, v in res.outputs.items() if not k.endswith(PARTIAL_SUFFIX)}
         partials = {k: v for k, v in res.outputs.items() if k.endswith(PARTIAL_SUFFIX)}

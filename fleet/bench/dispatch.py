@@ -24,12 +24,12 @@ def dispatch_overhead(tiles: int = 1200) -> dict[str, Any]:
         dep = cluster.deploy(model, x, grid=(8, 8))
         for _ in dep.stream([x] * 2, in_flight=1):
             pass
-        dep.overheads.clear()
+        dep.reset_stats()
         t0 = time.monotonic()
         for _ in dep.stream([x] * frames, in_flight=2):
             pass
         wall = time.monotonic() - t0
-        ov = np.asarray(dep.overheads)
+        ov = np.asarray(dep.stats()["dispatch_overhead_s"])
         tile = dep.plan.tiles[0]
     return {"tiles": int(len(ov)), "median_ms": float(np.median(ov) * 1e3), "p95_ms": float(np.percentile(ov, 95) * 1e3),
             "tile_in_bytes": tile.in_bytes, "tile_out_bytes": tile.out_bytes, "tiles_per_s": len(ov) / wall}

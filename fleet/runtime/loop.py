@@ -28,6 +28,8 @@ from .stats import TraceEvent
 
 log = logging.getLogger("tilefleet.driver")
 CALL_TIMEOUT_S = 120.0
+IDLE_WAIT_S = 0.05  # nothing in flight: wait this long for a client job (a job wakes the wait at once)
+BUSY_WAIT_S = 0.02  # calls in flight: wait this long for a report before looking at the inbox again
 
 
 class RealClock:
@@ -47,6 +49,10 @@ class RealClock:
     def fire_due(self) -> None:
         while self._timers and self._timers[0][0] <= self.now():
             heapq.heappop(self._timers)[2]()
+
+    def wait_for(self, cap_s: float) -> float:
+        """How long the loop may wait for something else before the next timer is due (at most ``cap_s``)."""
+        return min(cap_s, max(0.0, self._timers[0][0] - self.now())) if self._timers else cap_s
 
 
 class DriverThread:
@@ -117,12 +123,15 @@ class DriverThread:
 
     # --- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        # Each turn: client jobs, due timers, then Ray's reports. ``busy`` (calls in flight) is read
+        # after all three, so a wait never starts while something just sent is pending, and no wait
+        # outlasts the next timer: a report is picked up as it lands, a timer fires when due.
         busy = False
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not busy)
-                busy = self._poll(0.02 if busy else 0.0)
+                self._drain_inbox(0.0 if busy else self.clock.wait_for(IDLE_WAIT_S))
                 self.clock.fire_due()
+                busy = self._poll(self.clock.wait_for(BUSY_WAIT_S))
         except BaseException as e:  # pragma: no cover - a bug in the shell: fail every frame loudly
             log.exception("driver loop crashed")
             self.error = e
@@ -130,9 +139,9 @@ class DriverThread:
                 if not ctx.future.done():
                     ctx.future.set_exception(FrameFailed(f"driver crashed: {e!r}"))
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _drain_inbox(self, wait_s: float) -> None:
         try:
-            job = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+            job = self.inbox.get(timeout=wait_s) if wait_s > 0 else self.inbox.get_nowait()
         except queue.Empty:
             return
         job()
