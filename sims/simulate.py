@@ -27,7 +27,7 @@ from scheduler import SPECULATE_AFTER, TileDone
 from .catalog import DeviceSpec
 from .medium import SharedLink, check_mbps
 from .metrics import steady_fps
-from .world import DISPATCH_S, Faults, SimClock, SimTransport
+from .world import DISPATCH_S, REPORT_S, Faults, SimClock, SimTransport
 
 if TYPE_CHECKING:
     from fleet.runtime.driver import Driver
@@ -99,7 +99,7 @@ class SimRun:
 def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, frames: int, in_flight: int = 1,
              rate: float | None = None, poisson: bool = False, streams: int = 1,
              arrivals: Sequence[float] | None = None, scale: float = 1.0, max_in_flight_per_device: int = 2,
-             dispatch_s: float = DISPATCH_S, scenario: Scenario | None = None, faults: Faults | None = None,
+             dispatch_s: float = DISPATCH_S, report_s: float = REPORT_S, scenario: Scenario | None = None, faults: Faults | None = None,
              seed: int = 0, trace: bool = False, frame_itemsize: int = 4, max_retries: int = 3,
              learn_speed: bool = True, work_stealing: bool = True,
              speculate_after: float | None = SPECULATE_AFTER, shared_link_mbps: float | None = None,
@@ -119,7 +119,8 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
         raise ValueError("give arrival times or a rate, not both")
     clock = SimClock()
     shared = None if shared_link_mbps is None else SharedLink(check_mbps(shared_link_mbps), scale)
-    transport = SimTransport(list(devices), clock, scale=scale, dispatch_s=dispatch_s, faults=faults, seed=seed,
+    transport = SimTransport(list(devices), clock, scale=scale, dispatch_s=dispatch_s, report_s=report_s,
+                             faults=faults, seed=seed,
                              shared=shared)
     driver = _driver(devices, transport, clock, scale, max_in_flight_per_device=max_in_flight_per_device,
                      max_retries=max_retries, learn_speed=learn_speed, work_stealing=work_stealing,

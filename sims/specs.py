@@ -120,6 +120,7 @@ def simulate_specs(devices: Sequence[DeviceInfo], frames: Sequence[FrameSpec], *
     events = [ScenarioEvent(0.0, "slow", d, factor=f) for d, f in (hidden_slowdown or {}).items()]
     events += scenario.events if scenario else []
     return simulate(SpecDeployment(list(frames)), specs, frames=len(frames), in_flight=in_flight or 1,
-                    scenario=Scenario(events), dispatch_s=kw.pop("dispatch_s", 0.0), learn_speed=learn_speed,
+                    scenario=Scenario(events), dispatch_s=kw.pop("dispatch_s", 0.0),
+                    report_s=kw.pop("report_s", 0.0), learn_speed=learn_speed,
                     speculate_after=speculate_after, work_stealing=work_stealing, max_in_flight_per_device=max_in_flight_per_device,
                     max_retries=max_retries, validate=validate, record=kw.pop("record", True), **kw)

@@ -37,8 +37,14 @@ if TYPE_CHECKING:
     from fleet.runtime.driver import Driver
     from fleet.runtime.transport import Gather, TailWork, TileWork
 
-# what the real runtime adds to every tile on this kind of host (driver + actor call), seconds
+# What the real runtime adds to every tile on this kind of host, seconds, host time (not scaled):
+# the driver's actor call until the worker starts on it, and the report's way back until the
+# driver has it. Measured on emulated runs here (fleet.runtime driver, Ray 2.60, two cores):
+# sent -> first rx 2.1 ms, worker's emulated end -> driver has the report 2.8-3 ms (a pi4*2,laptop
+# latency frame at clock scale 2.5; `tilefleet bench --dispatch` gives 2-3 ms for both together
+# on an idle worker with tiny tiles).
 DISPATCH_S = 0.002
+REPORT_S = 0.002
 
 
 # The simulator makes a few small objects per event and frees nearly all of them by reference count.
@@ -115,11 +121,13 @@ class SimTransport:
     """The device and link model as a transport; reports arrive on the :class:`SimClock`."""
 
     def __init__(self, devices: list[DeviceSpec], clock: SimClock, *, scale: float = 1.0,
-                 dispatch_s: float = DISPATCH_S, faults: Faults | None = None, seed: int = 0,
+                 dispatch_s: float = DISPATCH_S, report_s: float = REPORT_S, faults: Faults | None = None,
+                 seed: int = 0,
                  shared: SharedLink | None = None) -> None:
         self.clock = clock
         self.scale = scale
         self.dispatch_s = dispatch_s
+        self.report_s = report_s
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.shared = shared
@@ -147,8 +155,8 @@ class SimTransport:
                         bytes_out=c.out_bytes, timeline=tl.as_dict())
         if work.key[1] > 0 and self._roll(self.faults.input_lost):
             report = Report(device, False, tl.arrive, tl.done, error="InputLost", message="simulated", retryable=True)
-        self._deliver(device, tl.done, lambda r: self._driver().on_report(work.key, device, r, ("tile", work.key)),
-                      report)
+        self._deliver(device, tl.done + self.report_s,
+                      lambda r: self._driver().on_report(work.key, device, r, ("tile", work.key)), report)
 
     def run_tail(self, device: str, work: TailWork) -> None:
         if device in self.dead:
@@ -163,8 +171,8 @@ class SimTransport:
             done, tl_dict = tl.done, tl.as_dict()
         report = Report(device, True, self.clock.now(), done, bytes_in=c.in_bytes, bytes_out=c.out_bytes,
                         timeline=tl_dict)
-        self._deliver(device, done, lambda r: self._driver().on_tail_report(work.frame_id, device, r, ("tail",)),
-                      report)
+        self._deliver(device, done + self.report_s,
+                      lambda r: self._driver().on_tail_report(work.frame_id, device, r, ("tail",)), report)
 
     def cancel(self, key: TileKey, device: str) -> None:
         pass  # the copy still runs on the device's clock; its late report is ignored by the scheduler

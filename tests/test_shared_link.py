@@ -95,7 +95,7 @@ def test_one_tile_pays_the_slower_of_its_link_and_the_channel() -> None:
     out_bytes = t.out_bytes + t.reuse_out_bytes
     for mbps in (p.link_mbps * 10, p.link_mbps / 4):
         bps = min(p.link_bps, mbps * 1e6 / 8)
-        run = simulate(plan, [dev], frames=1, dispatch_s=0.0, shared_link_mbps=mbps)
+        run = simulate(plan, [dev], frames=1, dispatch_s=0.0, report_s=0.0, shared_link_mbps=mbps)
         expected = (t.in_bytes / bps + p.latency_s + t.flops / (p.gflops * 1e9) + p.tile_overhead_s
                     + out_bytes / bps + p.latency_s)
         assert run.latency_s == [pytest.approx(expected, rel=1e-9)]
@@ -105,8 +105,8 @@ def test_one_tile_pays_the_slower_of_its_link_and_the_channel() -> None:
 def test_four_devices_on_one_10_mbit_channel_are_slower_than_on_four_10_mbit_links() -> None:
     plan = plan_of((2, 2), tail=False, size=96)
     # speculation off: a copy's transfer can outlive the run and blur the channel's accounting
-    own = simulate(plan, ten_mbit(4), frames=24, in_flight=4, dispatch_s=0.0, speculate_after=None)
-    shared = simulate(plan, ten_mbit(4), frames=24, in_flight=4, dispatch_s=0.0, shared_link_mbps=10.0,
+    own = simulate(plan, ten_mbit(4), frames=24, in_flight=4, dispatch_s=0.0, report_s=0.0, speculate_after=None)
+    shared = simulate(plan, ten_mbit(4), frames=24, in_flight=4, dispatch_s=0.0, report_s=0.0, shared_link_mbps=10.0,
                       speculate_after=None)
     assert not own.failed and not shared.failed and own.shared_link is None
     assert min(shared.latency_s) > max(own.latency_s) and shared.fps < own.fps / 2

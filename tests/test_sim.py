@@ -23,11 +23,14 @@ pytestmark = pytest.mark.sim
 def test_one_tile_latency_is_the_device_model_exactly() -> None:
     plan = plan_of((1, 1), tail=False)
     (dev,) = devices("pi3")
-    run = simulate(plan, [dev], frames=1, dispatch_s=0.0)
+    run = simulate(plan, [dev], frames=1, dispatch_s=0.0, report_s=0.0)
     p, t = dev.profile, plan.stages[0].tiles[0]
     expected = (t.in_bytes / p.link_bps + p.latency_s + t.flops / (p.gflops * 1e9) + p.tile_overhead_s
                 + (t.out_bytes + t.reuse_out_bytes) / p.link_bps + p.latency_s)
     assert run.latency_s == [pytest.approx(expected, rel=1e-9)]
+    # the runtime's own costs, the call out and the report back, come on top (host time, as at scale 1)
+    run = simulate(plan, [dev], frames=1, dispatch_s=0.003, report_s=0.005)
+    assert run.latency_s == [pytest.approx(expected + 0.008, rel=1e-9)]
     assert run.stats["devices"]["pi3-0"]["tiles"] == 1
 
 
@@ -38,7 +41,7 @@ def test_whole_frames_per_device_give_the_sum_of_speeds() -> None:
     p, t = devs[0].profile, plan.stages[0].tiles[0]
     per_frame = max(t.in_bytes / p.link_bps, t.flops / (p.gflops * 1e9) + p.tile_overhead_s,
                     (t.out_bytes + t.reuse_out_bytes) / p.link_bps)
-    run = simulate(plan, devs, frames=80, in_flight=6, dispatch_s=0.0)
+    run = simulate(plan, devs, frames=80, in_flight=6, dispatch_s=0.0, report_s=0.0)
     assert run.fps == pytest.approx(2 / per_frame, rel=0.05)
     assert not run.failed
 
