@@ -13,6 +13,7 @@ over a plain TCP copy of one frame finds it, so the search can fail.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import time
@@ -148,25 +149,35 @@ def _send_plain(lan: Lan, src: Host, dst: Host, payload: bytes) -> None:
     assert f"received {len(payload)}" in dst.log(listener), dst.log(listener)
 
 
-def _attempts(lan: Lan, tries: list[tuple[Host, str, dict[str, str]]], seconds: float = 25) -> None:
-    """Bare ``ray start``s with the token, one per host and all at once: given ``seconds`` to join
-    (the cluster is watched all the while), then ended (all of each); none may have joined."""
+def _attempts(lan: Lan, tries: list[tuple[Host, str, dict[str, str], str]], seconds: float = 60) -> None:
+    """Bare ``ray start``s with the token, one per host and all at once, each with the message its
+    refusal prints. The cluster is watched until every attempt has been refused twice (the first
+    try and a retry: Ray retries the head every few seconds) or ``seconds`` pass; then the attempts
+    are killed. None may have joined, and each must have been refused, not merely slow."""
     procs = []
-    for h, name, extra_env in tries:
+    for h, name, extra_env, refusal in tries:
         env = h.env({"RAY_AUTH_MODE": "token",
                      "RAY_AUTH_TOKEN_PATH": str(h.home / ".config" / "tilefleet" / "token"), **extra_env})
-        procs.append((h, name, h.spawn([RAY, "start", "--address", f"{lan[0].ip}:6379", "--node-ip-address", h.ip,
-                                        "--temp-dir", str(h.tmp / name), "--disable-usage-stats", "--num-cpus", "1",
-                                        "--block"], env=env, name=name)))
+        procs.append((h, name, refusal, h.spawn([RAY, "start", "--address", f"{lan[0].ip}:6379", "--node-ip-address",
+                                                 h.ip, "--temp-dir", str(h.tmp / name), "--disable-usage-stats",
+                                                 "--num-cpus", "1", "--block"], env=env, name=name)))
+
+    def refused(h: Host, refusal: str, p: Any) -> bool:
+        return len(re.findall(refusal, h.log(p))) >= 2
+
     deadline = time.monotonic() + seconds
     alive = alive_ips(devices(lan[1], lan[0]))
-    while (time.monotonic() < deadline and any(p.poll() is None for _, _, p in procs)
-           and not any(h.ip in alive for h, _, _ in procs)):
-        time.sleep(1)
+    while (time.monotonic() < deadline and not all(refused(h, r, p) for h, _, r, p in procs)
+           and not any(h.ip in alive for h, _, _, _ in procs)):
+        time.sleep(0.5)
         alive = alive_ips(devices(lan[1], lan[0]))
-    lan.stop(*(p for _, _, p in procs))
-    joined = {name: h.log(p)[-2000:] for h, name, p in procs if h.ip in alive}
+    alive = alive_ips(devices(lan[1], lan[0]))  # once more, after the last refusal was seen
+    logs = {name: h.log(p)[-2000:] for h, name, _, p in procs}
+    not_refused = {name: logs[name] for h, name, r, p in procs if not refused(h, r, p)}
+    lan.stop(*(p for _, _, _, p in procs), timeout=0)  # throwaway: pid 1 of a PID namespace ignores SIGTERM
+    joined = {name: logs[name] for h, name, _, _ in procs if h.ip in alive}
     assert not joined, f"joined a --tls cluster: {joined}"
+    assert not not_refused, f"no refusal seen in {seconds:.0f} s: {not_refused}"
 
 
 def test_nodes_without_a_certificate_from_the_head_are_refused(lan: Lan, cluster: dict[str, Any]) -> None:
@@ -176,8 +187,9 @@ def test_nodes_without_a_certificate_from_the_head_are_refused(lan: Lan, cluster
     key = tls.new_key_pem()
     files = tls.device_files(h4.tmp / "rogue-tls", "node",
                              tls.sign_csr(other_ca, other_key, tls.make_csr(key, h4.ip), h4.ip), other_ca, key, h4.ip)
-    _attempts(lan, [(h3, "plain", {"RAY_USE_TLS": "0"}),  # the token alone is not enough
-                    (h4, "rogue", files.env())])
+    _attempts(lan, [(h3, "plain", {"RAY_USE_TLS": "0"},  # the token alone is not enough
+                     r"Failed to connect to (GCS|the observability pubsub)"),
+                    (h4, "rogue", files.env(), r"CERTIFICATE_VERIFY_FAILED")])
     assert alive_ips(devices(lan[1], lan[0])) == before
 
 
