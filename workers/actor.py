@@ -5,9 +5,10 @@ the worker that produced them, not through the driver), runs the executor on one
 an emulated device, holds each result until the device's emulated timeline says it is delivered.
 Every method returns values, never raises for a bad tile: the driver turns them into events.
 
-``run_tile`` is called with ``num_returns=2``: a small metadata dict (what the driver reads) and a
-payload ``{"out": outputs, "exp": reuse exports}``. The driver fetches the metadata; later tiles,
-neighbours and the tail receive the payload by reference, from the worker that made it.
+``run_tile`` is called with ``num_returns=3``: its :class:`~workers.report.Report` (what the driver
+reads), the payload ``{"out": outputs, "exp": reuse exports}``, and the partials of the stage's
+reduce points. The driver fetches the report; later tiles, neighbours and the tail receive the
+payload by reference, from the worker that made it.
 """
 
 from __future__ import annotations
