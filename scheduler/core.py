@@ -399,6 +399,9 @@ class SchedulerCore(Stragglers):
         A tail that found no room before can only fit on a device that freed
         memory since (``freed``), so only those are looked at for it.
         """
+        if not self._tails_new and not self._tails_waiting:
+            self._index.freed.clear()  # what freed memory matters only to a waiting tail
+            return
         fresh, self._tails_new = self._tails_new, set()
         ids = fresh | self._tails_waiting
         frames = [self._frames[f] for f in ids if f in self._frames]
