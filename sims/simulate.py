@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +98,8 @@ class SimRun:
 def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, frames: int, in_flight: int = 1,
              rate: float | None = None, poisson: bool = False, streams: int = 1,
              arrivals: Sequence[float] | None = None, scale: float = 1.0, max_in_flight_per_device: int = 2,
-             dispatch_s: float = DISPATCH_S, report_s: float = REPORT_S, scenario: Scenario | None = None, faults: Faults | None = None,
+             dispatch_s: float = DISPATCH_S, report_s: float = REPORT_S, scenario: Scenario | None = None,
+             faults: Faults | None = None,
              seed: int = 0, trace: bool = False, frame_itemsize: int = 4, max_retries: int = 3,
              learn_speed: bool = True, work_stealing: bool = True,
              speculate_after: float | None = SPECULATE_AFTER, shared_link_mbps: float | None = None,
@@ -120,8 +120,7 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
     clock = SimClock()
     shared = None if shared_link_mbps is None else SharedLink(check_mbps(shared_link_mbps), scale)
     transport = SimTransport(list(devices), clock, scale=scale, dispatch_s=dispatch_s, report_s=report_s,
-                             faults=faults, seed=seed,
-                             shared=shared)
+                             faults=faults, seed=seed, shared=shared)
     driver = _driver(devices, transport, clock, scale, max_in_flight_per_device=max_in_flight_per_device,
                      max_retries=max_retries, learn_speed=learn_speed, work_stealing=work_stealing,
                      speculate_after=speculate_after, trace=trace)
@@ -140,8 +139,7 @@ def simulate(plan: tiling.Plan | Deployed, devices: Sequence[DeviceSpec], *, fra
         for ev in at_frame.pop(next_frame[0], []):
             _apply(ev, transport)
         next_frame[0] += 1
-        with observer.timing():
-            fut = driver.submit(state, None)
+        fut = driver.submit(state, None)
         fid = driver.next_frame - 1
         run.submitted[fid] = clock.now()
         fut.add_done_callback(lambda f, fid=fid: ended(fid, f))
@@ -252,14 +250,6 @@ class _Observer:
         """Count from now on (after a warm-up)."""
         self.events, self.cpu_s, self.sched_cpu_s = 0, 0.0, 0.0
 
-    @contextmanager
-    def timing(self, sign: int = 1) -> Iterator[None]:
-        t0 = time.process_time()
-        try:
-            yield
-        finally:
-            self.cpu_s += sign * (time.process_time() - t0)
-
     def install(self) -> None:
         sched, drv = self.driver.sched, self.driver
         handle = sched.handle
@@ -279,7 +269,7 @@ class _Observer:
             return out
 
         sched.handle = observed  # type: ignore[method-assign]
-        for name in ("on_report", "on_tail_report", "on_device_lost", "on_device_slow", "add_device",
+        for name in ("submit", "on_report", "on_tail_report", "on_device_lost", "on_device_slow", "add_device",
                      "_tick"):
             setattr(drv, name, self._timed(getattr(drv, name), +1))
         for name in ("dispatch", "run_tail"):  # the world's side: subtracted
@@ -288,7 +278,7 @@ class _Observer:
     def _timed(self, fn: Callable[..., Any], sign: int) -> Callable[..., Any]:
         clock = time.process_time
 
-        def wrapper(*a: Any, **kw: Any) -> Any:  # timing() inlined: this wraps every report
+        def wrapper(*a: Any, **kw: Any) -> Any:
             t0 = clock()
             try:
                 return fn(*a, **kw)

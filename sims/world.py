@@ -155,8 +155,8 @@ class SimTransport:
                         bytes_out=c.out_bytes, timeline=tl.as_dict())
         if work.key[1] > 0 and self._roll(self.faults.input_lost):
             report = Report(device, False, tl.arrive, tl.done, error="InputLost", message="simulated", retryable=True)
-        self._deliver(device, tl.done + self.report_s,
-                      lambda r: self._driver().on_report(work.key, device, r, ("tile", work.key)), report)
+        self._deliver(device, tl.done, lambda r: self._driver().on_report(work.key, device, r, ("tile", work.key)),
+                      report)
 
     def run_tail(self, device: str, work: TailWork) -> None:
         if device in self.dead:
@@ -171,8 +171,8 @@ class SimTransport:
             done, tl_dict = tl.done, tl.as_dict()
         report = Report(device, True, self.clock.now(), done, bytes_in=c.in_bytes, bytes_out=c.out_bytes,
                         timeline=tl_dict)
-        self._deliver(device, done + self.report_s,
-                      lambda r: self._driver().on_tail_report(work.frame_id, device, r, ("tail",)), report)
+        self._deliver(device, done, lambda r: self._driver().on_tail_report(work.frame_id, device, r, ("tail",)),
+                      report)
 
     def cancel(self, key: TileKey, device: str) -> None:
         pass  # the copy still runs on the device's clock; its late report is ignored by the scheduler
@@ -235,6 +235,8 @@ class SimTransport:
         return p > 0 and self.rng.random() < p
 
     def _deliver(self, device: str, at: float, to: Callable[[Report], None], report: Report) -> None:
+        """Hand ``report`` (the device's work ended at ``at``) to the driver after the report's way
+        back (``report_s``), unless the device died meanwhile; faults may fail, duplicate or delay it."""
         f = self.faults
         if report.ok and self._roll(f.fail):
             report = Report(device, False, report.arrive, at, error="SimulatedFailure", message="injected")
@@ -250,5 +252,5 @@ class SimTransport:
                 if self.epoch[device] == epoch and device not in self.dead:
                     to(report)
 
-            self.clock.call_at(at + delay, fire)
+            self.clock.call_at(at + self.report_s + delay, fire)
 

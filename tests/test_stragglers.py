@@ -101,7 +101,8 @@ def learned_speeds(measured: list[float], flops: int) -> list[float]:
     """d0's speed factor after each result, when its tiles (``flops`` on a 1 GFLOP/s device) take
     ``measured`` seconds in turn."""
     sched = Scheduler(max_in_flight_per_device=1, learn_speed=True)
-    out = sched.handle(DeviceJoined(device("d0"), 0.0), FrameSubmitted(independent_frame(0, len(measured), flops=flops), 0.0))
+    frame = independent_frame(0, len(measured), flops=flops)
+    out = sched.handle(DeviceJoined(device("d0"), 0.0), FrameSubmitted(frame, 0.0))
     now, speeds = 0.0, []
     for m in measured:
         (d,) = [i for i in out if isinstance(i, Dispatch)]
