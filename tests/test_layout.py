@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,13 +43,19 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+@functools.cache
+def _tree(mod: str) -> ast.Module:
+    """A module's syntax tree, parsed once for all the checks below."""
+    return ast.parse(MODULES[mod].read_text(), filename=str(MODULES[mod]))
+
+
 def _is_package(mod: str) -> bool:
     return MODULES[mod].name == "__init__.py"
 
 
 def _imports(mod: str) -> Iterator[tuple[str, int]]:
     """Every module ``mod`` imports (absolute names), with the line, wherever the import statement is."""
-    tree = ast.parse(MODULES[mod].read_text(), filename=str(MODULES[mod]))
+    tree = _tree(mod)
     pkg = mod if _is_package(mod) else mod.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -164,7 +171,7 @@ def test_only_the_cli_prints() -> None:
     for mod, path in MODULES.items():
         if mod == "fleet.cli" or mod.startswith("fleet.cli.") or mod in PRINTING_SCRIPTS:
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_tree(mod)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: print() outside the CLI (return or raise it)")
     assert not bad, bad
@@ -192,8 +199,7 @@ def test_module_and_function_sizes() -> None:
         n = text.count("\n")
         if n > MAX_MODULE_LINES:
             problems.append(f"{path.relative_to(ROOT)}: {n} lines (at most {MAX_MODULE_LINES}): split it by idea")
-        tree = ast.parse(text)
-        for node, qual in _functions(tree):
+        for node, qual in _functions(_tree(mod)):
             length = (node.end_lineno or node.lineno) - node.lineno + 1
             key = f"{mod}:{qual}"
             if length > MAX_FUNCTION_LINES and key not in LONG_FUNCTIONS:
@@ -203,8 +209,8 @@ def test_module_and_function_sizes() -> None:
 
 def test_listed_long_functions_exist() -> None:
     found = set()
-    for mod, path in MODULES.items():
-        for _node, qual in _functions(ast.parse(path.read_text())):
+    for mod in MODULES:
+        for _node, qual in _functions(_tree(mod)):
             found.add(f"{mod}:{qual}")
     assert set(LONG_FUNCTIONS) <= found, set(LONG_FUNCTIONS) - found
 
