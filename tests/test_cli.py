@@ -63,8 +63,11 @@ def test_dispatch_overhead_measures_every_tile() -> None:
     """What `tilefleet bench --dispatch` and `make bench` report (it once broke unnoticed)."""
     from fleet.bench.dispatch import dispatch_overhead
 
-    d = dispatch_overhead(tiles=128)
+    d = dispatch_overhead(tiles=128, rounds=2)
     assert d["tiles"] == 128 and 0 < d["median_ms"] <= d["p95_ms"] and d["tiles_per_s"] > 0, d
+    # Ray's own round trip for the same bytes, timed between the rounds
+    assert 0 < d["ray_round_trip_ms"] and len(d["added_ms_by_round"]) == 2, d
+    assert d["added_ms"] == pytest.approx(d["median_ms"] - d["ray_round_trip_ms"]), d
 
 
 def test_devices_catalog(capsys: pytest.CaptureFixture[str]) -> None:
