@@ -222,3 +222,15 @@ def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[ast.FunctionDe
             yield from _functions(node, prefix + node.name + ".")
         elif isinstance(node, ast.ClassDef):
             yield from _functions(node, prefix + node.name + ".")
+
+
+def test_the_cli_starts_without_torch_or_ray() -> None:
+    """`tilefleet stop`, `leave` or `devices` answer in a fraction of a second: torch and Ray
+    (1-2 s to import) load only in the commands that compute or connect."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import fleet.cli.main; "
+            "print(sorted(m for m in ('torch', 'ray', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .common import grid_arg, parse_grid, progress, progress_iter, workload
 
 MIB = 2**20
+
+if TYPE_CHECKING:
+    import torch
 
 
 def run_with_progress(plan: Any, x: torch.Tensor) -> Any:
@@ -44,6 +45,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def demo_in_process(args: argparse.Namespace) -> int:
+    import torch
+
     import tiling
     from tiling import zoo
 
@@ -93,6 +96,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, torch.Tensor, str]:
 
 
 def plan(args: argparse.Namespace) -> int:
+    import torch
+
     import tiling
 
     model, x, name = _load(args)
@@ -165,6 +170,8 @@ class ClusterRun:
 
 def _cluster_run(r: ClusterRun) -> int:
     """Deploy, stream frames with a progress bar, check each against the untiled model, report."""
+    import torch
+
     import tiling
 
     w = r.workload

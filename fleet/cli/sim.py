@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tiling.report import table
-
 from .common import add_model_args, check_in_flight, grid_arg, workload
 
 SIM_EPILOG = """\
@@ -113,6 +111,8 @@ def sim_command(args: argparse.Namespace) -> int:
 
 
 def sim_table(r: dict[str, Any], profile: bool) -> str:
+    from tiling.report import table  # here: tiling imports torch, which `tilefleet stop` does not need
+
     rows = [["plan", r["plan"]], ["devices", f"{r['devices_count']} ({r['devices']})"],
             ["frames", f"{r['frames']} timed after {r['warmup']} warm-up, {r['in_flight']} in flight"],
             ["latency p50 / p95 / p99 ms", " / ".join(f"{r['latency_ms'][q]:.0f}" for q in ("p50", "p95", "p99"))],
