@@ -415,6 +415,27 @@ def test_head_join_devices_leave_stop(home: Path, tmp_path: Path) -> None:
                 shutil.rmtree(Path(t).parent, ignore_errors=True)
 
 
+def _bare_ray_start_refused(env: dict[str, str], ray_port: int, tmp_path: Path) -> bool:
+    """Run `ray start` against the head without the token until the head has refused it twice (its
+    first try and a retry), then stop it: left alone it retries for about 20 s before giving up."""
+    bare_temp = tempfile.mkdtemp(prefix="tf-bare-")  # short: Ray's socket paths must fit
+    log = tmp_path / "bare-ray-start.log"
+    with log.open("w") as f:
+        p = subprocess.Popen([lan.ray_executable(), "start", "--address", f"127.0.0.1:{ray_port}", "--block",
+                              "--temp-dir", bare_temp, "--num-cpus", "0"],
+                             env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text().count("InvalidAuthToken") < 2 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # polls the log for an observed state
+        return "InvalidAuthToken" in log.read_text()
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        shutil.rmtree(bare_temp, ignore_errors=True)
+
+
 def _head_join_devices(env: dict[str, str], state: Path, tmp_path: Path, ray_port: int, agent: str) -> list[int]:
     """Start a head and a device, check what `devices` shows and what is refused, let the device
     leave; the pids recorded."""
@@ -448,14 +469,7 @@ def _head_join_devices(env: dict[str, str], state: Path, tmp_path: Path, ray_por
     assert r.returncode == 2 and "is not the one of cluster itest" in r.stderr, r.stderr
     # and Ray itself refuses a node without the token (no ~/.ray/auth_token in this HOME either)
     bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
-    bare_temp = tempfile.mkdtemp(prefix="tf-bare-")  # short: Ray's socket paths must fit
-    try:
-        nt = subprocess.run([lan.ray_executable(), "start", "--address", f"127.0.0.1:{ray_port}", "--block",
-                             "--temp-dir", bare_temp, "--num-cpus", "0"],
-                            env=bare, capture_output=True, text=True, timeout=60, start_new_session=True)
-    finally:
-        shutil.rmtree(bare_temp, ignore_errors=True)
-    assert nt.returncode != 0 and "InvalidAuthToken" in nt.stdout + nt.stderr
+    assert _bare_ray_start_refused(bare, ray_port, tmp_path)
     r = _tf(env, "devices", "--address", agent, "--json", timeout=30)
     assert len(json.loads(r.stdout)["heads"][0]["devices"]) == 2
 
