@@ -220,13 +220,13 @@ def test_channels_last_executor_matches_nchw(name: str, size: int, grid: tuple[i
 _ARENAS = r'''
 import ctypes, ctypes.util, os, re, sys, tempfile, threading
 import numpy as np
+from workers.executor import keep_freed_activations
 if sys.argv[1] == "capped":
-    from workers.executor import keep_freed_activations
     assert keep_freed_activations()
 barrier = threading.Barrier(12)
 def work():
     barrier.wait()  # all at once: glibc gives a thread that meets a locked arena a new one
-    for _ in range(5):
+    for _ in range(50):
         a = [np.ones(1 << 18) for _ in range(8)]
         del a
 threads = [threading.Thread(target=work) for _ in range(12)]
