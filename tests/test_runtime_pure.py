@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import math
-import platform
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,40 +211,3 @@ def test_channels_last_executor_matches_nchw(name: str, size: int, grid: tuple[i
             a, e = torch.from_numpy(got[0].outputs[o]), torch.from_numpy(got[1].outputs[o])
             assert got[0].outputs[o].flags["C_CONTIGUOUS"]
             assert tiling.rel_error(a, e) <= 1e-5, (name, t.index, o)
-
-
-_ARENAS = r'''
-import ctypes, ctypes.util, os, re, sys, tempfile, threading
-import numpy as np
-from workers.executor import keep_freed_activations
-if sys.argv[1] == "capped":
-    assert keep_freed_activations()
-barrier = threading.Barrier(12)
-def work():
-    barrier.wait()  # all at once: glibc gives a thread that meets a locked arena a new one
-    for _ in range(50):
-        a = [np.ones(1 << 18) for _ in range(8)]
-        del a
-threads = [threading.Thread(target=work) for _ in range(12)]
-for t in threads: t.start()
-for t in threads: t.join()
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.fopen.restype = ctypes.c_void_p
-path = tempfile.mktemp()
-fp = libc.fopen(path.encode(), b"w"); libc.malloc_info(0, ctypes.c_void_p(fp)); libc.fclose(ctypes.c_void_p(fp))
-print(len(re.findall("<heap nr=", open(path).read()))); os.unlink(path)
-'''
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                    reason="malloc arenas are glibc's")
-def test_worker_malloc_arenas_are_capped() -> None:
-    """Tiles run on any of a threaded actor's 32 threads: without a cap, glibc gives threads their
-    own arenas, each keeping freed activations (a worker once grew to 7 GB)."""
-    def arenas(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _ARENAS, mode], capture_output=True, text=True, timeout=120,
-                             cwd=Path(__file__).resolve().parents[1], check=True)
-        return int(out.stdout.split()[-1])
-
-    assert arenas("default") > 2  # the test can tell
-    assert arenas("capped") <= 2

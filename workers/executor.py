@@ -49,17 +49,14 @@ class TileFailure:
         return f"{self.error}: {self.message}"
 
 
-def keep_freed_activations(keep_bytes: int = 256 << 20, arenas: int = 2) -> bool:
+def keep_freed_activations(keep_bytes: int = 256 << 20) -> bool:
     """glibc only: serve large allocations from the heap and keep up to ``keep_bytes`` of freed
-    memory there, instead of mmapping and unmapping each frame's activations anew; and at most
-    ``arenas`` malloc arenas in the process.
+    memory there, instead of mmapping and unmapping each frame's activations anew.
 
     glibc maps blocks above 32 MiB (YOLOv2's first activations at 608x608 are 47 MiB) and unmaps
     them when freed, so every tile paid the page faults of zeroing fresh pages again: YOLOv2-16 on
     one thread runs 6% faster without them (0.43 vs 0.45 s). The cost is that a worker keeps up to
-    ``keep_bytes`` of freed memory resident, in each arena: tiles run on any of a threaded actor's
-    32 threads, and with glibc's default of one arena per thread (up to 8 per core) a worker grew
-    to 7 GB of freed activations. For worker processes only: whether it took effect.
+    ``keep_bytes`` of freed memory resident. For worker processes only: whether it took effect.
     """
     import ctypes
     import ctypes.util
@@ -69,9 +66,8 @@ def keep_freed_activations(keep_bytes: int = 256 << 20, arenas: int = 2) -> bool
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    return (bool(mallopt(m_arena_max, arenas)) and bool(mallopt(m_mmap_threshold, 1 << 30))
-            and bool(mallopt(m_trim_threshold, keep_bytes)))
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, keep_bytes))
 
 
 def pick_device(prefer_cuda: bool = True) -> torch.device:
