@@ -26,6 +26,7 @@ from fleet.lan.trust import INSECURE_FINGERPRINT
 from fleet.lan.agent import Agent
 from fleet.lan.discovery import HeadAdvert
 from fleet.lan import LanError
+from lanops import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -425,9 +426,8 @@ def _bare_ray_start_refused(env: dict[str, str], ray_port: int, tmp_path: Path) 
                               "--temp-dir", bare_temp, "--num-cpus", "0"],
                              env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while log.read_text().count("InvalidAuthToken") < 2 and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)  # polls the log for an observed state
+        wait_for(lambda: log.read_text().count("InvalidAuthToken") >= 2 or p.poll() is not None, 60,
+                 lambda: log.read_text()[-2000:], step=0.1)
         return "InvalidAuthToken" in log.read_text()
     finally:
         if p.poll() is None:

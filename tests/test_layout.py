@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ast
 import functools
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,9 +229,6 @@ def _functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[ast.FunctionDe
 def test_the_cli_starts_without_torch_or_ray() -> None:
     """`tilefleet stop`, `leave` or `devices` answer in a fraction of a second: torch and Ray
     (1-2 s to import) load only in the commands that compute or connect."""
-    import subprocess
-    import sys
-
     code = ("import sys; import fleet.cli.main; "
             "print(sorted(m for m in ('torch', 'ray', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
