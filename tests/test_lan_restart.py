@@ -69,7 +69,14 @@ def test_a_killed_join_comes_back_through_its_unit(lan: Lan, cluster: dict[str, 
     assert "exited with -9" in log and "restarting" in log and "start 2" in log, log
     assert "cleaned up after tilefleet join" in log, log  # the new join stopped the orphaned Ray first
     assert raylets(h1) == 1
-    devs = wait_for(lambda: devices(lan[3], h0), 30, lambda: "no device list")
+    # the orphaned Ray was stopped just now: the head marks its node dead after its health checks
+    # (about 1.5 s), so wait for that, as for the new node's arrival
+    def settled() -> list[dict[str, Any]] | None:
+        devs = devices(lan[3], h0) or []
+        alive = {d["node_id"] for d in devs if d["alive"]}
+        return devs if after["node_id"] in alive and before["node_id"] not in alive else None
+
+    devs = wait_for(settled, 30, lambda: f"devices: {devices(lan[3], h0)}")
     by_node = {d["node_id"]: d for d in devs}
     assert by_node[after["node_id"]]["alive"] and not by_node.get(before["node_id"], {"alive": False})["alive"]
     assert alive_ips(devs).count(h1.ip) == 1
